@@ -1,0 +1,110 @@
+"""Models: timm's ``create_model`` with the data's channels and classes, the student ladder, and
+model directories in timm's local-dir layout (config.json + model.safetensors) plus our card.json.
+
+A model directory rebuilds with ``timm.create_model("local-dir:<dir>", pretrained=True)``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import timm
+import torch
+from timm.models import save_for_hf
+
+from .artifacts import TMP_PREFIX, read_json, sha256_file
+from .config import ConfigError, ModelConfig
+
+# Families ordered by size; a student takes the next rung after its teacher (compound scaling).
+LADDERS: dict[str, list[str]] = {
+    "resnet": ["resnet10t", "resnet18", "resnet26", "resnet34", "resnet50", "resnet101"],
+    "resnet_d": ["resnet18d", "resnet26d", "resnet34d", "resnet50d", "resnet101d"],
+    "efficientnet": [f"efficientnet_b{i}" for i in range(8)],
+    "mobilenetv3": ["mobilenetv3_small_100", "mobilenetv3_large_100"],
+    "convnext": ["convnext_atto", "convnext_femto", "convnext_pico", "convnext_nano", "convnext_tiny"],
+}
+
+WEIGHTS = "model.safetensors"
+TIMM_CONFIG = "config.json"
+CARD = "card.json"
+
+
+def check_arch(name: str, key: str = "model.arch") -> str:
+    if not timm.is_model(name):
+        raise ConfigError(f"{key}: '{name}' is not a timm model name (see timm.list_models())")
+    return name
+
+
+def student_arch(mcfg: ModelConfig, round_index: int, teacher_arch: str) -> str:
+    """Architecture of round ``round_index``'s student (k >= 1): explicit list, else the ladder."""
+    if mcfg.students:
+        return check_arch(mcfg.students[min(round_index, len(mcfg.students)) - 1], "model.students")
+    if mcfg.ladder:
+        if mcfg.ladder not in LADDERS:
+            raise ConfigError(f"model.ladder: unknown ladder '{mcfg.ladder}' (known: {', '.join(LADDERS)})")
+        rungs = LADDERS[mcfg.ladder]
+        if teacher_arch in rungs:
+            return rungs[min(rungs.index(teacher_arch) + 1, len(rungs) - 1)]
+    return teacher_arch  # equal-size student
+
+
+def create_model(arch: str, num_classes: int, in_chans: int, pretrained: bool | str = False,
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> torch.nn.Module:
+    """A timm model for our data; ``pretrained`` is True (timm's weights) or a local weights file."""
+    check_arch(arch)
+    kwargs: dict = {"num_classes": num_classes, "in_chans": in_chans}
+    if drop_rate:
+        kwargs["drop_rate"] = drop_rate
+    if drop_path_rate:
+        kwargs["drop_path_rate"] = drop_path_rate
+    if isinstance(pretrained, str):
+        if not Path(pretrained).is_file():
+            raise ConfigError(f"model.pretrained: weights file not found: {pretrained}")
+        kwargs["pretrained_cfg_overlay"] = {"file": str(pretrained)}
+        pretrained = True
+    try:
+        return timm.create_model(arch, pretrained=bool(pretrained), **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"model '{arch}' does not accept these options: {e}") from None
+
+
+def save_model_dir(model: torch.nn.Module, directory: Path, label_names: list[str], mean: list[float],
+                   std: list[float], image_size: int, in_chans: int) -> dict[str, str]:
+    """Write config.json + model.safetensors into ``directory`` atomically; return their sha256."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + "model-", dir=directory))
+    try:
+        save_for_hf(model, str(tmp), model_config={"label_names": list(label_names)}, safe_serialization=True,
+                    data_config={"input_size": (in_chans, image_size, image_size), "mean": tuple(mean),
+                                 "std": tuple(std), "crop_pct": 1.0, "interpolation": "bilinear"})
+        hashes = {}
+        for name in (WEIGHTS, TIMM_CONFIG):
+            hashes[name] = sha256_file(tmp / name)
+            (tmp / name).replace(directory / name)
+        return hashes
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_model_dir(directory: str | Path) -> tuple[torch.nn.Module, dict]:
+    """Rebuild a model directory (weights through safetensors only) in eval mode; return (model, config)."""
+    directory = Path(directory)
+    if not (directory / TIMM_CONFIG).is_file() or not (directory / WEIGHTS).is_file():
+        raise ConfigError(f"not a model directory (needs {TIMM_CONFIG} and {WEIGHTS}): {directory}")
+    model = timm.create_model(f"local-dir:{directory.resolve()}", pretrained=True)
+    model.eval()
+    return model, read_json(directory / TIMM_CONFIG)
+
+
+def preprocessing(config: dict) -> dict:
+    """The input spec a model directory was trained with: mode, size, mean, std."""
+    pc = config["pretrained_cfg"]
+    in_chans = pc["input_size"][0]
+    return {"mode": "L" if in_chans == 1 else "RGB", "size": int(pc["input_size"][-1]),
+            "mean": list(pc["mean"]), "std": list(pc["std"])}
+
+
+def num_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,29 @@
+"""Student noise (Noisy Student's three kinds): input noise by RandAugment, model noise by
+dropout and stochastic depth. Each is switchable with its strength in the config; the teacher
+that labels is never noised (it runs in eval mode without augmentation)."""
+
+from __future__ import annotations
+
+from torchvision import transforms as T
+
+from .config import TrainConfig
+
+
+def randaugment(cfg: TrainConfig) -> T.RandAugment | None:
+    """RandAugment(N, M) when enabled (M on torchvision's 0..30 scale; the paper used N=2, M=27 of 30)."""
+    ra = cfg.randaugment
+    if not ra.enabled or ra.n == 0:
+        return None
+    return T.RandAugment(num_ops=ra.n, magnitude=ra.m, num_magnitude_bins=31)
+
+
+def model_noise(cfg: TrainConfig) -> dict[str, float]:
+    """Keyword arguments for ``create_model`` that switch on dropout and stochastic depth."""
+    return {"drop_rate": cfg.drop_rate, "drop_path_rate": cfg.drop_path_rate}
+
+
+def describe(cfg: TrainConfig) -> dict:
+    """The noise a run used, for its card."""
+    ra = cfg.randaugment
+    return {"randaugment": {"n": ra.n, "m": ra.m} if ra.enabled and ra.n else None,
+            "drop_rate": cfg.drop_rate, "drop_path_rate": cfg.drop_path_rate}

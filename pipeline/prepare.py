@@ -1,0 +1,209 @@
+"""The prepare stage: a source becomes labeled / val / unlabeled / test shards plus a manifest.
+
+The output directory is named after a hash of the data config, so the same config finds its
+finished shards and does nothing, and a different one never mixes with them. Samples are
+shuffled (seeded) before sharding so every shard is a random slice of its split.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+from tqdm import tqdm
+
+from .artifacts import (
+    atomic_path,
+    clean_tmp,
+    code_version,
+    read_json,
+    sha256_file,
+    short_hash,
+    write_json_atomic,
+)
+from .config import Config, ConfigError, DataConfig, to_dict
+from .shards import write_shard
+from .sources import Source, is_torchvision_name, labeled_source, unlabeled_source
+
+SPLITS = ("labeled", "val", "unlabeled", "test")
+MANIFEST = "manifest.json"
+TRUTH = "unlabeled-truth.parquet"
+_DATA_RUNTIME_KEYS = {"root", "download"}
+
+
+def data_identity(data: DataConfig) -> dict:
+    return {k: v for k, v in to_dict(data).items() if k not in _DATA_RUNTIME_KEYS}
+
+
+def data_dir(cfg: Config) -> Path:
+    """``<runs_dir>/data/<source>-<hash>``: shared by experiments with the same data config."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", Path(cfg.data.source).name.split(".")[0]).strip("_").lower()
+    return Path(cfg.runs_dir) / "data" / f"{slug or 'data'}-{short_hash(data_identity(cfg.data))}"
+
+
+def load_manifest(directory: Path, verify: str = "size") -> dict | None:
+    """The data manifest if it exists and its shards match (``size`` or full ``sha256``)."""
+    mpath = directory / MANIFEST
+    if not mpath.is_file():
+        return None
+    manifest = read_json(mpath)
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            p = directory / shard["file"]
+            if not p.is_file() or p.stat().st_size != shard["bytes"]:
+                return None
+            if verify == "sha256" and sha256_file(p) != shard["sha256"]:
+                return None
+    return manifest
+
+
+def require_data(cfg: Config) -> tuple[Path, dict]:
+    """The prepared data of ``cfg`` or a ConfigError saying how to make it."""
+    d = data_dir(cfg)
+    manifest = load_manifest(d)
+    if manifest is None:
+        raise ConfigError(f"prepared data not found in {d}: run stages/prepare_data.py with the same config")
+    return d, manifest
+
+
+def shard_paths(directory: Path, manifest: dict, split: str) -> list[Path]:
+    return [directory / s["file"] for s in manifest["splits"].get(split, {}).get("shards", [])]
+
+
+def _stratified(labels: np.ndarray, per_class: int | None, val_per_class: int, rng: np.random.Generator,
+                num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices of (labeled, val, rest): per class, ``val_per_class`` then ``per_class`` at random."""
+    lab, val, rest = [], [], []
+    for c in range(num_classes):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        need = val_per_class + (per_class or 0)
+        if len(idx) < need or (per_class is None and len(idx) <= val_per_class):
+            raise ConfigError(f"data.labeled_per_class: class {c} has {len(idx)} images, "
+                              f"fewer than the {need} asked for (val_per_class included)")
+        val.append(idx[:val_per_class])
+        take = idx[val_per_class:] if per_class is None else idx[val_per_class:need]
+        lab.append(take)
+        rest.append(idx[val_per_class + len(take):])
+    cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)  # noqa: E731
+    return cat(lab), cat(val), cat(rest)
+
+
+def _subset(idx: np.ndarray, cap: int | None, rng: np.random.Generator) -> np.ndarray:
+    idx = idx.copy()
+    rng.shuffle(idx)
+    return idx if cap is None else idx[:cap]
+
+
+def _plan(cfg: Config) -> tuple[dict[str, tuple[Source, np.ndarray, str]], Source]:
+    """For each split: (source, indices in write order, key prefix)."""
+    d = cfg.data
+    rng = np.random.default_rng(d.seed)
+    train = labeled_source(d.source, True, d.root, d.download)
+    if d.test_source is not None:
+        test = labeled_source(d.test_source, False, d.root, d.download)
+    elif is_torchvision_name(d.source):
+        test = labeled_source(d.source, False, d.root, d.download)
+    else:
+        raise ConfigError("data.test_source is required when data.source is a directory or archive")
+    if test.class_names != train.class_names:
+        raise ConfigError(f"test source classes {test.class_names} differ from training classes")
+    labels = np.asarray(train.labels)
+    per_class = d.labeled_per_class
+    lab, val, rest = _stratified(labels, per_class, d.val_per_class, rng, len(train.class_names))
+    plan = {"labeled": (train, _subset(lab, None, rng), "train"),
+            "val": (train, _subset(val, None, rng), "train")}
+    if d.unlabeled == "rest":
+        if len(rest) == 0:
+            raise ConfigError("data.unlabeled=rest but no images are left after the labeled split")
+        plan["unlabeled"] = (train, _subset(rest, d.max_unlabeled, rng), "train")
+    else:
+        pool = unlabeled_source(d.unlabeled)
+        plan["unlabeled"] = (pool, _subset(np.arange(len(pool)), d.max_unlabeled, rng), "pool")
+    plan["test"] = (test, _subset(np.arange(len(test)), d.max_test, rng), "test")
+    return plan, train
+
+
+def _samples(split: str, source: Source, indices: np.ndarray, prefix: str, truth: list, bar: tqdm):
+    for i in indices.tolist():
+        data, ext = source.get(i)
+        sample = {"__key__": f"{prefix}_{i:08d}", ext: data, "src.txt": source.origin(i)}
+        if source.labels is not None:
+            if split == "unlabeled":
+                truth.append((sample["__key__"], source.labels[i]))  # kept aside, never in shards
+            else:
+                sample["cls"] = str(source.labels[i])
+        bar.update(1)
+        yield sample
+
+
+def _channel_stats(source: Source, indices: np.ndarray, mode: str, limit: int = 5000) -> tuple[list, list]:
+    """Per-channel pixel mean and std (in [0, 1]) of up to ``limit`` labeled images."""
+    total, sq, n = 0.0, 0.0, 0
+    for i in indices[:limit].tolist():
+        data, _ = source.get(i)
+        a = np.asarray(Image.open(io.BytesIO(data)).convert(mode), dtype=np.float64) / 255.0
+        a = a.reshape(-1, 1 if mode == "L" else 3)
+        total, sq, n = total + a.sum(0), sq + (a * a).sum(0), n + len(a)
+    mean = total / n
+    std = np.sqrt(np.maximum(sq / n - mean * mean, 1e-12))
+    return [round(float(v), 4) for v in mean], [round(float(v), 4) for v in std]
+
+
+def prepare(cfg: Config, progress: bool = True) -> Path:
+    """Write the shards and manifest for ``cfg.data`` unless a matching manifest already exists."""
+    out = data_dir(cfg)
+    if load_manifest(out, verify="sha256") is not None:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    clean_tmp(out)
+    t0 = time.time()
+    plan, train = _plan(cfg)
+    first, _ = train.get(0)
+    probe = Image.open(io.BytesIO(first))
+    mode = "L" if probe.mode in ("L", "1", "I;16", "I") else "RGB"
+    total = sum(len(ix) for _, ix, _ in plan.values())
+    splits: dict[str, dict] = {}
+    truth: list[tuple[str, int]] = []
+    num_classes = len(train.class_names)
+    size = cfg.data.shard_size
+    with tqdm(total=total, desc=f"prepare {out.name}", unit="img", disable=not progress) as bar:
+        for split, (source, indices, prefix) in plan.items():
+            shards = []
+            for s in range(math.ceil(len(indices) / size)):
+                chunk = indices[s * size:(s + 1) * size]
+                path = out / f"{split}-{s:06d}.tar"
+                if path.is_file():  # finished by an earlier, interrupted run of this same config
+                    shards.append({"file": path.name, "samples": len(chunk), "bytes": path.stat().st_size,
+                                   "sha256": sha256_file(path)})
+                    if split == "unlabeled" and source.labels is not None:
+                        truth.extend((f"{prefix}_{i:08d}", source.labels[i]) for i in chunk.tolist())
+                    bar.update(len(chunk))
+                    continue
+                shards.append(write_shard(path, _samples(split, source, chunk, prefix, truth, bar)))
+            per_class = None
+            if source.labels is not None:
+                per_class = np.bincount(np.asarray(source.labels)[indices], minlength=num_classes).tolist()
+            splits[split] = {"count": int(len(indices)), "per_class": per_class, "shards": shards,
+                             "source": source.name}
+    mean, std = _channel_stats(plan["labeled"][0], plan["labeled"][1], mode)
+    manifest = {
+        "kind": "data", "config": data_identity(cfg.data), "seed": cfg.data.seed,
+        "class_names": train.class_names, "num_classes": num_classes,
+        "image": {"mode": mode, "size": list(probe.size[::-1]), "mean": mean, "std": std},
+        "splits": splits, "code_version": code_version(), "seconds": round(time.time() - t0, 1),
+    }
+    if truth:
+        table = pa.table({"key": [k for k, _ in truth], "label": pa.array([v for _, v in truth], pa.int32())})
+        with atomic_path(out / TRUTH) as tmp:
+            pq.write_table(table, tmp)
+        manifest["unlabeled_truth"] = {"file": TRUTH, "sha256": sha256_file(out / TRUTH)}
+    write_json_atomic(out / MANIFEST, manifest)
+    return out

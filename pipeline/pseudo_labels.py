@@ -1,0 +1,296 @@
+"""Pseudo labels: the un-noised teacher labels unlabeled shards, one Parquet file per shard.
+
+``unlabeled-000042.tar`` gets ``pseudo_labels/unlabeled-000042.parquet`` with that shard's rows in
+the shard's order (key, shard, label, confidence, probs) and file metadata naming the teacher
+(sha256 of its weights) and the class names. Ranks split the work by shard and a finished shard
+is a finished file, so a killed job resumes by skipping files that validate.
+
+The student side reads only the small columns across all files to filter and balance, producing
+per-shard repeat counts; each shard's probabilities are read when its shard is streamed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm import tqdm
+
+from .artifacts import atomic_path, clean_tmp, code_version, read_json, sha256_file, write_json_atomic
+from .config import ConfigError, StudentConfig
+from .shards import decode_image, image_bytes, iter_samples
+
+MANIFEST = "manifest.json"
+
+
+def parquet_name(shard: str | Path) -> str:
+    return Path(shard).name.rsplit(".tar", 1)[0] + ".parquet"
+
+
+def schema(num_classes: int) -> pa.Schema:
+    return pa.schema([("key", pa.string()), ("shard", pa.string()), ("label", pa.int32()),
+                      ("confidence", pa.float32()), ("probs", pa.list_(pa.float32(), num_classes))])
+
+
+def write_parquet(path: Path, shard: str, keys: list[str], probs: np.ndarray, teacher_sha256: str,
+                  class_names: list[str]) -> None:
+    """One shard's pseudo labels, written atomically (probs: float32 [n, C], softmax at T=1)."""
+    n, c = probs.shape if probs.size else (0, len(class_names))
+    probs = probs.astype(np.float32, copy=False).reshape(n, c)
+    label = probs.argmax(1).astype(np.int32) if n else np.zeros(0, np.int32)
+    conf = probs.max(1) if n else np.zeros(0, np.float32)
+    flat = pa.array(probs.reshape(-1), pa.float32())
+    table = pa.table([pa.array(keys, pa.string()), pa.array([Path(shard).name] * n, pa.string()),
+                      pa.array(label), pa.array(conf, pa.float32()),
+                      pa.FixedSizeListArray.from_arrays(flat, c)], schema=schema(c))
+    meta = {b"teacher_sha256": teacher_sha256.encode(), b"class_names": json.dumps(class_names).encode()}
+    table = table.replace_schema_metadata(meta)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, row_group_size=65536)
+
+
+def read_meta(path: Path) -> dict:
+    md = pq.read_schema(path).metadata or {}
+    return {"teacher_sha256": md.get(b"teacher_sha256", b"").decode(),
+            "class_names": json.loads(md.get(b"class_names", b"null").decode()),
+            "rows": pq.ParquetFile(path).metadata.num_rows}
+
+
+def validates(path: Path, rows: int, teacher_sha256: str, class_names: list[str]) -> bool:
+    """A finished file for this shard and this teacher (used to skip work on rerun)."""
+    if not path.is_file():
+        return False
+    try:
+        meta = read_meta(path)
+    except (OSError, pa.ArrowException, ValueError):
+        return False
+    return meta["rows"] == rows and meta["teacher_sha256"] == teacher_sha256 and meta["class_names"] == class_names
+
+
+class _ShardBatches(IterableDataset):
+    """Batches of one shard at a time, tagged (shard index, keys, images, is last batch)."""
+
+    def __init__(self, shards: list[str], mode: str, transform, batch_size: int):
+        self.shards, self.mode, self.transform, self.batch_size = shards, mode, transform, batch_size
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, n = (info.id, info.num_workers) if info else (0, 1)
+        indices = list(range(len(self.shards)))[wid::n]
+        for si in indices:
+            keys: list[str] = []
+            imgs: list[torch.Tensor] = []
+            for sample in iter_samples(self.shards[si]):
+                data = image_bytes(sample)
+                if data is None:
+                    raise ValueError(f"{self.shards[si]}: sample {sample['__key__']} has no image")
+                keys.append(sample["__key__"])
+                imgs.append(self.transform(decode_image(data, self.mode)))
+                if len(keys) == self.batch_size:
+                    yield si, keys, torch.stack(imgs), False
+                    keys, imgs = [], []
+            yield si, keys, torch.stack(imgs) if imgs else torch.zeros(0, dtype=torch.uint8), True
+
+
+def label_shards(model: torch.nn.Module, shards: list[Path], out_dir: Path, *, shard_rows: dict[str, int],
+                 teacher_sha256: str, class_names: list[str], prep: dict, batch_size: int, workers: int,
+                 accelerator, progress: bool = True) -> dict:
+    """Label this rank's unfinished shards; returns this rank's {"samples", "seconds"}."""
+    from .transforms import eval_transform, normalize
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        clean_tmp(out_dir)
+    accelerator.wait_for_everyone()
+    mine = [s for s in sorted(shards)][accelerator.process_index::accelerator.num_processes]
+    todo = [str(s) for s in mine if not validates(out_dir / parquet_name(s), shard_rows[Path(s).name],
+                                                  teacher_sha256, class_names)]
+    device = accelerator.device
+    model = model.to(device).eval()
+    mean = torch.tensor(prep["mean"], device=device)
+    std = torch.tensor(prep["std"], device=device)
+    total = sum(shard_rows[Path(s).name] for s in todo)
+    done, t0 = 0, time.time()
+    if todo:
+        ds = _ShardBatches(todo, prep["mode"], eval_transform(prep["size"]), batch_size)
+        loader = DataLoader(ds, batch_size=None, num_workers=min(workers, len(todo)),
+                            pin_memory=torch.cuda.is_available())
+        pending: dict[int, tuple[list, list]] = {}
+        autocast = accelerator.autocast() if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+        bar = tqdm(total=total, desc=f"pseudo-label rank {accelerator.process_index}", unit="img",
+                   disable=not progress, smoothing=0.1)
+        with torch.inference_mode(), autocast:
+            for si, keys, imgs, last in loader:
+                keys_acc, probs_acc = pending.setdefault(si, ([], []))
+                if len(keys):
+                    x = normalize(imgs.to(device, non_blocking=True), mean, std)
+                    probs_acc.append(torch.softmax(model(x).float(), dim=1).cpu().numpy())
+                    keys_acc.extend(keys)
+                    done += len(keys)
+                    bar.update(len(keys))
+                if last:
+                    keys_acc, probs_acc = pending.pop(si)
+                    probs = np.concatenate(probs_acc) if probs_acc else np.zeros((0, len(class_names)), np.float32)
+                    write_parquet(out_dir / parquet_name(todo[si]), todo[si], keys_acc, probs,
+                                  teacher_sha256, class_names)
+        bar.close()
+    return {"samples": done, "seconds": time.time() - t0}
+
+
+def summarize(out_dir: Path, shards: list[Path], num_classes: int, truth_path: Path | None) -> dict:
+    """Stats over all files: count, class histogram, mean confidence, accuracy if truth kept aside."""
+    table = read_small(out_dir, shards)
+    labels = table.column("label").to_numpy()
+    conf = table.column("confidence").to_numpy()
+    stats = {"samples": int(len(labels)), "mean_confidence": float(conf.mean()) if len(conf) else None,
+             "class_histogram": np.bincount(labels, minlength=num_classes).tolist()}
+    if truth_path is not None and truth_path.is_file():
+        truth = pq.read_table(truth_path)
+        lookup = dict(zip(truth.column("key").to_pylist(), truth.column("label").to_pylist(), strict=True))
+        keys = table.column("key").to_pylist()
+        true = np.array([lookup.get(k, -1) for k in keys])
+        known = true >= 0
+        if known.any():
+            stats["accuracy"] = float((labels[known] == true[known]).mean() * 100)
+            for thr in (0.3, 0.5, 0.7, 0.9):
+                sel = known & (conf >= thr)
+                stats.setdefault("accuracy_at_threshold", {})[str(thr)] = (
+                    float((labels[sel] == true[sel]).mean() * 100) if sel.any() else None)
+    return stats
+
+
+def write_manifest(out_dir: Path, shards: list[Path], teacher_dir: Path, teacher_sha256: str,
+                   class_names: list[str], stats: dict, data_manifest_sha: str) -> dict:
+    files = [{"file": parquet_name(s), "shard": Path(s).name, "rows": read_meta(out_dir / parquet_name(s))["rows"],
+              "sha256": sha256_file(out_dir / parquet_name(s))} for s in sorted(shards)]
+    manifest = {"kind": "pseudo_labels", "teacher": str(teacher_dir), "teacher_sha256": teacher_sha256,
+                "class_names": class_names, "data_manifest_sha256": data_manifest_sha, "files": files,
+                "stats": stats, "code_version": code_version()}
+    write_json_atomic(out_dir / MANIFEST, manifest)
+    return manifest
+
+
+def read_small(out_dir: Path, shards: list[Path]) -> pa.Table:
+    """key, shard, label, confidence of every shard's file (never the probabilities)."""
+    tables = [pq.read_table(out_dir / parquet_name(s), columns=["key", "shard", "label", "confidence"])
+              for s in sorted(shards)]
+    return pa.concat_tables(tables) if tables else schema(1).empty_table().select(
+        ["key", "shard", "label", "confidence"])
+
+
+def check(out_dir: Path, shard_rows: dict[str, int], teacher_sha256: str, class_names: list[str]) -> dict:
+    """Raise ConfigError unless the pseudo labels match these shards, this teacher and these classes."""
+    mpath = out_dir / MANIFEST
+    if not mpath.is_file():
+        raise ConfigError(f"pseudo labels not found: {mpath} (run stages/pseudo_label.py first)")
+    manifest = read_json(mpath)
+    if manifest["teacher_sha256"] != teacher_sha256:
+        raise ConfigError(f"pseudo labels in {out_dir} were made by another teacher "
+                          f"(teacher_sha256 {manifest['teacher_sha256'][:12]}, expected {teacher_sha256[:12]})")
+    if manifest["class_names"] != class_names:
+        raise ConfigError(f"pseudo labels in {out_dir} have classes {manifest['class_names']}, "
+                          f"the data has {class_names}")
+    listed = {f["shard"]: f for f in manifest["files"]}
+    for shard, rows in shard_rows.items():
+        f = listed.get(shard)
+        if f is None:
+            raise ConfigError(f"pseudo labels in {out_dir} lack shard {shard}")
+        if f["rows"] != rows:
+            raise ConfigError(f"pseudo labels for {shard} have {f['rows']} rows, the shard has {rows}")
+    extra = sorted(set(listed) - set(shard_rows))
+    if extra:
+        raise ConfigError(f"pseudo labels in {out_dir} list shards the data lacks: {extra[:3]}")
+    return manifest
+
+
+class StudentTargets:
+    """Filtered, class-balanced pseudo-label targets, served per shard to the student's stream.
+
+    Picklable: DataLoader workers read a shard's probabilities when they open that shard.
+    """
+
+    def __init__(self, out_dir: Path, repeats: dict[str, dict[str, int]], soft: bool, temperature: float,
+                 num_classes: int):
+        self.out_dir, self.repeats = out_dir, repeats
+        self.soft, self.temperature, self.num_classes = soft, temperature, num_classes
+
+    def __call__(self, shard: str) -> dict[str, tuple[int, torch.Tensor]]:
+        want = self.repeats.get(Path(shard).name, {})
+        if not want:
+            return {}
+        table = pq.read_table(self.out_dir / parquet_name(shard), columns=["key", "label", "probs"])
+        keys = table.column("key").to_pylist()
+        probs = np.asarray(table.column("probs").combine_chunks().flatten()).reshape(len(keys), -1)
+        rows = [i for i, k in enumerate(keys) if k in want]
+        targets = soft_targets(probs[rows], self.temperature) if self.soft else np.eye(
+            self.num_classes, dtype=np.float32)[probs[rows].argmax(1)]
+        return {keys[i]: (want[keys[i]], torch.from_numpy(targets[j])) for j, i in enumerate(rows)}
+
+    @property
+    def total(self) -> int:
+        return sum(sum(d.values()) for d in self.repeats.values())
+
+
+def soft_targets(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """Re-temper softmax probabilities: p^(1/T), renormalised (T=1 leaves them as they are)."""
+    if temperature == 1.0:
+        return probs.astype(np.float32)
+    logp = np.log(np.clip(probs, 1e-12, None)) / temperature
+    logp -= logp.max(1, keepdims=True)
+    e = np.exp(logp)
+    return (e / e.sum(1, keepdims=True)).astype(np.float32)
+
+
+def select(labels: np.ndarray, confidence: np.ndarray, num_classes: int, threshold: float, balance: bool,
+           per_class: int | None) -> tuple[np.ndarray, dict]:
+    """Repeat count per row: drop below ``threshold``; when balancing, every class gets ``per_class``
+    rows (default: the mean kept count), duplicating short classes and keeping the most
+    confident rows of long ones."""
+    kept = confidence >= threshold
+    repeats = kept.astype(np.int64)
+    counts = np.bincount(labels[kept], minlength=num_classes)
+    info = {"kept": int(kept.sum()), "kept_share": float(kept.mean()) if len(kept) else 0.0,
+            "kept_per_class": counts.tolist()}
+    if balance and kept.any():
+        target = per_class or int(round(counts[counts > 0].mean()))
+        repeats[:] = 0
+        for c in np.flatnonzero(counts):
+            idx = np.flatnonzero(kept & (labels == c))
+            idx = idx[np.argsort(-confidence[idx], kind="stable")]
+            if len(idx) >= target:
+                repeats[idx[:target]] = 1
+            else:
+                repeats[idx] = target // len(idx)
+                repeats[idx[: target % len(idx)]] += 1
+        info["per_class_target"] = target
+        info["empty_classes"] = np.flatnonzero(counts == 0).tolist()
+    info["samples"] = int(repeats.sum())
+    return repeats, info
+
+
+def student_targets(out_dir: Path, shards: list[Path], cfg: StudentConfig, num_classes: int) -> tuple[
+        StudentTargets, dict]:
+    table = read_small(out_dir, shards)
+    repeats, info = select(table.column("label").to_numpy(), table.column("confidence").to_numpy(),
+                           num_classes, cfg.threshold, cfg.balance, cfg.per_class)
+    by_shard: dict[str, dict[str, int]] = {}
+    for key, shard, r in zip(table.column("key").to_pylist(), table.column("shard").to_pylist(),
+                             repeats.tolist(), strict=True):
+        if r:
+            by_shard.setdefault(shard, {})[key] = r
+    if info["samples"] == 0:
+        raise ConfigError(f"student.threshold={cfg.threshold} keeps no pseudo-labeled sample")
+    return StudentTargets(out_dir, by_shard, cfg.soft, cfg.temperature, num_classes), info
+
+
+def iter_rows(out_dir: Path, shards: list[Path]) -> Iterator[dict]:
+    """Every row of every file, in shard order (for inspection and tests)."""
+    for s in sorted(shards):
+        yield from pq.read_table(out_dir / parquet_name(s)).to_pylist()

@@ -1,0 +1,237 @@
+"""The Noisy Student plan: round 0 trains the teacher; round k >= 1 pseudo-labels the pool with
+round k-1's model and trains a noised (equal-or-larger) student. Every step asks "is this
+done?" first, so ``iterate`` reruns cost nothing and a killed run resumes.
+
+Run directory: ``<runs_dir>/<name>/round-<k>/`` holds config.json + model.safetensors (timm
+local-dir layout), metrics.json, card.json (written last: its presence with matching hashes
+means the round is finished), ``pseudo_labels/`` for k >= 1, and ``state/`` while training.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from . import models, noise, pseudo_labels
+from .artifacts import code_version, files_match, read_json, sha256_file, write_json_atomic
+from .config import RUNTIME_KEYS, Config, ConfigError, flatten, per_round, to_dict
+from .evaluation import top1
+from .loaders import StreamSpec
+from .prepare import MANIFEST as DATA_MANIFEST
+from .prepare import TRUTH, data_dir, prepare, require_data, shard_paths
+from .runtime import make_accelerator
+from .trainer import Job, train
+from .transforms import train_transform
+
+
+def round_dir(cfg: Config, k: int) -> Path:
+    return cfg.run_dir / f"round-{k}"
+
+
+def card(directory: Path) -> dict | None:
+    """The card of a finished model directory (its weights and config match), else None."""
+    path = directory / models.CARD
+    if not path.is_file():
+        return None
+    c = read_json(path)
+    return c if files_match(directory, c.get("files", {})) else None
+
+
+def _relevant(cfg_dict: dict, k: int) -> dict:
+    """The config keys that shape round k's model (round 0 does not depend on student settings)."""
+    flat = flatten(cfg_dict)
+    skip = RUNTIME_KEYS | {"name"}
+    return {key: v for key, v in flat.items() if key not in skip and not (
+        k == 0 and key.split(".")[0] in ("student", "pseudo_label")) and not (
+        k == 0 and key in ("model.ladder", "model.students"))}
+
+
+def check_unchanged(cfg: Config, k: int, made: dict) -> None:
+    """Refuse a config that differs from the one that made finished round ``k``."""
+    old, new = _relevant(made["config"], k), _relevant(to_dict(cfg), k)
+    diff = sorted(key for key in set(old) | set(new) if old.get(key) != new.get(key))
+    if diff:
+        key = diff[0]
+        raise ConfigError(
+            f"round-{k} of experiment '{cfg.name}' was made with {key}={old.get(key)!r}, this run asks "
+            f"{key}={new.get(key)!r}" + (f" (and {len(diff) - 1} more)" if len(diff) > 1 else "")
+            + "; give a new name=... to start another experiment")
+
+
+def prep_for(cfg: Config, manifest: dict) -> dict:
+    img = manifest["image"]
+    size = cfg.model.image_size or img["size"][0]
+    return {"mode": img["mode"], "size": size, "mean": img["mean"], "std": img["std"]}
+
+
+def _labeled_spec(cfg: Config, ddir: Path, manifest: dict, prep: dict, tcfg, accelerator) -> StreamSpec:
+    return StreamSpec(shards=[str(p) for p in shard_paths(ddir, manifest, "labeled")], mode=prep["mode"],
+                      transform=train_transform(prep["size"], tcfg), rank=accelerator.process_index,
+                      world=accelerator.num_processes, seed=cfg.seed, buffer=2000)
+
+
+def arch_of(cfg: Config, k: int) -> str:
+    arch = models.check_arch(cfg.model.arch)
+    for r in range(1, k + 1):
+        arch = models.student_arch(cfg.model, r, arch)
+    return arch
+
+
+def pseudo_label(cfg: Config, k: int, progress: bool = True, teacher_dir: Path | None = None) -> dict:
+    """Label the unlabeled shards with round k-1's model into round-k/pseudo_labels/ (resumable)."""
+    accelerator = make_accelerator()
+    ddir, manifest = require_data(cfg)
+    teacher_dir = teacher_dir or round_dir(cfg, k - 1)
+    if card(teacher_dir) is None:
+        raise ConfigError(f"teacher model not found or unfinished: {teacher_dir}")
+    teacher_sha = sha256_file(teacher_dir / models.WEIGHTS)
+    out = round_dir(cfg, k) / "pseudo_labels"
+    shards = shard_paths(ddir, manifest, "unlabeled")
+    rows = {s["file"]: s["samples"] for s in manifest["splits"]["unlabeled"]["shards"]}
+    names = manifest["class_names"]
+    try:
+        return pseudo_labels.check(out, rows, teacher_sha, names)
+    except ConfigError:
+        pass
+    model, mconfig = models.load_model_dir(teacher_dir)
+    t0 = time.time()
+    mine = pseudo_labels.label_shards(
+        model, shards, out, shard_rows=rows, teacher_sha256=teacher_sha, class_names=names,
+        prep=models.preprocessing(mconfig), batch_size=cfg.pseudo_label.batch_size,
+        workers=cfg.pseudo_label.workers, accelerator=accelerator, progress=progress)
+    counts = accelerator.gather(torch.tensor([mine["samples"]], device=accelerator.device)).sum().item()
+    accelerator.wait_for_everyone()
+    result = {}
+    if accelerator.is_main_process:
+        seconds = time.time() - t0
+        stats = pseudo_labels.summarize(out, shards, len(names), ddir / TRUTH)
+        stats.update({"labeled_now": int(counts), "seconds": round(seconds, 1),
+                      "img_s": round(counts / max(seconds, 1e-9), 1)})
+        result = pseudo_labels.write_manifest(out, shards, teacher_dir, teacher_sha, names, stats,
+                                              sha256_file(ddir / DATA_MANIFEST))
+        acc = stats.get("accuracy")
+        accelerator.print(
+            f"pseudo-labeled {stats['samples']} samples ({counts} now, {stats['img_s']:.0f} img/s), mean "
+            f"confidence {stats['mean_confidence']:.3f}" + (f", accuracy {acc:.2f}%" if acc is not None else "")
+            + f"; classes {stats['class_histogram']}")
+    accelerator.wait_for_everyone()
+    return result or read_json(out / pseudo_labels.MANIFEST)
+
+
+def train_round(cfg: Config, k: int, progress: bool = True) -> dict:
+    """Train round k's model (k=0 teacher, else student) unless it is already finished."""
+    out = round_dir(cfg, k)
+    done = card(out)
+    if done is not None:
+        check_unchanged(cfg, k, done)
+        return done
+    accelerator = make_accelerator()
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed + k)
+    t0 = time.time()
+    ddir, manifest = require_data(cfg)
+    prep = prep_for(cfg, manifest)
+    names = manifest["class_names"]
+    in_chans = 1 if prep["mode"] == "L" else 3
+    arch = arch_of(cfg, k)
+    tcfg = cfg.teacher if k == 0 else cfg.student
+    parents: dict = {"data_manifest_sha256": sha256_file(ddir / DATA_MANIFEST), "data_dir": str(ddir)}
+    labeled_total = manifest["splits"]["labeled"]["count"]
+    job = Job(phase="train", cfg=tcfg, epochs=per_round(tcfg.epochs, max(k, 1)), lr=tcfg.lr,
+              labeled=_labeled_spec(cfg, ddir, manifest, prep, tcfg, accelerator),
+              labeled_total=labeled_total, prep=prep)
+    selection: dict = {}
+    pl_manifest: dict = {}
+    if k >= 1:
+        teacher_dir = round_dir(cfg, k - 1)
+        if card(teacher_dir) is None:
+            raise ConfigError(f"round {k} needs the finished round {k - 1} model in {teacher_dir}")
+        teacher_sha = sha256_file(teacher_dir / models.WEIGHTS)
+        pl_dir = out / "pseudo_labels"
+        shards = shard_paths(ddir, manifest, "unlabeled")
+        rows = {s["file"]: s["samples"] for s in manifest["splits"]["unlabeled"]["shards"]}
+        pl_manifest = pseudo_labels.check(pl_dir, rows, teacher_sha, names)
+        targets, selection = pseudo_labels.student_targets(pl_dir, shards, cfg.student, len(names))
+        job.unlabeled = StreamSpec(shards=[str(s) for s in shards], mode=prep["mode"],
+                                   transform=train_transform(prep["size"], tcfg), rank=accelerator.process_index,
+                                   world=accelerator.num_processes, seed=cfg.seed + 7919 * k, buffer=5000,
+                                   targets=targets)
+        job.unlabeled_total = targets.total
+        job.unlabeled_ratio = cfg.student.unlabeled_ratio
+        job.unlabeled_weight = cfg.student.unlabeled_weight
+        parents.update({"teacher_dir": str(teacher_dir), "teacher_sha256": teacher_sha,
+                        "pseudo_labels_manifest_sha256": sha256_file(pl_dir / pseudo_labels.MANIFEST)})
+        accelerator.print(f"round {k}: student {arch}, {selection['samples']} pseudo-labeled samples per epoch "
+                          f"({selection['kept']} kept at threshold {cfg.student.threshold})")
+    else:
+        accelerator.print(f"round 0: teacher {arch} on {labeled_total} labeled images")
+    model = models.create_model(arch, len(names), in_chans, cfg.model.pretrained if k == 0 else False,
+                                **noise.model_noise(tcfg))
+    state_root = out / "state"
+    stats = [train(model, job, state_root, progress)]
+    if k >= 1 and cfg.student.finetune_epochs:
+        ft = Job(phase="finetune", cfg=tcfg, epochs=cfg.student.finetune_epochs, lr=cfg.student.finetune_lr,
+                 labeled=job.labeled, labeled_total=labeled_total, prep=prep)
+        stats.append(train(model, ft, state_root, progress))
+    metrics = top1(model, shard_paths(ddir, manifest, "test"), prep, accelerator, progress=progress,
+                   desc=f"test round {k}")
+    if manifest["splits"].get("val", {}).get("count"):
+        val = top1(model, shard_paths(ddir, manifest, "val"), prep, accelerator, progress=progress, desc="val")
+        metrics["val_top1"] = val["test_top1"]
+    metrics.update({"round": k, "model": arch, "params": models.num_params(model),
+                    "pseudo_label_acc": pl_manifest.get("stats", {}).get("accuracy") if k else None,
+                    "pseudo_label_seconds": pl_manifest.get("stats", {}).get("seconds") if k else None,
+                    "train_seconds": round(sum(s["seconds"] for s in stats), 1),
+                    "train_img_s": stats[0]["img_s"]})
+    metrics["seconds"] = round(metrics["train_seconds"] + (metrics["pseudo_label_seconds"] or 0)
+                               + (time.time() - t0 - metrics["train_seconds"]), 1)
+    result: dict = {}
+    if accelerator.is_main_process:
+        files = models.save_model_dir(model, out, names, prep["mean"], prep["std"], prep["size"], in_chans)
+        write_json_atomic(out / "metrics.json", metrics)
+        result = {"round": k, "role": "teacher" if k == 0 else "student", "arch": arch, "files": files,
+                  "metrics": metrics, "train": stats, "noise": noise.describe(tcfg), "selection": selection,
+                  "parents": parents, "config": to_dict(cfg), "code_version": code_version(),
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        write_json_atomic(out / models.CARD, result)
+        shutil.rmtree(state_root, ignore_errors=True)
+        accelerator.print(f"round {k}: {arch} test top-1 {metrics['test_top1']:.2f}% -> {out}")
+    accelerator.wait_for_everyone()
+    return result or read_json(out / models.CARD)
+
+
+def iterate(cfg: Config, last_round: int, progress: bool = True) -> list[dict]:
+    """Run or resume rounds 0..last_round; returns each round's metrics."""
+    if last_round < 0:
+        raise ConfigError(f"round: must be >= 0, got {last_round}")
+    for k in range(last_round + 1):  # refuse a changed config before any work is done
+        done = card(round_dir(cfg, k))
+        if done is not None:
+            check_unchanged(cfg, k, done)
+    accelerator = make_accelerator()
+    if accelerator.is_main_process:
+        prepare(cfg, progress=progress)
+    accelerator.wait_for_everyone()
+    rows = []
+    for k in range(last_round + 1):
+        if k >= 1 and card(round_dir(cfg, k)) is None:
+            pseudo_label(cfg, k, progress)
+        rows.append(train_round(cfg, k, progress)["metrics"])
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown table of test top-1 per round."""
+    lines = ["| round | model | test top-1 (%) | pseudo-label acc. (%) | seconds |", "|---|---|---|---|---|"]
+    for r in rows:
+        pla = r.get("pseudo_label_acc")
+        lines.append(f"| {r['round']} | {r['model']} | {r['test_top1']:.2f} | "
+                     f"{'-' if pla is None else f'{pla:.2f}'} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+__all__ = ["iterate", "pseudo_label", "train_round", "round_dir", "card", "table", "data_dir", "prepare"]

@@ -1,0 +1,235 @@
+"""Reading each kind of image source into indexable (encoded bytes, label) items.
+
+Kinds: a torchvision dataset by name, an ImageFolder directory, a ``.tar``/``.tar.gz`` holding an
+ImageFolder tree, a directory or archive of unlabeled images in any layout, and existing
+webdataset shards. Encoded sources keep their original bytes; decoded ones (torchvision arrays)
+are stored as lossless PNG. Archives are read member by member and never extracted, so member
+names cannot write anywhere.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from .config import ConfigError
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+# torchvision dataset name -> (class name, how its train/test splits are asked for)
+TORCHVISION = {
+    "fashionmnist": ("FashionMNIST", "train"),
+    "mnist": ("MNIST", "train"),
+    "kmnist": ("KMNIST", "train"),
+    "cifar10": ("CIFAR10", "train"),
+    "cifar100": ("CIFAR100", "train"),
+    "svhn": ("SVHN", "split"),
+}
+
+
+@dataclass
+class Source:
+    """An indexable collection of encoded images with optional labels."""
+
+    name: str
+    labels: list[int] | None  # None for unlabeled sources
+    class_names: list[str] | None
+    get: Callable[[int], tuple[bytes, str]]  # index -> (encoded bytes, extension without dot)
+    origin: Callable[[int], str]  # index -> where the item came from (path, archive member, index)
+    size: int
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def _png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def is_torchvision_name(name: str) -> bool:
+    return name.lower() in TORCHVISION
+
+
+def data_roots(root: str | None) -> list[Path]:
+    """Where torchvision files are looked for, in order."""
+    repo = Path(__file__).resolve().parent.parent
+    cands = [root, os.environ.get("NS_DATA_ROOT"), repo.parent / "shared" / "data",
+             Path.cwd().parent / "shared" / "data", repo / "data"]
+    out: list[Path] = []
+    for c in cands:
+        if c and Path(c).resolve() not in out:
+            out.append(Path(c).resolve())
+    return out
+
+
+def _torchvision_dataset(name: str, train: bool, root: str | None, download: bool):
+    import torchvision.datasets as tvd
+
+    cls_name, split_kind = TORCHVISION[name.lower()]
+    cls = getattr(tvd, cls_name)
+
+    def make(r: Path, dl: bool):
+        if split_kind == "split":
+            return cls(str(r), split="train" if train else "test", download=dl)
+        return cls(str(r), train=train, download=dl)
+
+    roots = data_roots(root)
+    for r in roots:
+        try:
+            return make(r, False)
+        except (RuntimeError, FileNotFoundError, OSError):
+            continue
+    target = Path(root) if root else roots[-1]
+    if download:
+        try:
+            return make(target, True)
+        except Exception as e:  # network errors come in many types
+            reason = f"download into {target} failed ({type(e).__name__}: {str(e)[:120]})"
+    else:
+        reason = "data.download=false"
+    looked = ", ".join(str(r) for r in roots)
+    raise ConfigError(
+        f"dataset {cls_name} not found (looked in {looked}; {reason}). Put torchvision's files in one of "
+        f"those, or point data.root=... or NS_DATA_ROOT at them.")
+
+
+def torchvision_source(name: str, train: bool, root: str | None, download: bool) -> Source:
+    ds = _torchvision_dataset(name, train, root, download)
+    labels = [int(t) for t in (getattr(ds, "targets", None) if getattr(ds, "targets", None) is not None
+                               else ds.labels)]
+    classes = list(getattr(ds, "classes", None) or [str(i) for i in range(max(labels) + 1)])
+    split = "train" if train else "test"
+
+    def get(i: int) -> tuple[bytes, str]:
+        img, _ = ds[i]
+        return _png_bytes(img), "png"
+
+    return Source(f"torchvision:{type(ds).__name__}:{split}", labels, classes, get,
+                  lambda i: f"{type(ds).__name__}/{split}/{i}", len(labels))
+
+
+def _is_image_name(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_EXTS and not Path(name).name.startswith(".")
+
+
+def _ext(name: str) -> str:
+    ext = Path(name).suffix.lower().lstrip(".")
+    return "jpg" if ext == "jpeg" else ext
+
+
+def is_archive(path: str | Path) -> bool:
+    return str(path).lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def _archive_images(path: Path) -> list[tuple[str, bytes]]:
+    """(member name, bytes) of every regular image member; links and devices are ignored."""
+    out = []
+    try:
+        with tarfile.open(path, "r:*") as tf:
+            for m in tf:
+                if not m.isreg() or not _is_image_name(m.name):
+                    continue
+                f = tf.extractfile(m)
+                if f is not None:
+                    out.append((m.name, f.read()))
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ConfigError(f"cannot read archive {path}: {e}") from None
+    return out
+
+
+def _labeled_from_pairs(name: str, pairs: list[tuple[str, bytes]] | list[tuple[str, Path]],
+                        reader: Callable[[object], bytes]) -> Source:
+    """Class = the name of each image's parent directory (ImageFolder convention)."""
+    items = []
+    for member, payload in pairs:
+        parts = Path(member).parts
+        if len(parts) < 2:
+            continue
+        items.append((parts[-2], member, payload))
+    if not items:
+        raise ConfigError(f"{name}: no images in class folders (expected <class>/<image> entries)")
+    items.sort(key=lambda t: t[1])
+    classes = sorted({c for c, _, _ in items})
+    index = {c: i for i, c in enumerate(classes)}
+    labels = [index[c] for c, _, _ in items]
+    return Source(name, labels, classes, lambda i: (reader(items[i][2]), _ext(items[i][1])),
+                  lambda i: str(items[i][1]), len(items))
+
+
+def folder_source(path: Path, labeled: bool) -> Source:
+    if not path.is_dir():
+        raise ConfigError(f"directory not found: {path}")
+    files = sorted(p for p in path.rglob("*") if p.is_file() and _is_image_name(p.name))
+    if not files:
+        raise ConfigError(f"no images found under {path}")
+    rel = [(str(p.relative_to(path)), p) for p in files]
+    if labeled:
+        return _labeled_from_pairs(str(path), rel, lambda p: Path(p).read_bytes())
+    return Source(str(path), None, None, lambda i: (files[i].read_bytes(), _ext(files[i].name)),
+                  lambda i: rel[i][0], len(files))
+
+
+def archive_source(path: Path, labeled: bool) -> Source:
+    if not path.is_file():
+        raise ConfigError(f"archive not found: {path}")
+    pairs = _archive_images(path)
+    if not pairs:
+        raise ConfigError(f"no images found in archive {path}")
+    if labeled:
+        return _labeled_from_pairs(str(path), pairs, lambda b: b)
+    pairs.sort(key=lambda t: t[0])
+    return Source(str(path), None, None, lambda i: (pairs[i][1], _ext(pairs[i][0])),
+                  lambda i: pairs[i][0], len(pairs))
+
+
+def labeled_source(spec: str, train: bool, root: str | None, download: bool) -> Source:
+    """A labeled source from a torchvision name, ImageFolder directory or ImageFolder archive."""
+    if is_torchvision_name(spec):
+        return torchvision_source(spec, train, root, download)
+    path = Path(spec).expanduser()
+    if is_archive(path):
+        return archive_source(path, labeled=True)
+    if path.is_dir():
+        return folder_source(path, labeled=True)
+    names = ", ".join(v[0] for v in TORCHVISION.values())
+    raise ConfigError(f"data source '{spec}' is neither a torchvision dataset ({names}), "
+                      f"an existing directory nor a .tar/.tar.gz archive")
+
+
+def is_shard_pattern(spec: str) -> bool:
+    return spec.endswith(".tar") and ("{" in spec or "::" in spec) or spec.startswith(("http://", "https://"))
+
+
+def iter_shard_images(pattern: str) -> Iterator[tuple[str, bytes, str]]:
+    """(origin, image bytes, ext) of each sample in existing webdataset shards."""
+    from .shards import expand_shards, iter_samples
+
+    for url in expand_shards(pattern):
+        for sample in iter_samples(url):
+            ext = next((k for k in sample if "." + k in IMAGE_EXTS or k == "jpg"), None)
+            if ext is not None:
+                yield f"{Path(url).name}/{sample['__key__']}", sample[ext], _ext("x." + ext)
+
+
+def unlabeled_source(spec: str) -> Source:
+    """An unlabeled source: a directory or archive of images in any layout, or shards."""
+    if is_shard_pattern(spec):
+        items = list(iter_shard_images(spec))
+        if not items:
+            raise ConfigError(f"no images in shards {spec}")
+        return Source(spec, None, None, lambda i: (items[i][1], items[i][2]), lambda i: items[i][0], len(items))
+    path = Path(spec).expanduser()
+    if is_archive(path):
+        return archive_source(path, labeled=False)
+    if path.is_dir():
+        return folder_source(path, labeled=False)
+    raise ConfigError(f"data.unlabeled '{spec}' is not 'rest', a directory, an archive or a shard pattern")

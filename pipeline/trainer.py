@@ -1,0 +1,215 @@
+"""The one training loop (teacher, student, fine-tune): Accelerate, resumable per epoch.
+
+Each step takes a labeled batch and, for a student, an unlabeled batch ``unlabeled_ratio`` times
+larger; both go through one forward pass. Loss = CE(labeled, label smoothing)
++ unlabeled_weight x soft CE(pseudo-labeled). After every epoch ``accelerator.save_state`` writes
+``state/<phase>-eNNNN`` (to a temporary name, then renamed), so a killed run resumes at the last
+finished epoch with the same data order (the order is a function of seed and epoch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .artifacts import TMP_PREFIX, read_json, write_json_atomic
+from .config import TrainConfig
+from .loaders import StreamSpec, endless_batches, epoch_batches
+from .losses import soft_cross_entropy
+from .runtime import make_accelerator
+from .transforms import normalize
+
+
+@dataclass
+class Job:
+    """What one training phase needs besides the model."""
+
+    phase: str  # "train" or "finetune": names the checkpoints
+    cfg: TrainConfig
+    epochs: int
+    lr: float
+    labeled: StreamSpec
+    labeled_total: int
+    prep: dict  # mode, size, mean, std
+    unlabeled: StreamSpec | None = None
+    unlabeled_total: int = 0
+    unlabeled_ratio: int = 0
+    unlabeled_weight: float = 1.0
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def _cosine(total: int, warmup: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+    return factor
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    mp = cfg.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if device.type == "cuda" else "no"
+    if mp == "no" or device.type != "cuda":
+        return contextlib.nullcontext(), None
+    dtype = torch.bfloat16 if mp == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return torch.autocast("cuda", dtype=dtype), scaler
+
+
+def _latest_state(state_root: Path, phase: str) -> tuple[Path | None, dict]:
+    best, info = None, {}
+    for d in sorted(state_root.glob(f"{phase}-e*")):
+        if d.is_dir() and (d / "progress.json").is_file():
+            best, info = d, read_json(d / "progress.json")
+    return best, info
+
+
+def steps_per_epoch(job: Job, world: int) -> int:
+    bs = job.cfg.batch_size
+    if job.unlabeled is not None:
+        n = job.unlabeled_total // (world * bs * job.unlabeled_ratio)
+    else:
+        n = job.labeled_total // (world * bs)
+    return max(1, n // job.cfg.grad_accum)
+
+
+def train(model: torch.nn.Module, job: Job, state_root: Path, progress: bool = True) -> dict:
+    """Run ``job`` on ``model`` (resuming from ``state_root`` if a checkpoint exists); returns stats.
+
+    On return the unwrapped ``model`` holds the final weights (the EMA weights when enabled).
+    A fresh Accelerator per phase keeps its checkpoint contents to this phase's objects.
+    """
+    from timm.utils import ModelEmaV3
+
+    accelerator = make_accelerator()
+
+    cfg, device = job.cfg, accelerator.device
+    world = accelerator.num_processes
+    spe = steps_per_epoch(job, world)
+    total = spe * job.epochs
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = _optimizer(model, cfg, job.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(total, int(cfg.warmup_epochs * spe)))
+    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    autocast, scaler = _autocast(cfg, device)
+    mean = torch.tensor(job.prep["mean"], device=device)
+    std = torch.tensor(job.prep["std"], device=device)
+
+    start_epoch, elapsed = 0, 0.0
+    latest, info = _latest_state(state_root, job.phase)
+    if latest is not None:
+        accelerator.load_state(str(latest))
+        start_epoch, elapsed = info["epoch"] + 1, info["seconds"]
+        accelerator.print(f"resuming {job.phase} from {latest.name} (epoch {start_epoch}/{job.epochs})")
+
+    bs_l = cfg.batch_size
+    bs_u = bs_l * job.unlabeled_ratio if job.unlabeled is not None else 0
+    per_step = (bs_l + bs_u) * cfg.grad_accum * world
+    bar = tqdm(total=total, initial=start_epoch * spe, desc=f"{job.phase}", unit="step",
+               disable=not (progress and accelerator.is_main_process), smoothing=0.05)
+    history = list(info.get("history", []))
+    for epoch in range(start_epoch, job.epochs):
+        t0 = time.time()
+        wrapped.train()
+        n_micro = spe * cfg.grad_accum
+        if job.unlabeled is not None:
+            lab = endless_batches(job.labeled, epoch, bs_l, cfg.workers)
+            unl = epoch_batches(job.unlabeled, epoch, n_micro, bs_u, cfg.workers)
+        else:
+            lab = epoch_batches(job.labeled, epoch, n_micro, bs_l, cfg.workers)
+            unl = None
+        loss_sum = torch.zeros((), device=device)
+        for step in range(spe):
+            for micro in range(cfg.grad_accum):
+                xl, yl = next(lab)
+                x, n_l = xl, len(xl)
+                if unl is not None:
+                    xu, tu = next(unl)
+                    x = torch.cat([xl, xu])
+                x = normalize(x.to(device, non_blocking=True), mean, std, cfg.channels_last)
+                sync = micro == cfg.grad_accum - 1
+                ctx = contextlib.nullcontext() if sync else accelerator.no_sync(wrapped)
+                with ctx:
+                    with autocast:
+                        logits = wrapped(x).float()
+                    loss = F.cross_entropy(logits[:n_l], yl.to(device), label_smoothing=cfg.label_smoothing)
+                    if unl is not None:
+                        loss = loss + job.unlabeled_weight * soft_cross_entropy(logits[n_l:], tu.to(device))
+                    scaled = loss / cfg.grad_accum
+                    if scaler is not None:
+                        scaled = scaler.scale(scaled)
+                    accelerator.backward(scaled)
+                loss_sum += loss.detach()
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            if ema is not None:
+                ema.update(accelerator.unwrap_model(wrapped), step=epoch * spe + step)
+            if (step + 1) % 10 == 0 or step + 1 == spe:
+                rate = (step + 1) * per_step / max(time.time() - t0, 1e-9)
+                bar.set_postfix(epoch=f"{epoch + 1}/{job.epochs}", loss=f"{loss.item():.3f}",
+                                img_s=f"{rate:.0f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            bar.update(1)
+        epoch_loss = accelerator.reduce(loss_sum, "mean").item() / (spe * cfg.grad_accum)
+        dt = time.time() - t0
+        elapsed += dt
+        history.append({"epoch": epoch, "loss": round(epoch_loss, 5), "seconds": round(dt, 2),
+                        "img_s": round(spe * per_step / dt, 1)})
+        _save(accelerator, state_root, job.phase, epoch, {"epoch": epoch, "seconds": elapsed, "history": history})
+    bar.close()
+    final = ema.module if ema is not None else accelerator.unwrap_model(wrapped)
+    if final is not model:
+        model.load_state_dict(final.state_dict())
+    accelerator.free_memory()
+    samples = spe * per_step * job.epochs
+    return {"phase": job.phase, "epochs": job.epochs, "steps": total, "seconds": round(elapsed, 1),
+            "img_s": round(samples / max(elapsed, 1e-9), 1), "history": history,
+            "final_loss": history[-1]["loss"] if history else None}
+
+
+def _save(accelerator, state_root: Path, phase: str, epoch: int, progress: dict) -> None:
+    """save_state into a temporary directory, then rename: a state dir that exists is complete."""
+    final = state_root / f"{phase}-e{epoch:04d}"
+    tmp = state_root / f"{TMP_PREFIX}{phase}-e{epoch:04d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        state_root.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json_atomic(tmp / "progress.json", progress)
+        tmp.rename(final)
+        for old in state_root.glob(f"{phase}-e*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
