@@ -130,13 +130,19 @@ def is_archive(path: str | Path) -> bool:
     return str(path).lower().endswith(ARCHIVE_SUFFIXES)
 
 
+def _safe_member(name: str) -> bool:
+    """Absolute names and ``..`` parts are refused: such members are hostile or broken."""
+    parts = Path(name).parts
+    return not name.startswith(("/", "\\")) and ".." not in parts
+
+
 def _archive_images(path: Path) -> list[tuple[str, bytes]]:
     """(member name, bytes) of every regular image member; links and devices are ignored."""
     out = []
     try:
         with tarfile.open(path, "r:*") as tf:
             for m in tf:
-                if not m.isreg() or not _is_image_name(m.name):
+                if not m.isreg() or not _is_image_name(m.name) or not _safe_member(m.name):
                     continue
                 f = tf.extractfile(m)
                 if f is not None:

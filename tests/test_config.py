@@ -1,0 +1,74 @@
+import pytest
+
+from pipeline.cli import parse_args
+from pipeline.config import ConfigError, load_config, parse_override, per_round
+
+
+def test_defaults_and_name_from_stem(tmp_path):
+    p = tmp_path / "my_exp.yaml"
+    p.write_text("student:\n  threshold: 0.5\n")
+    cfg = load_config(p)
+    assert cfg.name == "my_exp"
+    assert cfg.student.threshold == 0.5
+    assert cfg.data.labeled_per_class == 100
+
+
+def test_override_types_and_nesting(tmp_path):
+    cfg = load_config(None, ["student.epochs=[3, 4]", "student.randaugment.m=12", "teacher.lr=1e-3",
+                             "model.students=[resnet18, resnet26]", "data.max_test=null", "name=x"])
+    assert cfg.student.epochs == [3, 4]
+    assert cfg.student.randaugment.m == 12
+    assert cfg.teacher.lr == pytest.approx(1e-3)
+    assert cfg.model.students == ["resnet18", "resnet26"]
+    assert per_round(cfg.student.epochs, 1) == 3 and per_round(cfg.student.epochs, 5) == 4
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("student.treshold=0.3", "unknown key 'student.treshold'"),
+    ("bogus=1", "unknown key 'bogus'"),
+    ("student.threshold=1.5", "student.threshold: must be <= 1"),
+    ("student.threshold=-0.1", "student.threshold: must be >= 0"),
+    ("teacher.lr=-1", "teacher.lr: must be > 0"),
+    ("teacher.lr=0", "teacher.lr: must be > 0"),
+    ("teacher.epochs=abc", "teacher.epochs: expected"),
+    ("teacher.optimizer=adam", "teacher.optimizer: expected one of"),
+    ("student.balance=3", "student.balance: expected bool"),
+    ("data.labeled_per_class=0", "data.labeled_per_class: must be >= 1"),
+    ("teacher.batch_size=2.5", "teacher.batch_size: expected int"),
+    ("student=3", "student: expected a mapping"),
+    ("novalue", "not of the form key=value"),
+])
+def test_bad_values_name_the_key(override, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert fragment in str(e.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    p = tmp_path / "evil.yaml"
+    p.write_text("name: !!python/object/apply:os.system ['echo hacked']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+
+
+def test_parse_override_reads_yaml_scalars():
+    assert parse_override("a.b=3") == ("a.b", 3)
+    assert parse_override("a=true") == ("a", True)
+    assert parse_override("a=null") == ("a", None)
+    assert parse_override("a=some/path.tar") == ("a", "some/path.tar")
+
+
+def test_stage_keys_are_separated_and_validated(tmp_path):
+    from pipeline.cli import int_at_least
+
+    cfg, stage = parse_args(["round=2", "student.drop_rate=0.2"], {"round": int_at_least(0)})
+    assert stage == {"round": 2} and cfg.student.drop_rate == 0.2
+    with pytest.raises(ConfigError, match="round: bad value"):
+        parse_args(["round=-1"], {"round": int_at_least(0)})
+    with pytest.raises(ConfigError, match="unknown key 'round'"):
+        parse_args(["round=1"], {})

@@ -1,0 +1,57 @@
+import json
+
+import pytest
+import timm
+import torch
+
+from pipeline import models
+from pipeline.config import ConfigError, ModelConfig
+
+
+def test_model_dir_rebuilds_through_timm_local_dir(tmp_path):
+    m = models.create_model("resnet10t", num_classes=3, in_chans=1, drop_rate=0.2, drop_path_rate=0.1)
+    m.eval()
+    hashes = models.save_model_dir(m, tmp_path, ["x", "y", "z"], [0.3], [0.2], 16, 1)
+    assert set(hashes) == {"model.safetensors", "config.json"}
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["architecture"] == "resnet10t" and cfg["num_classes"] == 3
+    assert cfg["label_names"] == ["x", "y", "z"]
+    assert cfg["pretrained_cfg"]["mean"] == [0.3] and cfg["pretrained_cfg"]["input_size"] == [1, 16, 16]
+    assert cfg["model_args"]["in_chans"] == 1
+    x = torch.randn(4, 1, 16, 16)
+    again = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    ours, _ = models.load_model_dir(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(m(x), again(x)) and torch.equal(m(x), ours(x))
+    assert models.preprocessing(cfg) == {"mode": "L", "size": 16, "mean": [0.3], "std": [0.2]}
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_student_ladder_and_explicit_students():
+    mc = ModelConfig(arch="resnet10t", ladder="resnet")
+    assert models.student_arch(mc, 1, "resnet10t") == "resnet18"
+    assert models.student_arch(mc, 2, "resnet18") == "resnet26"
+    assert models.student_arch(ModelConfig(ladder="efficientnet"), 1, "efficientnet_b0") == "efficientnet_b1"
+    assert models.student_arch(ModelConfig(ladder="resnet"), 9, "resnet101") == "resnet101"
+    explicit = ModelConfig(students=["resnet18", "resnet34"])
+    assert [models.student_arch(explicit, k, "x") for k in (1, 2, 3)] == ["resnet18", "resnet34", "resnet34"]
+    assert models.student_arch(ModelConfig(ladder=None), 1, "resnet50") == "resnet50"
+    with pytest.raises(ConfigError, match="unknown ladder"):
+        models.student_arch(ModelConfig(ladder="nope"), 1, "resnet10t")
+    with pytest.raises(ConfigError, match="not a timm model"):
+        models.student_arch(ModelConfig(students=["resnet_oops"]), 1, "resnet10t")
+
+
+def test_noise_switches_reach_the_model():
+    m = models.create_model("resnet18", 10, 3, drop_rate=0.3, drop_path_rate=0.2)
+    assert m.drop_rate == 0.3
+    rates = [b.drop_path.drop_prob for b in m.modules() if hasattr(b, "drop_path") and hasattr(
+        b.drop_path, "drop_prob")]
+    assert rates and max(rates) == pytest.approx(0.2)
+
+
+def test_missing_model_dir_is_a_user_error(tmp_path):
+    with pytest.raises(ConfigError, match="not a model directory"):
+        models.load_model_dir(tmp_path)
+    with pytest.raises(ConfigError, match="weights file not found"):
+        models.create_model("resnet10t", 2, 1, pretrained=str(tmp_path / "w.safetensors"))

@@ -1,0 +1,154 @@
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import make_folder, tiny_overrides
+from PIL import Image
+
+from pipeline.config import ConfigError, load_config
+from pipeline.prepare import data_dir, load_manifest, prepare, shard_paths
+from pipeline.shards import iter_samples
+
+
+def _cfg(tiny_data, tmp_path, *extra):
+    return load_config(None, tiny_overrides(tiny_data, tmp_path / "runs") + list(extra))
+
+
+def _all_samples(paths):
+    return [s for p in paths for s in iter_samples(p)]
+
+
+def test_split_is_stratified_and_keys_unique(tiny_data, tmp_path):
+    cfg = _cfg(tiny_data, tmp_path, "data.val_per_class=5")
+    out = prepare(cfg, progress=False)
+    m = load_manifest(out, verify="sha256")
+    assert m["splits"]["labeled"]["per_class"] == [10, 10, 10, 10]
+    assert m["splits"]["val"]["per_class"] == [5, 5, 5, 5]
+    assert m["splits"]["unlabeled"]["count"] == 4 * 60 - 60
+    assert m["splits"]["test"]["count"] == 80
+    assert m["class_names"] == ["class_0", "class_1", "class_2", "class_3"]
+    keys = []
+    for split in ("labeled", "val", "unlabeled", "test"):
+        samples = _all_samples(shard_paths(out, m, split))
+        assert len(samples) == m["splits"][split]["count"]
+        keys += [s["__key__"] for s in samples]
+        has_label = all("cls" in s for s in samples)
+        assert has_label == (split != "unlabeled")
+    assert len(keys) == len(set(keys))
+    # shards hold at most shard_size samples, the manifest lists their hashes
+    assert all(s["samples"] <= 50 for s in m["splits"]["unlabeled"]["shards"])
+    assert len(m["splits"]["unlabeled"]["shards"]) == 4
+    # true labels of the pool are kept aside, not in the shards
+    truth = pq.read_table(out / "unlabeled-truth.parquet")
+    assert truth.num_rows == 180
+
+
+def test_original_bytes_kept_for_encoded_sources(tiny_data, tmp_path):
+    src = make_folder(tmp_path / "jpgs", 12, 3, ext="jpg")
+    cfg = _cfg(tiny_data, tmp_path, f"data.source={src}", "data.labeled_per_class=2")
+    out = prepare(cfg, progress=False)
+    m = load_manifest(out)
+    originals = {p.read_bytes() for p in src.rglob("*.jpg")}
+    samples = _all_samples(shard_paths(out, m, "labeled") + shard_paths(out, m, "unlabeled"))
+    assert samples and all("jpg" in s and s["jpg"] in originals for s in samples)
+
+
+def test_same_config_does_no_work_and_other_config_other_dir(tiny_data, tmp_path):
+    cfg = _cfg(tiny_data, tmp_path)
+    out = prepare(cfg, progress=False)
+    mtimes = {p: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert prepare(cfg, progress=False) == out
+    assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+    other = _cfg(tiny_data, tmp_path, "data.seed=1")
+    assert data_dir(other) != out
+    # same seed, same split: byte-identical shards
+    again = _cfg(tiny_data, tmp_path / "again")
+    out2 = prepare(again, progress=False)
+    assert load_manifest(out2)["splits"]["labeled"]["shards"] == load_manifest(out)["splits"]["labeled"]["shards"]
+
+
+def test_interrupted_prepare_resumes(tiny_data, tmp_path):
+    cfg = _cfg(tiny_data, tmp_path)
+    out = prepare(cfg, progress=False)
+    full = load_manifest(out)
+    (out / "manifest.json").unlink()
+    (out / "unlabeled-000003.tar").unlink()
+    (out / ".tmp-unlabeled-000003.tar.xyz").write_bytes(b"half")
+    prepare(cfg, progress=False)
+    assert load_manifest(out, verify="sha256")["splits"] == full["splits"]
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_archive_source_reads_members_without_extracting(tiny_data, tmp_path):
+    arc = tmp_path / "train.tar.gz"
+    with tarfile.open(arc, "w:gz") as tf:
+        tf.add(tiny_data["train"], arcname="train")
+        evil = tarfile.TarInfo("../../evil/x.png")
+        data = (tiny_data["train"] / "class_0" / "0000.png").read_bytes()
+        evil.size = len(data)
+        tf.addfile(evil, io.BytesIO(data))
+        link = tarfile.TarInfo("train/class_0/link.png")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "/etc/passwd"
+        tf.addfile(link)
+    cfg = _cfg(tiny_data, tmp_path, f"data.source={arc}")
+    out = prepare(cfg, progress=False)
+    m = load_manifest(out)
+    assert m["class_names"] == ["class_0", "class_1", "class_2", "class_3"]
+    assert m["splits"]["labeled"]["count"] + m["splits"]["unlabeled"]["count"] == 240
+    assert not (tmp_path.parent / "evil").exists() and not Path("evil").exists()
+
+
+def test_unlabeled_directory_any_layout(tiny_data, tmp_path):
+    pool = tmp_path / "pool" / "deep" / "er"
+    pool.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(7):
+        Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(pool / f"{i}.png")
+    cfg = _cfg(tiny_data, tmp_path, f"data.unlabeled={tmp_path / 'pool'}")
+    out = prepare(cfg, progress=False)
+    m = load_manifest(out)
+    samples = _all_samples(shard_paths(out, m, "unlabeled"))
+    assert len(samples) == 7 and all("cls" not in s for s in samples)
+    assert sorted(s["src.txt"].decode() for s in samples)[0].startswith("deep/er/")
+
+
+def test_unlabeled_from_existing_shards(tiny_data, tmp_path):
+    first = prepare(_cfg(tiny_data, tmp_path), progress=False)
+    pattern = str(first / "unlabeled-{000000..000003}.tar")
+    cfg = _cfg(tiny_data, tmp_path, f"data.unlabeled={pattern}", "data.seed=5")
+    out = prepare(cfg, progress=False)
+    assert load_manifest(out)["splits"]["unlabeled"]["count"] == 200
+
+
+def test_missing_dataset_says_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.setenv("NS_DATA_ROOT", str(tmp_path / "nothing"))
+    cfg = load_config(None, ["data.source=CIFAR100", f"data.root={tmp_path / 'r'}", "data.download=false",
+                             f"runs_dir={tmp_path}"])
+    with pytest.raises(ConfigError) as e:
+        prepare(cfg, progress=False)
+    msg = str(e.value)
+    assert "CIFAR100 not found" in msg and str(tmp_path / "r") in msg and "data.root" in msg
+
+
+def test_fashion_mnist_found_in_shared_data(tmp_path):
+    from pipeline.sources import data_roots, torchvision_source
+
+    if not any((r / "FashionMNIST" / "raw").is_dir() for r in data_roots(None)):
+        pytest.skip("../shared/data not present")
+    src = torchvision_source("FashionMNIST", False, None, download=False)
+    assert len(src) == 10000 and src.class_names[0] == "T-shirt/top"
+    data, ext = src.get(0)
+    assert ext == "png" and Image.open(io.BytesIO(data)).size == (28, 28)
+
+
+def test_manifest_records_source_and_seed(tiny_data, tmp_path):
+    out = prepare(_cfg(tiny_data, tmp_path), progress=False)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["seed"] == 0 and m["config"]["source"].endswith("train")
+    assert m["image"]["mode"] == "L" and m["image"]["size"] == [16, 16]
+    assert all(len(s["sha256"]) == 64 for s in m["splits"]["test"]["shards"])
