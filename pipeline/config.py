@@ -34,7 +34,7 @@ class DataConfig:
     unlabeled: str = "rest"  # "rest" of source, a directory/archive of images, or a shard brace pattern
     root: str | None = None  # where torchvision files live; else $NS_DATA_ROOT, ../shared/data, ./data
     download: bool = True  # let torchvision download when the files are not found
-    labeled_per_class: int = field(default=100, metadata=_range(1))
+    labeled_per_class: int | None = field(default=100, metadata=_range(1))  # null: every image
     val_per_class: int = field(default=0, metadata=_range(0))
     seed: int = 0
     shard_size: int = field(default=5000, metadata=_range(1))

@@ -114,7 +114,8 @@ def pseudo_label(cfg: Config, k: int, progress: bool = True, teacher_dir: Path |
                                               sha256_file(ddir / DATA_MANIFEST))
         acc = stats.get("accuracy")
         accelerator.print(
-            f"pseudo-labeled {stats['samples']} samples ({counts} now, {stats['img_s']:.0f} img/s), mean "
+            f"pseudo-labeled {stats['samples']} samples ({counts} now on {accelerator.num_processes} process(es), "
+            f"{stats['img_s']:.0f} img/s), mean "
             f"confidence {stats['mean_confidence']:.3f}" + (f", accuracy {acc:.2f}%" if acc is not None else "")
             + f"; classes {stats['class_histogram']}")
     accelerator.wait_for_everyone()

@@ -60,9 +60,10 @@ def _all_targets(shard, _):
 
 
 def test_epoch_batches_gives_exact_steps_even_from_tiny_shares(tmp_path):
-    from conftest import make_image
     import io
+
     import numpy as np
+    from conftest import make_image
 
     rng = np.random.default_rng(0)
     samples = []

@@ -1,0 +1,36 @@
+# noisy-student: `make iterate ROUND=2` runs the default experiment, `make test` runs the suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= configs/fashion_mnist.yaml
+ROUND ?= 2
+ARGS ?=
+# e.g. LAUNCH="accelerate launch --multi_gpu --num_processes 2" for several processes
+LAUNCH ?= $(PY)
+TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: venv iterate prepare teacher test lint clean-runs
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+prepare: venv
+	$(LAUNCH) stages/prepare_data.py --config $(CONFIG) $(ARGS)
+
+iterate: venv
+	$(LAUNCH) stages/iterate.py --config $(CONFIG) round=$(ROUND) $(ARGS)
+
+test: venv
+	$(PY) -m pytest
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+clean-runs:
+	rm -rf runs

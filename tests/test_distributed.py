@@ -1,0 +1,49 @@
+"""pseudo_label under `accelerate launch` with 2 CPU processes equals a 1-process run."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import ROOT, tiny_overrides
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "ACCELERATE_USE_CPU": "1"}
+
+
+def _run(cmd):
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, f"{cmd}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+    return r
+
+
+def _table(exp):
+    files = sorted((exp / "round-1" / "pseudo_labels").glob("unlabeled-*.parquet"))
+    tables = [pq.read_table(f) for f in files]
+    keys = [k for t in tables for k in t.column("key").to_pylist()]
+    labels = np.concatenate([t.column("label").to_numpy() for t in tables])
+    probs = np.concatenate([np.asarray(t.column("probs").to_pylist()) for t in tables])
+    return [f.name for f in files], keys, labels, probs
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None and not (ROOT / ".venv" / "bin" / "accelerate").exists(),
+                    reason="accelerate CLI not installed")
+def test_two_processes_label_like_one(tiny_data, tmp_path):
+    runs = tmp_path / "runs"
+    one = tiny_overrides(tiny_data, runs, name="one") + ["teacher.epochs=3"]
+    two = tiny_overrides(tiny_data, runs, name="two") + ["teacher.epochs=3"]
+    _run([sys.executable, str(ROOT / "stages" / "iterate.py"), "round=0", *one])
+    shutil.copytree(runs / "one" / "round-0", runs / "two" / "round-0")
+    _run([sys.executable, str(ROOT / "stages" / "pseudo_label.py"), "round=1", *one])
+    r = _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              str(ROOT / "stages" / "pseudo_label.py"), "round=1", *two])
+    assert "pseudo-labeled 200 samples (200 now on 2 process(es)" in r.stdout
+    f1, k1, l1, p1 = _table(runs / "one")
+    f2, k2, l2, p2 = _table(runs / "two")
+    assert f1 == f2 and len(f1) == 4
+    assert k1 == k2 and len(set(k1)) == 200
+    assert (l1 == l2).all()
+    assert np.abs(p1 - p2).max() <= 1e-5
