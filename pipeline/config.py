@@ -57,7 +57,7 @@ class ModelConfig:
 class RandAugmentConfig:
     enabled: bool = True
     n: int = field(default=2, metadata=_range(0))
-    m: int = field(default=9, metadata=_range(0, 30))
+    m: Union[int, list[int]] = field(default=9, metadata=_range(0, 30))  # a list: one value per round
 
 
 @dataclass
@@ -89,8 +89,8 @@ class TrainConfig:
 class StudentConfig(TrainConfig):
     """A noised student: training settings plus how pseudo labels are used."""
 
-    drop_rate: float = field(default=0.3, metadata=_range(0, 1))
-    drop_path_rate: float = field(default=0.1, metadata=_range(0, 1))
+    drop_rate: Union[float, list[float]] = field(default=0.3, metadata=_range(0, 1))  # list: per round
+    drop_path_rate: Union[float, list[float]] = field(default=0.1, metadata=_range(0, 1))
     randaugment: RandAugmentConfig = field(default_factory=RandAugmentConfig)
     threshold: float = field(default=0.3, metadata=_range(0, 1))
     balance: bool = True
@@ -291,8 +291,16 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     return cfg
 
 
-def per_round(value: int | list[int], round_index: int) -> int:
+def per_round(value, round_index: int):
     """Value for student round k (1-based) from a scalar or a per-round list (last repeats)."""
     if isinstance(value, list):
         return value[min(round_index - 1, len(value) - 1)]
     return value
+
+
+def for_round(cfg: TrainConfig, round_index: int) -> TrainConfig:
+    """A copy of ``cfg`` with every per-round list resolved to round ``round_index``'s value."""
+    ra = dataclasses.replace(cfg.randaugment, m=per_round(cfg.randaugment.m, round_index))
+    return dataclasses.replace(cfg, epochs=per_round(cfg.epochs, round_index), randaugment=ra,
+                               drop_rate=per_round(cfg.drop_rate, round_index),
+                               drop_path_rate=per_round(cfg.drop_path_rate, round_index))

@@ -9,12 +9,25 @@ from torchvision import transforms as T
 from .config import TrainConfig
 
 
+class _RandAugment(T.RandAugment):
+    """torchvision's RandAugment with its per-call table of op magnitudes cached (same ops, faster)."""
+
+    _cache: dict
+
+    def _augmentation_space(self, num_bins, image_size):
+        cache = self.__dict__.setdefault("_cache", {})
+        key = (num_bins, tuple(image_size))
+        if key not in cache:
+            cache[key] = super()._augmentation_space(num_bins, image_size)
+        return cache[key]
+
+
 def randaugment(cfg: TrainConfig) -> T.RandAugment | None:
     """RandAugment(N, M) when enabled (M on torchvision's 0..30 scale; the paper used N=2, M=27 of 30)."""
     ra = cfg.randaugment
     if not ra.enabled or ra.n == 0:
         return None
-    return T.RandAugment(num_ops=ra.n, magnitude=ra.m, num_magnitude_bins=31)
+    return _RandAugment(num_ops=ra.n, magnitude=ra.m, num_magnitude_bins=31)
 
 
 def model_noise(cfg: TrainConfig) -> dict[str, float]:

@@ -35,6 +35,7 @@ from .sources import Source, is_torchvision_name, labeled_source, unlabeled_sour
 SPLITS = ("labeled", "val", "unlabeled", "test")
 MANIFEST = "manifest.json"
 TRUTH = "unlabeled-truth.parquet"
+ORIGINS = "sources.parquet"  # key, split, where each sample came from (path, archive member, index)
 _DATA_RUNTIME_KEYS = {"root", "download"}
 
 
@@ -134,7 +135,7 @@ def _plan(cfg: Config) -> tuple[dict[str, tuple[Source, np.ndarray, str]], Sourc
 def _samples(split: str, source: Source, indices: np.ndarray, prefix: str, truth: list, bar: tqdm):
     for i in indices.tolist():
         data, ext = source.get(i)
-        sample = {"__key__": f"{prefix}_{i:08d}", ext: data, "src.txt": source.origin(i)}
+        sample = {"__key__": f"{prefix}_{i:08d}", ext: data}
         if source.labels is not None:
             if split == "unlabeled":
                 truth.append((sample["__key__"], source.labels[i]))  # kept aside, never in shards
@@ -172,6 +173,7 @@ def prepare(cfg: Config, progress: bool = True) -> Path:
     total = sum(len(ix) for _, ix, _ in plan.values())
     splits: dict[str, dict] = {}
     truth: list[tuple[str, int]] = []
+    origins: dict[str, list] = {"key": [], "split": [], "origin": []}
     num_classes = len(train.class_names)
     size = cfg.data.shard_size
     with tqdm(total=total, desc=f"prepare {out.name}", unit="img", disable=not progress) as bar:
@@ -188,6 +190,9 @@ def prepare(cfg: Config, progress: bool = True) -> Path:
                     bar.update(len(chunk))
                     continue
                 shards.append(write_shard(path, _samples(split, source, chunk, prefix, truth, bar)))
+            origins["key"] += [f"{prefix}_{i:08d}" for i in indices.tolist()]
+            origins["split"] += [split] * len(indices)
+            origins["origin"] += [source.origin(i) for i in indices.tolist()]
             per_class = None
             if source.labels is not None:
                 per_class = np.bincount(np.asarray(source.labels)[indices], minlength=num_classes).tolist()
@@ -200,6 +205,9 @@ def prepare(cfg: Config, progress: bool = True) -> Path:
         "image": {"mode": mode, "size": list(probe.size[::-1]), "mean": mean, "std": std},
         "splits": splits, "code_version": code_version(), "seconds": round(time.time() - t0, 1),
     }
+    with atomic_path(out / ORIGINS) as tmp:
+        pq.write_table(pa.table(origins), tmp)
+    manifest["origins"] = {"file": ORIGINS, "sha256": sha256_file(out / ORIGINS)}
     if truth:
         table = pa.table({"key": [k for k, _ in truth], "label": pa.array([v for _, v in truth], pa.int32())})
         with atomic_path(out / TRUTH) as tmp:

@@ -17,7 +17,7 @@ import torch
 
 from . import models, noise, pseudo_labels
 from .artifacts import code_version, files_match, read_json, sha256_file, write_json_atomic
-from .config import RUNTIME_KEYS, Config, ConfigError, flatten, per_round, to_dict
+from .config import RUNTIME_KEYS, Config, ConfigError, flatten, for_round, per_round, to_dict
 from .evaluation import top1
 from .loaders import StreamSpec
 from .prepare import MANIFEST as DATA_MANIFEST
@@ -139,10 +139,10 @@ def train_round(cfg: Config, k: int, progress: bool = True) -> dict:
     names = manifest["class_names"]
     in_chans = 1 if prep["mode"] == "L" else 3
     arch = arch_of(cfg, k)
-    tcfg = cfg.teacher if k == 0 else cfg.student
+    tcfg = for_round(cfg.teacher, 1) if k == 0 else for_round(cfg.student, k)
     parents: dict = {"data_manifest_sha256": sha256_file(ddir / DATA_MANIFEST), "data_dir": str(ddir)}
     labeled_total = manifest["splits"]["labeled"]["count"]
-    job = Job(phase="train", cfg=tcfg, epochs=per_round(tcfg.epochs, max(k, 1)), lr=tcfg.lr,
+    job = Job(phase="train", cfg=tcfg, epochs=per_round(tcfg.epochs, 1), lr=tcfg.lr,
               labeled=_labeled_spec(cfg, ddir, manifest, prep, tcfg, accelerator),
               labeled_total=labeled_total, prep=prep)
     selection: dict = {}

@@ -6,6 +6,7 @@ vectorised step on the training device.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 
 import torch
@@ -30,11 +31,23 @@ class _resize_if_needed:
         return img if img.size == (self.size, self.size) else self.resize(img)
 
 
+class RandomShift:
+    """Random crop of a zero-padded image (pad by ``pad`` on each side), done as one PIL crop."""
+
+    def __init__(self, pad: int):
+        self.pad = pad
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        dx, dy = random.randint(-self.pad, self.pad), random.randint(-self.pad, self.pad)
+        w, h = img.size
+        return img.crop((dx, dy, dx + w, dy + h))
+
+
 def train_transform(size: int, cfg: TrainConfig) -> Callable[[Image.Image], torch.Tensor]:
     """Random crop with padding and flips (every run), then RandAugment when the config enables it."""
     ops: list = [_resize_if_needed(size)]
     if cfg.crop_pad:
-        ops.append(T.RandomCrop(size, padding=cfg.crop_pad, padding_mode="reflect"))
+        ops.append(RandomShift(cfg.crop_pad))
     if cfg.hflip:
         ops.append(T.RandomHorizontalFlip())
     ra = randaugment(cfg)

@@ -114,7 +114,9 @@ def test_unlabeled_directory_any_layout(tiny_data, tmp_path):
     m = load_manifest(out)
     samples = _all_samples(shard_paths(out, m, "unlabeled"))
     assert len(samples) == 7 and all("cls" not in s for s in samples)
-    assert sorted(s["src.txt"].decode() for s in samples)[0].startswith("deep/er/")
+    origins = pq.read_table(out / "sources.parquet").to_pylist()
+    pool_origins = sorted(o["origin"] for o in origins if o["split"] == "unlabeled")
+    assert len(pool_origins) == 7 and all(o.startswith("deep/er/") for o in pool_origins)
 
 
 def test_unlabeled_from_existing_shards(tiny_data, tmp_path):
