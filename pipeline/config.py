@@ -57,7 +57,7 @@ class ModelConfig:
 class RandAugmentConfig:
     enabled: bool = True
     n: int = field(default=2, metadata=_range(0))
-    m: Union[int, list[int]] = field(default=9, metadata=_range(0, 30))  # a list: one value per round
+    m: int | list[int] = field(default=9, metadata=_range(0, 30))  # a list: one value per round
 
 
 @dataclass
@@ -73,7 +73,7 @@ class TrainConfig:
     warmup_epochs: float = field(default=1.0, metadata=_range(0))
     label_smoothing: float = field(default=0.1, metadata=_range(0, 1))
     grad_accum: int = field(default=1, metadata=_range(1))
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, none on CPU
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU and bf16-capable CPUs
     channels_last: bool = False
     ema: bool = False
     ema_decay: float = field(default=0.999, metadata=_range(0, 1))
@@ -89,8 +89,8 @@ class TrainConfig:
 class StudentConfig(TrainConfig):
     """A noised student: training settings plus how pseudo labels are used."""
 
-    drop_rate: Union[float, list[float]] = field(default=0.3, metadata=_range(0, 1))  # list: per round
-    drop_path_rate: Union[float, list[float]] = field(default=0.1, metadata=_range(0, 1))
+    drop_rate: float | list[float] = field(default=0.3, metadata=_range(0, 1))  # list: per round
+    drop_path_rate: float | list[float] = field(default=0.1, metadata=_range(0, 1))
     randaugment: RandAugmentConfig = field(default_factory=RandAugmentConfig)
     threshold: float = field(default=0.3, metadata=_range(0, 1))
     balance: bool = True

@@ -213,29 +213,34 @@ def check(out_dir: Path, shard_rows: dict[str, int], teacher_sha256: str, class_
 class StudentTargets:
     """Filtered, class-balanced pseudo-label targets, served per shard to the student's stream.
 
-    Picklable: DataLoader workers read a shard's probabilities when they open that shard.
+    Holds one small array of repeat counts per shard, aligned with the rows of its Parquet file
+    (2 bytes per pool image, no keys); a shard's keys and probabilities are read when a
+    DataLoader worker opens that shard. Picklable.
     """
 
-    def __init__(self, out_dir: Path, repeats: dict[str, dict[str, int]], soft: bool, temperature: float,
+    def __init__(self, out_dir: Path, repeats: dict[str, np.ndarray], soft: bool, temperature: float,
                  num_classes: int):
         self.out_dir, self.repeats = out_dir, repeats
         self.soft, self.temperature, self.num_classes = soft, temperature, num_classes
 
     def __call__(self, shard: str) -> dict[str, tuple[int, torch.Tensor]]:
-        want = self.repeats.get(Path(shard).name, {})
-        if not want:
+        want = self.repeats.get(Path(shard).name)
+        if want is None or not want.any():
             return {}
-        table = pq.read_table(self.out_dir / parquet_name(shard), columns=["key", "label", "probs"])
-        keys = table.column("key").to_pylist()
-        probs = np.asarray(table.column("probs").combine_chunks().flatten()).reshape(len(keys), -1)
-        rows = [i for i, k in enumerate(keys) if k in want]
-        targets = soft_targets(probs[rows], self.temperature) if self.soft else np.eye(
-            self.num_classes, dtype=np.float32)[probs[rows].argmax(1)]
-        return {keys[i]: (want[keys[i]], torch.from_numpy(targets[j])) for j, i in enumerate(rows)}
+        table = pq.read_table(self.out_dir / parquet_name(shard), columns=["key", "probs"])
+        if table.num_rows != len(want):
+            raise ValueError(f"pseudo labels of {shard} changed while training ({table.num_rows} rows, "
+                             f"expected {len(want)})")
+        rows = np.flatnonzero(want)
+        keys = table.column("key").take(pa.array(rows)).to_pylist()
+        probs = np.asarray(table.column("probs").combine_chunks().flatten()).reshape(table.num_rows, -1)[rows]
+        targets = soft_targets(probs, self.temperature) if self.soft else np.eye(
+            self.num_classes, dtype=np.float32)[probs.argmax(1)]
+        return {k: (int(want[r]), torch.from_numpy(targets[j])) for j, (k, r) in enumerate(zip(keys, rows, strict=True))}
 
     @property
     def total(self) -> int:
-        return sum(sum(d.values()) for d in self.repeats.values())
+        return int(sum(int(r.sum()) for r in self.repeats.values()))
 
 
 def soft_targets(probs: np.ndarray, temperature: float) -> np.ndarray:
@@ -277,17 +282,22 @@ def select(labels: np.ndarray, confidence: np.ndarray, num_classes: int, thresho
 
 def student_targets(out_dir: Path, shards: list[Path], cfg: StudentConfig, num_classes: int) -> tuple[
         StudentTargets, dict]:
-    table = read_small(out_dir, shards)
-    repeats, info = select(table.column("label").to_numpy(), table.column("confidence").to_numpy(),
-                           num_classes, cfg.threshold, cfg.balance, cfg.per_class)
-    by_shard: dict[str, dict[str, int]] = {}
-    for key, shard, r in zip(table.column("key").to_pylist(), table.column("shard").to_pylist(),
-                             repeats.tolist(), strict=True):
-        if r:
-            by_shard.setdefault(shard, {})[key] = r
+    """Select (threshold, balance) over the whole pool's small columns; repeat counts per shard."""
+    names = [Path(s).name for s in sorted(shards)]
+    labels, conf, sizes = [], [], []
+    for name in names:
+        t = pq.read_table(out_dir / parquet_name(name), columns=["label", "confidence"])
+        labels.append(t.column("label").to_numpy())
+        conf.append(t.column("confidence").to_numpy())
+        sizes.append(t.num_rows)
+    labels_all = np.concatenate(labels) if labels else np.zeros(0, np.int32)
+    conf_all = np.concatenate(conf) if conf else np.zeros(0, np.float32)
+    repeats, info = select(labels_all, conf_all, num_classes, cfg.threshold, cfg.balance, cfg.per_class)
     if info["samples"] == 0:
         raise ConfigError(f"student.threshold={cfg.threshold} keeps no pseudo-labeled sample")
-    return StudentTargets(out_dir, by_shard, cfg.soft, cfg.temperature, num_classes), info
+    parts = np.split(repeats.astype(np.uint16), np.cumsum(sizes)[:-1]) if sizes else []
+    return StudentTargets(out_dir, dict(zip(names, parts, strict=True)), cfg.soft, cfg.temperature,
+                          num_classes), info
 
 
 def iter_rows(out_dir: Path, shards: list[Path]) -> Iterator[dict]:

@@ -188,8 +188,8 @@ def train_round(cfg: Config, k: int, progress: bool = True) -> dict:
                     "pseudo_label_seconds": pl_manifest.get("stats", {}).get("seconds") if k else None,
                     "train_seconds": round(sum(s["seconds"] for s in stats), 1),
                     "train_img_s": stats[0]["img_s"]})
-    metrics["seconds"] = round(metrics["train_seconds"] + (metrics["pseudo_label_seconds"] or 0)
-                               + (time.time() - t0 - metrics["train_seconds"]), 1)
+    # the round's wall time: its pseudo-labeling (a separate stage) plus this training stage
+    metrics["seconds"] = round((metrics["pseudo_label_seconds"] or 0) + time.time() - t0, 1)
     result: dict = {}
     if accelerator.is_main_process:
         files = models.save_model_dir(model, out, names, prep["mean"], prep["std"], prep["size"], in_chans)

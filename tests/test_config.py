@@ -72,3 +72,26 @@ def test_stage_keys_are_separated_and_validated(tmp_path):
         parse_args(["round=-1"], {"round": int_at_least(0)})
     with pytest.raises(ConfigError, match="unknown key 'round'"):
         parse_args(["round=1"], {})
+
+
+def test_per_round_noise_lists_resolve_per_round():
+    from pipeline.config import for_round
+
+    cfg = load_config(None, ["student.drop_rate=[0.3, 0.5]", "student.randaugment.m=[9, 15]",
+                             "student.epochs=[2, 3]", "student.drop_path_rate=0.1"])
+    r1, r2, r5 = (for_round(cfg.student, k) for k in (1, 2, 5))
+    assert (r1.drop_rate, r1.randaugment.m, r1.epochs, r1.drop_path_rate) == (0.3, 9, 2, 0.1)
+    assert (r2.drop_rate, r2.randaugment.m, r2.epochs) == (0.5, 15, 3)
+    assert (r5.drop_rate, r5.randaugment.m, r5.epochs) == (0.5, 15, 3)
+    with pytest.raises(ConfigError, match=r"student.drop_rate: must be <= 1"):
+        load_config(None, ["student.drop_rate=[0.3, 1.5]"])
+    with pytest.raises(ConfigError, match=r"student.randaugment.m: must be <= 30"):
+        load_config(None, ["student.randaugment.m=[9, 31]"])
+
+
+def test_shipped_configs_validate():
+    from conftest import ROOT
+
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        cfg = load_config(path)
+        assert cfg.name == path.stem

@@ -31,8 +31,17 @@ def experiment(tiny_data, tmp_path_factory):
     stage("train.py", "role=teacher", *ov)
     stage("pseudo_label.py", "round=1", *ov)
     stage("train.py", "role=student", "round=1", *ov)
+    exp = runs / "tiny"
+    before = {p: p.stat().st_mtime_ns for p in exp.rglob("*") if p.is_file()}
     r = stage("iterate.py", "round=2", *ov)
-    return {"runs": runs, "ov": ov, "exp": runs / "tiny", "iterate_out": r.stdout}
+    untouched = all(p.stat().st_mtime_ns == t for p, t in before.items())
+    return {"runs": runs, "ov": ov, "exp": exp, "iterate_out": r.stdout, "rounds_0_1_untouched": untouched}
+
+
+def test_iterate_after_stages_only_runs_the_new_round(experiment):
+    assert experiment["rounds_0_1_untouched"]
+    assert "round 2: student" in experiment["iterate_out"]
+    assert "round 0: teacher" not in experiment["iterate_out"]
 
 
 def test_artifacts_of_every_round(experiment):
@@ -125,3 +134,26 @@ def test_killed_training_resumes(tiny_data, tmp_path):
     assert "resuming train from train-e" in r.stdout + r.stderr
     card = json.loads((tmp_path / "runs" / "resume" / "round-1" / "card.json").read_text())
     assert len(card["train"][0]["history"]) == 3
+
+
+def test_pseudo_label_resumes_per_shard(experiment, tmp_path):
+    """A killed labeling job leaves finished shard files; the rerun only labels the rest."""
+    import shutil
+
+    ov = [o for o in experiment["ov"] if not o.startswith(("name=", "runs_dir="))]
+    ov += ["name=plres", f"runs_dir={tmp_path}"]
+    shutil.copytree(experiment["exp"] / "round-0", tmp_path / "plres" / "round-0")
+    stage("pseudo_label.py", "round=1", *ov)
+    pl_dir = tmp_path / "plres" / "round-1" / "pseudo_labels"
+    files = sorted(pl_dir.glob("unlabeled-*.parquet"))
+    assert len(files) == 4
+    reference = pq.read_table(files[2])
+    mtimes = {f: f.stat().st_mtime_ns for f in files}
+    files[2].unlink()
+    (pl_dir / "manifest.json").unlink()
+    (pl_dir / ".tmp-unlabeled-000002.parquet.abc").write_bytes(b"partial")
+    r = stage("pseudo_label.py", "round=1", *ov)
+    assert "(50 now on 1 process(es)" in r.stdout
+    assert all(f.stat().st_mtime_ns == mtimes[f] for f in files if f != files[2])
+    assert pq.read_table(files[2]).equals(reference)
+    assert not list(pl_dir.glob(".tmp-*"))

@@ -1,0 +1,60 @@
+"""Collect a finished `make iterate` run into bench/results/<out>.json.
+
+    python bench/collect_iterate.py runs/fashion_mnist bench/results/fashion_mnist_iterate.json \
+        --command "make iterate ROUND=2" --wall-seconds 1560
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from pathlib import Path
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(next(line for line in Path("/proc/meminfo").read_text().splitlines()
+                      if line.startswith("MemTotal")).split()[1])
+        mem = f", {kb / 2**20:.0f} GiB RAM"
+    except (OSError, StopIteration):
+        pass
+    import torch
+
+    return f"{os.cpu_count()} cores {cpu}{mem}, no GPU, torch {torch.__version__}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--command", required=True)
+    ap.add_argument("--wall-seconds", type=float, default=None, help="wall time of the whole command")
+    args = ap.parse_args()
+    rounds = []
+    for d in sorted(args.run_dir.glob("round-*"), key=lambda p: int(p.name.split("-")[1])):
+        m = json.loads((d / "metrics.json").read_text())
+        rounds.append({"round": m["round"], "model": m["model"], "test_top1": m["test_top1"],
+                       "pseudo_label_acc": None if m["round"] == 0 else round(m["pseudo_label_acc"], 2),
+                       "seconds": m["seconds"]})
+    card = json.loads((args.run_dir / "round-0" / "card.json").read_text())
+    out = {"rounds": rounds, "machine": machine(), "command": args.command,
+           "wall_seconds": args.wall_seconds, "code_version": card.get("code_version"),
+           "gain_top1": round(rounds[-1]["test_top1"] - rounds[0]["test_top1"], 2) if rounds else None}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
