@@ -201,6 +201,7 @@ def train(model: torch.nn.Module, job: Job, state_root: Path, progress: bool = T
     final = ema.module if ema is not None else accelerator.unwrap_model(wrapped)
     if final is not model:
         model.load_state_dict(final.state_dict())
+    model.to(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors only
     accelerator.free_memory()
     samples = spe * per_step * job.epochs
     return {"phase": job.phase, "epochs": job.epochs, "steps": total, "seconds": round(elapsed, 1),
