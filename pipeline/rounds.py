@@ -17,7 +17,7 @@ import torch
 
 from . import models, noise, pseudo_labels
 from .artifacts import code_version, files_match, read_json, sha256_file, write_json_atomic
-from .config import RUNTIME_KEYS, Config, ConfigError, flatten, for_round, per_round, to_dict
+from .config import RUNTIME_KEYS, Config, ConfigError, _build, flatten, for_round, per_round, to_dict
 from .evaluation import top1
 from .loaders import StreamSpec
 from .prepare import MANIFEST as DATA_MANIFEST
@@ -40,13 +40,28 @@ def card(directory: Path) -> dict | None:
     return c if files_match(directory, c.get("files", {})) else None
 
 
+PER_ROUND_KEYS = ("student.epochs", "student.drop_rate", "student.drop_path_rate", "student.randaugment.m")
+
+
 def _relevant(cfg_dict: dict, k: int) -> dict:
-    """The config keys that shape round k's model (round 0 does not depend on student settings)."""
+    """The config values that shaped round k's model, per-round lists resolved to round k.
+
+    Round 0 does not depend on student or pseudo-label settings; a student round depends on its
+    own entries of per-round lists and on its architecture, so extending a list (or the
+    students) for a later round does not count as changing a finished one.
+    """
     flat = flatten(cfg_dict)
-    skip = RUNTIME_KEYS | {"name"}
-    return {key: v for key, v in flat.items() if key not in skip and not (
-        k == 0 and key.split(".")[0] in ("student", "pseudo_label")) and not (
-        k == 0 and key in ("model.ladder", "model.students"))}
+    skip = RUNTIME_KEYS | {"name", "model.students", "model.ladder"}
+    out = {}
+    for key, v in flat.items():
+        if key in skip or (k == 0 and key.split(".")[0] in ("student", "pseudo_label")):
+            continue
+        out[key] = per_round(v, k) if key in PER_ROUND_KEYS and k >= 1 else v
+    try:
+        out["arch"] = arch_of(_build(Config, cfg_dict), k)
+    except ConfigError:
+        out["arch"] = (flat.get("model.students"), flat.get("model.ladder"))
+    return out
 
 
 def check_unchanged(cfg: Config, k: int, made: dict) -> None:
@@ -172,6 +187,15 @@ def train_round(cfg: Config, k: int, progress: bool = True) -> dict:
         accelerator.print(f"round 0: teacher {arch} on {labeled_total} labeled images")
     model = models.create_model(arch, len(names), in_chans, cfg.model.pretrained if k == 0 else False,
                                 **noise.model_noise(tcfg))
+    if k >= 1 and cfg.student.init_from_teacher:
+        teacher_arch = arch_of(cfg, k - 1)
+        if teacher_arch != arch:
+            raise ConfigError(f"student.init_from_teacher needs the student's architecture ({arch}) to be the "
+                              f"teacher's ({teacher_arch})")
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(round_dir(cfg, k - 1) / models.WEIGHTS)))
+        parents["init"] = {"from": "teacher", "sha256": parents["teacher_sha256"]}
     state_root = out / "state"
     stats = [train(model, job, state_root, progress)]
     if k >= 1 and cfg.student.finetune_epochs:

@@ -55,7 +55,7 @@ def tiny_overrides(tiny_data: dict, runs: Path, name: str = "tiny") -> list[str]
             f"data.test_source={tiny_data['test']}", "data.labeled_per_class=10", "data.shard_size=50",
             "model.arch=resnet10t", "model.students=[resnet10t]",
             "teacher.epochs=40", "teacher.batch_size=16", "teacher.lr=0.003", "teacher.workers=0",
-            "teacher.hflip=false", "teacher.crop_pad=0", "teacher.warmup_epochs=0",
+            "teacher.hflip=false", "teacher.crop_pad=0", "teacher.warmup_epochs=0", "teacher.channels_last=true",
             "student.epochs=2", "student.batch_size=8", "student.unlabeled_ratio=2", "student.workers=0",
             "student.hflip=false", "student.crop_pad=0", "student.randaugment.n=1", "student.warmup_epochs=0",
             "pseudo_label.batch_size=32", "pseudo_label.workers=0"]

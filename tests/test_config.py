@@ -95,3 +95,23 @@ def test_shipped_configs_validate():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         cfg = load_config(path)
         assert cfg.name == path.stem
+
+
+def test_finished_round_check_resolves_per_round_values():
+    from pipeline.config import to_dict
+    from pipeline.rounds import check_unchanged
+
+    made = load_config(None, ["model.students=[resnet10t, resnet18]", "student.epochs=[3, 4]"])
+    card = {"config": to_dict(made)}
+    longer = load_config(None, ["model.students=[resnet10t, resnet18, resnet26]", "student.epochs=[3, 4, 5]",
+                                "pseudo_label.workers=4"])
+    for k in (0, 1, 2):
+        check_unchanged(longer, k, card)  # extending the lists for round 3 changes nothing made
+    changed = load_config(None, ["model.students=[resnet10t, resnet26]", "student.epochs=[3, 4]"])
+    check_unchanged(changed, 1, card)
+    with pytest.raises(ConfigError, match="round-2 .* arch='resnet18'"):
+        check_unchanged(changed, 2, card)
+    with pytest.raises(ConfigError, match="student.epochs=3"):
+        check_unchanged(load_config(None, ["model.students=[resnet10t, resnet18]", "student.epochs=[2, 4]"]),
+                        1, card)
+    check_unchanged(load_config(None, ["student.threshold=0.9"]), 0, {"config": to_dict(load_config(None))})
