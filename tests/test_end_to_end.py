@@ -136,15 +136,14 @@ def test_killed_training_resumes(tiny_data, tmp_path):
     assert len(card["train"][0]["history"]) == 3
 
 
-def test_pseudo_label_resumes_per_shard(experiment, tmp_path):
+def test_pseudo_label_resumes_per_shard(experiment):
     """A killed labeling job leaves finished shard files; the rerun only labels the rest."""
     import shutil
 
-    ov = [o for o in experiment["ov"] if not o.startswith(("name=", "runs_dir="))]
-    ov += ["name=plres", f"runs_dir={tmp_path}"]
-    shutil.copytree(experiment["exp"] / "round-0", tmp_path / "plres" / "round-0")
+    ov = [o for o in experiment["ov"] if not o.startswith("name=")] + ["name=plres"]
+    shutil.copytree(experiment["exp"] / "round-0", experiment["runs"] / "plres" / "round-0")
     stage("pseudo_label.py", "round=1", *ov)
-    pl_dir = tmp_path / "plres" / "round-1" / "pseudo_labels"
+    pl_dir = experiment["runs"] / "plres" / "round-1" / "pseudo_labels"
     files = sorted(pl_dir.glob("unlabeled-*.parquet"))
     assert len(files) == 4
     reference = pq.read_table(files[2])
