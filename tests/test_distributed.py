@@ -47,3 +47,17 @@ def test_two_processes_label_like_one(tiny_data, tmp_path):
     assert k1 == k2 and len(set(k1)) == 200
     assert (l1 == l2).all()
     assert np.abs(p1 - p2).max() <= 1e-5
+
+
+def test_two_process_training_round(tiny_data, tmp_path):
+    """teacher and student train under `accelerate launch` with 2 CPU processes (DDP, split shards)."""
+    ov = tiny_overrides(tiny_data, tmp_path / "runs", name="ddp") + ["teacher.epochs=2", "student.epochs=1",
+                                                                 "student.threshold=0"]
+    r = _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              str(ROOT / "stages" / "iterate.py"), "round=1", *ov])
+    assert "| 1 | resnet10t |" in r.stdout
+    import json
+
+    card = json.loads((tmp_path / "runs" / "ddp" / "round-1" / "card.json").read_text())
+    assert card["metrics"]["test_samples"] == 80  # every test image counted once across the 2 ranks

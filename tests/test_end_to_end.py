@@ -156,3 +156,21 @@ def test_pseudo_label_resumes_per_shard(experiment):
     assert all(f.stat().st_mtime_ns == mtimes[f] for f in files if f != files[2])
     assert pq.read_table(files[2]).equals(reference)
     assert not list(pl_dir.glob(".tmp-*"))
+
+
+def test_training_options_ema_accumulation_sgd_finetune(tiny_data, tmp_path):
+    ov = tiny_overrides(tiny_data, tmp_path / "runs", name="opts") + [
+        "teacher.epochs=3", "teacher.optimizer=sgd", "teacher.lr=0.05", "teacher.ema=true",
+        "teacher.ema_decay=0.9", "teacher.grad_accum=2", "student.epochs=1", "student.finetune_epochs=1",
+        "student.soft=false", "student.balance=false", "model.students=[resnet10t]",
+        "student.init_from_teacher=true", "student.threshold=0"]
+    stage("iterate.py", "round=1", *ov)
+    card = json.loads((tmp_path / "runs" / "opts" / "round-1" / "card.json").read_text())
+    assert [s["phase"] for s in card["train"]] == ["train", "finetune"]
+    assert card["parents"]["init"]["from"] == "teacher"
+    teacher = json.loads((tmp_path / "runs" / "opts" / "round-0" / "card.json").read_text())
+    assert teacher["train"][0]["steps"] == 3 * (40 // 16 // 2)
+    bad = tiny_overrides(tiny_data, tmp_path / "runs", name="opts2") + [
+        "teacher.epochs=1", "model.students=[resnet18]", "student.init_from_teacher=true", "student.threshold=0"]
+    r = stage("iterate.py", "round=1", *bad, check=False)
+    assert r.returncode == 2 and "student.init_from_teacher" in r.stderr
