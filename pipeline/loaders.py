@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -34,7 +34,6 @@ class StreamSpec:
     shuffle: bool = True
     buffer: int = 2000
     targets: TargetFn | None = None  # pseudo-label targets; None: labels from the shards
-    extras: dict = field(default_factory=dict)
 
 
 class ShardStream(IterableDataset):

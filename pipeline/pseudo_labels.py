@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -298,9 +297,3 @@ def student_targets(out_dir: Path, shards: list[Path], cfg: StudentConfig, num_c
     parts = np.split(repeats.astype(np.uint16), np.cumsum(sizes)[:-1]) if sizes else []
     return StudentTargets(out_dir, dict(zip(names, parts, strict=True)), cfg.soft, cfg.temperature,
                           num_classes), info
-
-
-def iter_rows(out_dir: Path, shards: list[Path]) -> Iterator[dict]:
-    """Every row of every file, in shard order (for inspection and tests)."""
-    for s in sorted(shards):
-        yield from pq.read_table(out_dir / parquet_name(s)).to_pylist()
