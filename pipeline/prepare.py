@@ -78,6 +78,11 @@ def shard_paths(directory: Path, manifest: dict, split: str) -> list[Path]:
     return [directory / s["file"] for s in manifest["splits"].get(split, {}).get("shards", [])]
 
 
+def shard_rows(manifest: dict, split: str) -> dict[str, int]:
+    """Shard file name -> sample count, as the manifest records it."""
+    return {s["file"]: s["samples"] for s in manifest["splits"].get(split, {}).get("shards", [])}
+
+
 def _stratified(labels: np.ndarray, per_class: int | None, val_per_class: int, rng: np.random.Generator,
                 num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Indices of (labeled, val, rest): per class, ``val_per_class`` then ``per_class`` at random."""

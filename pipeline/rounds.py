@@ -21,7 +21,7 @@ from .config import RUNTIME_KEYS, Config, ConfigError, _build, flatten, for_roun
 from .evaluation import top1
 from .loaders import StreamSpec
 from .prepare import MANIFEST as DATA_MANIFEST
-from .prepare import TRUTH, data_dir, prepare, require_data, shard_paths
+from .prepare import TRUTH, data_dir, prepare, require_data, shard_paths, shard_rows
 from .runtime import make_accelerator
 from .trainer import Job, train
 from .transforms import train_transform
@@ -105,7 +105,7 @@ def pseudo_label(cfg: Config, k: int, progress: bool = True, teacher_dir: Path |
     teacher_sha = sha256_file(teacher_dir / models.WEIGHTS)
     out = round_dir(cfg, k) / "pseudo_labels"
     shards = shard_paths(ddir, manifest, "unlabeled")
-    rows = {s["file"]: s["samples"] for s in manifest["splits"]["unlabeled"]["shards"]}
+    rows = shard_rows(manifest, "unlabeled")
     names = manifest["class_names"]
     try:
         return pseudo_labels.check(out, rows, teacher_sha, names)
@@ -169,7 +169,7 @@ def train_round(cfg: Config, k: int, progress: bool = True) -> dict:
         teacher_sha = sha256_file(teacher_dir / models.WEIGHTS)
         pl_dir = out / "pseudo_labels"
         shards = shard_paths(ddir, manifest, "unlabeled")
-        rows = {s["file"]: s["samples"] for s in manifest["splits"]["unlabeled"]["shards"]}
+        rows = shard_rows(manifest, "unlabeled")
         pl_manifest = pseudo_labels.check(pl_dir, rows, teacher_sha, names)
         targets, selection = pseudo_labels.student_targets(pl_dir, shards, cfg.student, len(names))
         job.unlabeled = StreamSpec(shards=[str(s) for s in shards], mode=prep["mode"],
