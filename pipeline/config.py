@@ -111,6 +111,21 @@ class PseudoLabelConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """How models are measured; never what they are, so changing it never touches a finished round."""
+
+    batch_size: int = field(default=512, metadata=_range(1))
+    workers: int = field(default=1, metadata=_range(0))
+    ece_bins: int = field(default=15, metadata=_range(1))
+    robustness: bool = True  # corruptions and perturbations (``make report``; ``make iterate`` skips them)
+    subset: int | None = field(default=1000, metadata=_range(1))  # seeded test images for robustness; null: all
+    seed: int = 0
+    frames: int = field(default=10, metadata=_range(2))  # frames per perturbation sequence
+    reference: str | None = None  # model dir that normalises mCE and mFR; default: the round-0 teacher
+    audit_per_class: int = field(default=6, metadata=_range(0))  # kept and rejected images per class in grids
+
+
+@dataclass
 class Config:
     name: str = ""  # experiment name; default: the config file's stem
     seed: int = 0
@@ -120,6 +135,7 @@ class Config:
     teacher: TrainConfig = field(default_factory=TrainConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     pseudo_label: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     @property
     def run_dir(self) -> Path:

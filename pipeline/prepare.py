@@ -220,3 +220,39 @@ def prepare(cfg: Config, progress: bool = True) -> Path:
         manifest["unlabeled_truth"] = {"file": TRUTH, "sha256": sha256_file(out / TRUTH)}
     write_json_atomic(out / MANIFEST, manifest)
     return out
+
+
+def prepare_test(spec: str, cfg: Config, progress: bool = True) -> tuple[Path, dict]:
+    """A test set from anything prepare reads: a prepared data directory (its test split), or a
+    torchvision name (its test split), ImageFolder directory or archive written as test shards."""
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / MANIFEST).is_file():
+        manifest = load_manifest(path)
+        if manifest is None:
+            raise ConfigError(f"test={spec}: the prepared data there is incomplete or changed")
+        return path, manifest
+    identity = {"test": spec if is_torchvision_name(spec) else str(path.resolve()),
+                "mtime": None if is_torchvision_name(spec) else path.stat().st_mtime_ns if path.exists() else None}
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", path.name.split(".")[0]).strip("_").lower()
+    out = Path(cfg.runs_dir) / "data" / f"test-{slug or 'data'}-{short_hash(identity)}"
+    manifest = load_manifest(out)
+    if manifest is not None:
+        return out, manifest
+    source = labeled_source(spec, False, cfg.data.root, cfg.data.download)
+    out.mkdir(parents=True, exist_ok=True)
+    clean_tmp(out)
+    indices = np.arange(len(source))
+    size = cfg.data.shard_size
+    shards = []
+    with tqdm(total=len(indices), desc=f"prepare {out.name}", unit="img", disable=not progress) as bar:
+        for s in range(math.ceil(len(indices) / size)):
+            chunk = indices[s * size:(s + 1) * size]
+            shards.append(write_shard(out / f"test-{s:06d}.tar", _samples("test", source, chunk, "test", [], bar)))
+    manifest = {"kind": "data", "config": identity, "class_names": source.class_names,
+                "num_classes": len(source.class_names),
+                "splits": {"test": {"count": len(indices), "shards": shards, "source": source.name,
+                                    "per_class": np.bincount(np.asarray(source.labels),
+                                                             minlength=len(source.class_names)).tolist()}},
+                "code_version": code_version()}
+    write_json_atomic(out / MANIFEST, manifest)
+    return out, manifest

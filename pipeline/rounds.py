@@ -15,10 +15,9 @@ from pathlib import Path
 
 import torch
 
-from . import models, noise, pseudo_labels
+from . import evaluation, models, noise, pseudo_labels
 from .artifacts import code_version, files_match, read_json, sha256_file, write_json_atomic
 from .config import RUNTIME_KEYS, Config, ConfigError, _build, flatten, for_round, per_round, to_dict
-from .evaluation import top1
 from .loaders import StreamSpec
 from .prepare import MANIFEST as DATA_MANIFEST
 from .prepare import TRUTH, data_dir, prepare, require_data, shard_paths, shard_rows
@@ -54,7 +53,7 @@ def _relevant(cfg_dict: dict, k: int) -> dict:
     skip = RUNTIME_KEYS | {"name", "model.students", "model.ladder"}
     out = {}
     for key, v in flat.items():
-        if key in skip or (k == 0 and key.split(".")[0] in ("student", "pseudo_label")):
+        if key in skip or key.startswith("evaluate.") or (k == 0 and key.split(".")[0] in ("student", "pseudo_label")):
             continue
         out[key] = per_round(v, k) if key in PER_ROUND_KEYS and k >= 1 else v
     try:
@@ -202,10 +201,10 @@ def train_round(cfg: Config, k: int, progress: bool = True) -> dict:
         ft = Job(phase="finetune", cfg=tcfg, epochs=cfg.student.finetune_epochs, lr=cfg.student.finetune_lr,
                  labeled=job.labeled, labeled_total=labeled_total, prep=prep)
         stats.append(train(model, ft, state_root, progress))
-    metrics = top1(model, shard_paths(ddir, manifest, "test"), prep, accelerator, progress=progress,
+    metrics = evaluation.top1(model, shard_paths(ddir, manifest, "test"), prep, accelerator, progress=progress,
                    desc=f"test round {k}")
     if manifest["splits"].get("val", {}).get("count"):
-        val = top1(model, shard_paths(ddir, manifest, "val"), prep, accelerator, progress=progress, desc="val")
+        val = evaluation.top1(model, shard_paths(ddir, manifest, "val"), prep, accelerator, progress=progress, desc="val")
         metrics["val_top1"] = val["test_top1"]
     metrics.update({"round": k, "model": arch, "params": models.num_params(model),
                     "pseudo_label_acc": pl_manifest.get("stats", {}).get("accuracy") if k else None,
@@ -241,20 +240,26 @@ def iterate(cfg: Config, last_round: int, progress: bool = True) -> list[dict]:
     if accelerator.is_main_process:
         prepare(cfg, progress=progress)
     accelerator.wait_for_everyone()
+    ddir, manifest = require_data(cfg)
+    test = evaluation.test_set(ddir, manifest)
     rows = []
     for k in range(last_round + 1):
         if k >= 1 and card(round_dir(cfg, k)) is None:
             pseudo_label(cfg, k, progress)
-        rows.append(train_round(cfg, k, progress)["metrics"])
+        row = dict(train_round(cfg, k, progress)["metrics"])
+        # clean metrics (cached in round-k/eval/); robustness and the report are `make report`'s
+        clean = evaluation.clean(evaluation.load(round_dir(cfg, k)), test, cfg.evaluate, accelerator, progress)
+        row.update({"ece": clean["ece"], "nll": clean["nll"], "top5": clean["top5"]})
+        rows.append(row)
     return rows
 
 
 def table(rows: list[dict]) -> str:
     """Markdown table of test top-1 per round."""
-    lines = ["| round | model | test top-1 (%) | pseudo-label acc. (%) | seconds |", "|---|---|---|---|---|"]
+    lines = ["| round | model | test top-1 (%) | ECE | pseudo-label acc. (%) | seconds |", "|---|---|---|---|---|---|"]
     for r in rows:
-        pla = r.get("pseudo_label_acc")
-        lines.append(f"| {r['round']} | {r['model']} | {r['test_top1']:.2f} | "
+        pla, ece = r.get("pseudo_label_acc"), r.get("ece")
+        lines.append(f"| {r['round']} | {r['model']} | {r['test_top1']:.2f} | {'-' if ece is None else f'{ece:.4f}'} | "
                      f"{'-' if pla is None else f'{pla:.2f}'} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 

@@ -174,3 +174,63 @@ def test_training_options_ema_accumulation_sgd_finetune(tiny_data, tmp_path):
         "teacher.epochs=1", "model.students=[resnet18]", "student.init_from_teacher=true", "student.threshold=0"]
     r = stage("iterate.py", "round=1", *bad, check=False)
     assert r.returncode == 2 and "student.init_from_teacher" in r.stderr
+
+
+def _evaluate(experiment, *extra, check=True):
+    return stage("evaluate.py", *experiment["ov"], "evaluate.subset=40", "evaluate.frames=3",
+                 "evaluate.audit_per_class=3", *extra, check=check)
+
+
+def test_report_of_tiny_experiment(experiment):
+    import re
+
+    exp = experiment["exp"]
+    r = _evaluate(experiment)
+    assert "report:" in r.stdout
+    md = (exp / "report.md").read_text()
+    figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert {"plots/accuracy.png", "plots/corruptions.png", "plots/reliability.png",
+            "plots/pseudo_label_confidence.png", "plots/pseudo_label_threshold.png",
+            "plots/audit_round1.png", "plots/audit_round2.png"} <= set(figures)
+    for f in figures:
+        assert (exp / f).is_file() and (exp / f).read_bytes()[:4] == b"\x89PNG", f
+    page = (exp / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == len(figures) and "<table>" in page
+    rows: dict = {}
+    for line in md.splitlines():  # the first table is the summary, a row per model
+        if re.match(r"\| round \d \|", line):
+            rows.setdefault(line.split("|")[1].strip(), [c.strip() for c in line.split("|")[1:-1]])
+    assert set(rows) == {"round 0", "round 1", "round 2"}
+    assert rows["round 0"][5] == "100.00"  # the reference: mCE = 100
+    # mFR = 100 too, unless the (perfect) tiny reference never flips, which the report must then say
+    assert rows["round 0"][6] == "100.00" or ("perturbations " + ", ".join(
+        ["brightness", "gaussian_noise", "rotate", "shot_noise", "translate", "zoom"])) in md
+    for k in (0, 1, 2):
+        kinds = {p.name.split("-")[0] for p in (exp / f"round-{k}" / "eval").glob("*.json")}
+        assert {"clean", "corruptions", "perturbations"} <= kinds
+        clean = json.loads(next((exp / f"round-{k}" / "eval").glob("clean-*.json")).read_text())
+        card = json.loads((exp / f"round-{k}" / "card.json").read_text())
+        assert abs(clean["top1"] - card["metrics"]["test_top1"]) < 1e-6 and clean["samples"] == 80
+        assert sum(map(sum, clean["confusion"])) == 80 and 0 <= clean["ece"] <= 1
+    health = json.loads(next((exp / "round-2" / "eval").glob("health-*.json")).read_text())
+    assert health["samples"] == 200 and 0 <= health["agreement_with_previous"] <= 1
+    assert sum(health["confidence_hist"]) == 200 and health["accuracy_at_threshold"][0]["kept_share"] == 1.0
+
+
+def test_evaluate_again_reads_its_cache(experiment):
+    exp = experiment["exp"]
+    _evaluate(experiment)
+    results = {p: p.stat().st_mtime_ns for p in exp.glob("round-*/eval/*")}
+    t0 = time.time()
+    _evaluate(experiment)
+    assert results and {p: p.stat().st_mtime_ns for p in exp.glob("round-*/eval/*")} == results
+    assert time.time() - t0 < 60
+
+
+def test_evaluate_given_models_and_test_set(experiment, tiny_data, tmp_path):
+    exp = experiment["exp"]
+    r = _evaluate(experiment, f"models={exp / 'round-0'},{exp / 'round-1'}", f"test={tiny_data['test']}",
+                  f"out={tmp_path / 'rep'}", "evaluate.robustness=false")
+    assert "round-0" in r.stdout and "round-1" in r.stdout and (tmp_path / "rep" / "report.md").is_file()
+    r = _evaluate(experiment, f"models={tmp_path}", check=False)
+    assert r.returncode == 2 and "not a model directory" in r.stderr and "Traceback" not in r.stderr
