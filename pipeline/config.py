@@ -121,6 +121,7 @@ class EvaluateConfig:
     subset: int | None = field(default=1000, metadata=_range(1))  # seeded test images for robustness; null: all
     seed: int = 0
     frames: int = field(default=10, metadata=_range(2))  # frames per perturbation sequence
+    chunk: int = field(default=250, metadata=_range(1))  # images per robustness work unit (seeds follow units)
     reference: str | None = None  # model dir that normalises mCE and mFR; default: the round-0 teacher
     audit_per_class: int = field(default=6, metadata=_range(0))  # kept and rejected images per class in grids
 

@@ -26,7 +26,6 @@ from .shards import decode_image, image_bytes, iter_samples, sample_label
 from .transforms import eval_transform, normalize
 
 EVAL_DIR = "eval"
-CHUNK = 250  # images per robustness work unit: units, not ranks, fix the random streams
 
 
 @dataclass
@@ -172,9 +171,10 @@ def load_subset(test: TestSet, prep: dict, n: int | None, seed: int) -> tuple[to
     return torch.stack(images), torch.tensor(labels, dtype=torch.long)
 
 
-def _units(n: int, accelerator) -> list[tuple[int, slice]]:
-    """This rank's work units: fixed chunks of the subset, dealt round-robin over ranks."""
-    chunks = [(j, slice(s, min(s + CHUNK, n))) for j, s in enumerate(range(0, n, CHUNK))]
+def _units(n: int, chunk: int, accelerator) -> list[tuple[int, slice]]:
+    """This rank's work units: fixed chunks of the subset, dealt round-robin over ranks. Units, not
+    ranks, fix the random streams, so any number of processes gives the same result."""
+    chunks = [(j, slice(s, min(s + chunk, n))) for j, s in enumerate(range(0, n, chunk))]
     return chunks[accelerator.process_index::accelerator.num_processes]
 
 
@@ -183,7 +183,8 @@ def _seed(*parts) -> int:
 
 
 def robustness_identity(m: LoadedModel, test: TestSet, ecfg: EvaluateConfig, kind: str) -> dict:
-    ident = {"model": m.sha256, "test": test.sha256, "subset": ecfg.subset, "seed": ecfg.seed, "v": 1}
+    ident = {"model": m.sha256, "test": test.sha256, "subset": ecfg.subset, "seed": ecfg.seed, "chunk": ecfg.chunk,
+             "v": 1}
     if kind == "perturbations":
         ident["frames"] = ecfg.frames
     return ident
@@ -203,7 +204,7 @@ def corruption(m: LoadedModel, test: TestSet, ecfg: EvaluateConfig, accelerator,
     names = list(corruptions.CORRUPTIONS)
     correct = torch.zeros(len(names), 5, dtype=torch.long)
     clean_correct = torch.zeros((), dtype=torch.long)
-    units = _units(len(images), accelerator)
+    units = _units(len(images), ecfg.chunk, accelerator)
     for _, sl in units:
         clean_correct += (fwd.probs(images[sl], ecfg.batch_size).argmax(1) == labels[sl]).sum()
     pairs = [(ci, name, s) for ci, name in enumerate(names) for s in range(1, 6)]
@@ -236,7 +237,7 @@ def perturbation(m: LoadedModel, test: TestSet, ecfg: EvaluateConfig, accelerato
     fwd = _Forward(m, accelerator.device)
     names = list(perturbations.PERTURBATIONS)
     flips = torch.zeros(len(names), dtype=torch.long)
-    units = _units(len(images), accelerator)
+    units = _units(len(images), ecfg.chunk, accelerator)
     for pi, name in enumerate(tqdm(names, desc=f"perturbations {m.directory.name}", unit="kind",
                                    disable=not progress, leave=False)):
         for j, sl in units:

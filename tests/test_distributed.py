@@ -61,3 +61,30 @@ def test_two_process_training_round(tiny_data, tmp_path):
 
     card = json.loads((tmp_path / "runs" / "ddp" / "round-1" / "card.json").read_text())
     assert card["metrics"]["test_samples"] == 80  # every test image counted once across the 2 ranks
+
+
+def test_two_process_evaluation_equals_one(tiny_data, tmp_path):
+    """evaluate under `accelerate launch` with 2 processes gives the 1-process results (gathered, no padding)."""
+    import json
+
+    runs = tmp_path / "runs"
+    ov = tiny_overrides(tiny_data, runs, name="ev") + ["teacher.epochs=2"]
+    _run([sys.executable, str(ROOT / "stages" / "iterate.py"), "round=0", *ov])
+    for d in ("a", "b"):
+        shutil.copytree(runs / "ev" / "round-0", tmp_path / d)
+    ev = ["evaluate.subset=null", "evaluate.chunk=16", "evaluate.frames=3"]
+    _run([sys.executable, str(ROOT / "stages" / "evaluate.py"), *ov, *ev, f"models={tmp_path / 'a'}"])
+    _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+          str(ROOT / "stages" / "evaluate.py"), *ov, *ev, f"models={tmp_path / 'b'}"])
+
+    def result(d, kind):
+        return json.loads(next((tmp_path / d / "eval").glob(f"{kind}-*.json")).read_text())
+
+    a, b = result("a", "clean"), result("b", "clean")
+    assert a["samples"] == b["samples"] == 80
+    assert a["confusion"] == b["confusion"] and a["top1"] == b["top1"]
+    assert abs(a["nll"] - b["nll"]) < 1e-5 and abs(a["ece"] - b["ece"]) < 1e-5
+    a, b = result("a", "corruptions"), result("b", "corruptions")
+    assert a["samples"] == b["samples"] == 80 and a["errors"] == b["errors"]
+    assert result("a", "perturbations")["flip_rate"] == result("b", "perturbations")["flip_rate"]
