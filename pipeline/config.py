@@ -105,9 +105,26 @@ class StudentConfig(TrainConfig):
 
 
 @dataclass
+class DistillConfig(TrainConfig):
+    """Knowledge distillation of a trained model into a smaller one (``stages/distill.py``)."""
+
+    name: str = "small"  # output: <experiment>/distilled/<name>/
+    teacher: str | None = None  # a model directory; default: the experiment's last finished round
+    arch: str = "mobilenetv3_small_075"  # the student: any timm model name
+    mode: Literal["online", "offline"] = "online"
+    temperature: float = field(default=4.0, metadata=_range(0, lo_open=True))
+    alpha: float = field(default=0.9, metadata=_range(0, 1))  # labeled: alpha KD + (1 - alpha) CE
+    mixup: float = field(default=0.0, metadata=_range(0))  # online only: Beta(a, a) mixup; 0 = off
+    labels_only: bool = True  # also train the student on the labels alone, same budget, to compare
+    epochs: int | list[int] = 10
+    batch_size: int = field(default=256, metadata=_range(1))
+
+
+@dataclass
 class PseudoLabelConfig:
     batch_size: int = field(default=512, metadata=_range(1))
     workers: int = field(default=1, metadata=_range(0))
+    tta: bool = False  # average each image's and its mirror's probabilities (no noise; 2x the cost)
 
 
 @dataclass
@@ -137,6 +154,7 @@ class Config:
     student: StudentConfig = field(default_factory=StudentConfig)
     pseudo_label: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -34,6 +34,8 @@ class StreamSpec:
     shuffle: bool = True
     buffer: int = 2000
     targets: TargetFn | None = None  # pseudo-label targets; None: labels from the shards
+    missing_label: int | None = None  # label of samples without one (e.g. -1 for the pool); None: an error
+    with_label: bool = False  # with ``targets``: yield (target, label) so a loss can use both
 
 
 class ShardStream(IterableDataset):
@@ -63,13 +65,17 @@ class ShardStream(IterableDataset):
                 data = image_bytes(sample)
                 if data is None:
                     raise ValueError(f"{shard}: sample {key} has no image")
+                label = sample_label(sample)
+                if label is None:
+                    label = spec.missing_label
                 if table is None:
-                    label = sample_label(sample)
                     if label is None:
                         raise ValueError(f"{shard}: sample {key} has no label (.cls)")
                     yield data, label, key
                     continue
                 repeat, target = table.get(key, (0, None))
+                if spec.with_label:
+                    target = (target, -1 if label is None else label)
                 for _ in range(repeat):
                     yield data, target, key
 

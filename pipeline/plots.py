@@ -88,7 +88,7 @@ def confidence_histograms(path: Path, rounds: list[int], healths: list[dict]) ->
         edges = np.linspace(0, 1, h["bins"] + 1)
         for ax, key in zip(axes, ("confidence_hist", "entropy_hist"), strict=True):
             share = np.asarray(h[key]) / max(h["samples"], 1)
-            ax.step(edges[:-1], share, where="post", label=f"round {k} labels")
+            ax.stairs(share, edges, label=f"round {k} (labels by round {k - 1})")
     axes[0].axvline(healths[-1]["threshold"], color="gray", ls="--", lw=1, label="threshold")
     axes[0].set_xlabel("teacher confidence (max probability)")
     axes[1].set_xlabel("normalised entropy")
@@ -140,8 +140,9 @@ def audit_grid(path: Path, kept: list[list[np.ndarray]], rejected: list[list[np.
     fig, ax = plt.subplots(figsize=(fig_w, 1 + len(names) * (h + pad) / 18 * fig_w / (2 + cols_w / 18)))
     ax.imshow(canvas, cmap="gray" if gray else None, vmin=0, vmax=255, interpolation="nearest")
     ax.set_yticks([c * (h + pad) + h / 2 for c in range(len(names))], names, fontsize=8)
+    none = " — none" if not any(rejected) else ""
     ax.set_xticks([per * (w + pad) / 2, per * (w + pad) + gap + per * (w + pad) / 2],
-                  [f"kept (confidence ≥ {threshold:g})", f"rejected (< {threshold:g})"], fontsize=9)
+                  [f"kept (confidence ≥ {threshold:g})", f"rejected (< {threshold:g}){none}"], fontsize=9)
     ax.tick_params(length=0)
     for s in ax.spines.values():
         s.set_visible(False)

@@ -39,7 +39,7 @@ def schema(num_classes: int) -> pa.Schema:
 
 
 def write_parquet(path: Path, shard: str, keys: list[str], probs: np.ndarray, teacher_sha256: str,
-                  class_names: list[str]) -> None:
+                  class_names: list[str], tta: bool = False) -> None:
     """One shard's pseudo labels, written atomically (probs: float32 [n, C], softmax at T=1)."""
     n, c = probs.shape if probs.size else (0, len(class_names))
     probs = probs.astype(np.float32, copy=False).reshape(n, c)
@@ -49,7 +49,8 @@ def write_parquet(path: Path, shard: str, keys: list[str], probs: np.ndarray, te
     table = pa.table([pa.array(keys, pa.string()), pa.array([Path(shard).name] * n, pa.string()),
                       pa.array(label), pa.array(conf, pa.float32()),
                       pa.FixedSizeListArray.from_arrays(flat, c)], schema=schema(c))
-    meta = {b"teacher_sha256": teacher_sha256.encode(), b"class_names": json.dumps(class_names).encode()}
+    meta = {b"teacher_sha256": teacher_sha256.encode(), b"class_names": json.dumps(class_names).encode(),
+            b"tta": b"hflip" if tta else b"none"}
     table = table.replace_schema_metadata(meta)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, row_group_size=65536)
@@ -59,10 +60,11 @@ def read_meta(path: Path) -> dict:
     md = pq.read_schema(path).metadata or {}
     return {"teacher_sha256": md.get(b"teacher_sha256", b"").decode(),
             "class_names": json.loads(md.get(b"class_names", b"null").decode()),
+            "tta": md.get(b"tta", b"none").decode() == "hflip",
             "rows": pq.ParquetFile(path).metadata.num_rows}
 
 
-def validates(path: Path, rows: int, teacher_sha256: str, class_names: list[str]) -> bool:
+def validates(path: Path, rows: int, teacher_sha256: str, class_names: list[str], tta: bool = False) -> bool:
     """A finished file for this shard and this teacher (used to skip work on rerun)."""
     if not path.is_file():
         return False
@@ -70,7 +72,8 @@ def validates(path: Path, rows: int, teacher_sha256: str, class_names: list[str]
         meta = read_meta(path)
     except (OSError, pa.ArrowException, ValueError):
         return False
-    return meta["rows"] == rows and meta["teacher_sha256"] == teacher_sha256 and meta["class_names"] == class_names
+    return (meta["rows"] == rows and meta["teacher_sha256"] == teacher_sha256 and meta["class_names"] == class_names
+            and meta["tta"] == tta)
 
 
 class _ShardBatches(IterableDataset):
@@ -100,8 +103,12 @@ class _ShardBatches(IterableDataset):
 
 def label_shards(model: torch.nn.Module, shards: list[Path], out_dir: Path, *, shard_rows: dict[str, int],
                  teacher_sha256: str, class_names: list[str], prep: dict, batch_size: int, workers: int,
-                 accelerator, progress: bool = True) -> dict:
-    """Label this rank's unfinished shards; returns this rank's {"samples", "seconds"}."""
+                 accelerator, progress: bool = True, tta: bool = False) -> dict:
+    """Label this rank's unfinished shards; returns this rank's {"samples", "seconds"}.
+
+    ``tta``: average the softmax of each image and its mirror image (flip test-time augmentation,
+    no noise): on Fashion-MNIST it made the round-0 teacher's test top-1 +0.5 points better.
+    """
     from .transforms import eval_transform, normalize
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -110,7 +117,7 @@ def label_shards(model: torch.nn.Module, shards: list[Path], out_dir: Path, *, s
     accelerator.wait_for_everyone()
     mine = [s for s in sorted(shards)][accelerator.process_index::accelerator.num_processes]
     todo = [str(s) for s in mine if not validates(out_dir / parquet_name(s), shard_rows[Path(s).name],
-                                                  teacher_sha256, class_names)]
+                                                  teacher_sha256, class_names, tta)]
     device = accelerator.device
     model = model.to(device).eval()
     mean = torch.tensor(prep["mean"], device=device)
@@ -130,7 +137,10 @@ def label_shards(model: torch.nn.Module, shards: list[Path], out_dir: Path, *, s
                 keys_acc, probs_acc = pending.setdefault(si, ([], []))
                 if len(keys):
                     x = normalize(imgs.to(device, non_blocking=True), mean, std)
-                    probs_acc.append(torch.softmax(model(x).float(), dim=1).cpu().numpy())
+                    p = torch.softmax(model(x).float(), dim=1)
+                    if tta:
+                        p = (p + torch.softmax(model(x.flip(3)).float(), dim=1)) / 2
+                    probs_acc.append(p.cpu().numpy())
                     keys_acc.extend(keys)
                     done += len(keys)
                     bar.update(len(keys))
@@ -138,7 +148,7 @@ def label_shards(model: torch.nn.Module, shards: list[Path], out_dir: Path, *, s
                     keys_acc, probs_acc = pending.pop(si)
                     probs = np.concatenate(probs_acc) if probs_acc else np.zeros((0, len(class_names)), np.float32)
                     write_parquet(out_dir / parquet_name(todo[si]), todo[si], keys_acc, probs,
-                                  teacher_sha256, class_names)
+                                  teacher_sha256, class_names, tta)
         bar.close()
     return {"samples": done, "seconds": time.time() - t0}
 
@@ -166,11 +176,12 @@ def summarize(out_dir: Path, shards: list[Path], num_classes: int, truth_path: P
 
 
 def write_manifest(out_dir: Path, shards: list[Path], teacher_dir: Path, teacher_sha256: str,
-                   class_names: list[str], stats: dict, data_manifest_sha: str) -> dict:
+                   class_names: list[str], stats: dict, data_manifest_sha: str, tta: bool = False) -> dict:
     files = [{"file": parquet_name(s), "shard": Path(s).name, "rows": read_meta(out_dir / parquet_name(s))["rows"],
               "sha256": sha256_file(out_dir / parquet_name(s))} for s in sorted(shards)]
     manifest = {"kind": "pseudo_labels", "teacher": str(teacher_dir), "teacher_sha256": teacher_sha256,
-                "class_names": class_names, "data_manifest_sha256": data_manifest_sha, "files": files,
+                "class_names": class_names, "tta": "hflip" if tta else "none",
+                "data_manifest_sha256": data_manifest_sha, "files": files,
                 "stats": stats, "code_version": code_version()}
     write_json_atomic(out_dir / MANIFEST, manifest)
     return manifest
@@ -184,7 +195,8 @@ def read_small(out_dir: Path, shards: list[Path]) -> pa.Table:
         ["key", "shard", "label", "confidence"])
 
 
-def check(out_dir: Path, shard_rows: dict[str, int], teacher_sha256: str, class_names: list[str]) -> dict:
+def check(out_dir: Path, shard_rows: dict[str, int], teacher_sha256: str, class_names: list[str],
+          tta: bool = False) -> dict:
     """Raise ConfigError unless the pseudo labels match these shards, this teacher and these classes."""
     mpath = out_dir / MANIFEST
     if not mpath.is_file():
@@ -196,6 +208,9 @@ def check(out_dir: Path, shard_rows: dict[str, int], teacher_sha256: str, class_
     if manifest["class_names"] != class_names:
         raise ConfigError(f"pseudo labels in {out_dir} have classes {manifest['class_names']}, "
                           f"the data has {class_names}")
+    if (manifest.get("tta", "none") == "hflip") != tta:
+        raise ConfigError(f"pseudo labels in {out_dir} were made with pseudo_label.tta={not tta}; this run asks "
+                          f"{tta}: delete them or give a new name=...")
     listed = {f["shard"]: f for f in manifest["files"]}
     for shard, rows in shard_rows.items():
         f = listed.get(shard)

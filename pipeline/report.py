@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import evaluation, health, models, plots, robustness
-from .artifacts import read_json, write_bytes_atomic
-from .config import Config, ConfigError
+from .artifacts import read_json, write_bytes_atomic, write_json_atomic
+from .config import Config, ConfigError, to_dict
 from .prepare import require_data
 from .rounds import card, round_dir
 
@@ -135,6 +135,10 @@ class _Doc:
     def table(self, head: list[str], rows: list[list[str]]):
         self.blocks.append(("table", head, rows))
 
+    def raw(self, markdown: str):
+        """A section file written elsewhere (e.g. the compression report): Markdown as is, <pre> in HTML."""
+        self.blocks.append(("raw", markdown.strip()))
+
     def img(self, path: Path, alt: str):
         self.blocks.append(("img", path, alt))
 
@@ -143,7 +147,7 @@ class _Doc:
         for b in self.blocks:
             if b[0] == "h":
                 out.append("#" * b[1] + " " + b[2])
-            elif b[0] == "p":
+            elif b[0] in ("p", "raw"):
                 out.append(b[1])
             elif b[0] == "table":
                 out.append("\n".join(["| " + " | ".join(b[1]) + " |", "|" + "---|" * len(b[1])]
@@ -162,6 +166,8 @@ class _Doc:
                 out.append(f"<h{b[1]}>{html.escape(b[2])}</h{b[1]}>")
             elif b[0] == "p":
                 out.append(f"<p>{html.escape(b[1])}</p>")
+            elif b[0] == "raw":
+                out.append(f"<pre>{html.escape(b[1])}</pre>")
             elif b[0] == "table":
                 out.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in b[1]) + "</tr>"
                            + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>"
@@ -265,7 +271,16 @@ def write_report(cfg: Config, entries: list[Entry], test: evaluation.TestSet, ou
                 if not target.is_file() or target.read_bytes() != grid.read_bytes():
                     write_bytes_atomic(target, grid.read_bytes())
                 doc.img(target, f"round {e.round} audit grid")
+    for e in entries:
+        section = e.directory / "compression.md"
+        if e.round is None and section.is_file():
+            doc.raw(section.read_text())
     md = out_dir / "report.md"
+    write_json_atomic(out_dir / "report.json", {
+        "experiment": cfg.name, "test_set": test.name, "rows": rows, "evaluate": to_dict(cfg.evaluate),
+        "health": {str(e.round): {k: v for k, v in e.health.items() if k != "identity"} for e in healthy},
+        "corruption_errors": {e.label: e.corruptions["errors"] for e in robust},
+        "flip_rates": {e.label: e.perturbations["flip_rate"] for e in robust}})
     write_bytes_atomic(md, doc.markdown().encode())
     write_bytes_atomic(out_dir / "report.html", doc.html(f"Noisy Student report: {cfg.name}").encode())
     return md

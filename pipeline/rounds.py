@@ -53,7 +53,7 @@ def _relevant(cfg_dict: dict, k: int) -> dict:
     skip = RUNTIME_KEYS | {"name", "model.students", "model.ladder"}
     out = {}
     for key, v in flat.items():
-        if key in skip or key.startswith("evaluate.") or (k == 0 and key.split(".")[0] in ("student", "pseudo_label")):
+        if key in skip or key.startswith(("evaluate.", "distill.")) or (k == 0 and key.split(".")[0] in ("student", "pseudo_label")):
             continue
         out[key] = per_round(v, k) if key in PER_ROUND_KEYS and k >= 1 else v
     try:
@@ -65,7 +65,11 @@ def _relevant(cfg_dict: dict, k: int) -> dict:
 
 def check_unchanged(cfg: Config, k: int, made: dict) -> None:
     """Refuse a config that differs from the one that made finished round ``k``."""
-    old, new = _relevant(made["config"], k), _relevant(to_dict(cfg), k)
+    try:  # keys added since the round was made take their defaults, which is what made it
+        made_cfg = to_dict(_build(Config, made["config"]))
+    except ConfigError:
+        made_cfg = made["config"]
+    old, new = _relevant(made_cfg, k), _relevant(to_dict(cfg), k)
     diff = sorted(key for key in set(old) | set(new) if old.get(key) != new.get(key))
     if diff:
         key = diff[0]
@@ -107,7 +111,7 @@ def pseudo_label(cfg: Config, k: int, progress: bool = True, teacher_dir: Path |
     rows = shard_rows(manifest, "unlabeled")
     names = manifest["class_names"]
     try:
-        return pseudo_labels.check(out, rows, teacher_sha, names)
+        return pseudo_labels.check(out, rows, teacher_sha, names, cfg.pseudo_label.tta)
     except ConfigError:
         pass
     model, mconfig = models.load_model_dir(teacher_dir)
@@ -115,7 +119,7 @@ def pseudo_label(cfg: Config, k: int, progress: bool = True, teacher_dir: Path |
     mine = pseudo_labels.label_shards(
         model, shards, out, shard_rows=rows, teacher_sha256=teacher_sha, class_names=names,
         prep=models.preprocessing(mconfig), batch_size=cfg.pseudo_label.batch_size,
-        workers=cfg.pseudo_label.workers, accelerator=accelerator, progress=progress)
+        workers=cfg.pseudo_label.workers, accelerator=accelerator, progress=progress, tta=cfg.pseudo_label.tta)
     counts = accelerator.gather(torch.tensor([mine["samples"]], device=accelerator.device)).sum().item()
     accelerator.wait_for_everyone()
     result = {}
@@ -125,7 +129,7 @@ def pseudo_label(cfg: Config, k: int, progress: bool = True, teacher_dir: Path |
         stats.update({"labeled_now": int(counts), "seconds": round(seconds, 1),
                       "img_s": round(counts / max(seconds, 1e-9), 1)})
         result = pseudo_labels.write_manifest(out, shards, teacher_dir, teacher_sha, names, stats,
-                                              sha256_file(ddir / DATA_MANIFEST))
+                                              sha256_file(ddir / DATA_MANIFEST), cfg.pseudo_label.tta)
         acc = stats.get("accuracy")
         accelerator.print(
             f"pseudo-labeled {stats['samples']} samples ({counts} now on {accelerator.num_processes} process(es), "
@@ -169,7 +173,7 @@ def train_round(cfg: Config, k: int, progress: bool = True) -> dict:
         pl_dir = out / "pseudo_labels"
         shards = shard_paths(ddir, manifest, "unlabeled")
         rows = shard_rows(manifest, "unlabeled")
-        pl_manifest = pseudo_labels.check(pl_dir, rows, teacher_sha, names)
+        pl_manifest = pseudo_labels.check(pl_dir, rows, teacher_sha, names, cfg.pseudo_label.tta)
         targets, selection = pseudo_labels.student_targets(pl_dir, shards, cfg.student, len(names))
         job.unlabeled = StreamSpec(shards=[str(s) for s in shards], mode=prep["mode"],
                                    transform=train_transform(prep["size"], tcfg), rank=accelerator.process_index,

@@ -43,6 +43,9 @@ class Job:
     unlabeled_total: int = 0
     unlabeled_ratio: int = 0
     unlabeled_weight: float = 1.0
+    # a loss of its own (distillation): ``prepare(x, target) -> (x, target)`` before the forward pass
+    # (a teacher sees the same batch there), then ``criterion(logits, target) -> loss``
+    criterion: object | None = None
 
 
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
@@ -167,9 +170,16 @@ def train(model: torch.nn.Module, job: Job, state_root: Path, progress: bool = T
                 sync = micro == cfg.grad_accum - 1
                 ctx = contextlib.nullcontext() if sync else accelerator.no_sync(wrapped)
                 with ctx:
+                    if job.criterion is not None:
+                        yl = _to(yl, device)
+                        with autocast:
+                            x, yl = job.criterion.prepare(x, yl)
                     with autocast:
                         logits = wrapped(x).float()
-                    loss = F.cross_entropy(logits[:n_l], yl.to(device), label_smoothing=cfg.label_smoothing)
+                    if job.criterion is not None:
+                        loss = job.criterion(logits, yl)
+                    else:
+                        loss = F.cross_entropy(logits[:n_l], yl.to(device), label_smoothing=cfg.label_smoothing)
                     if unl is not None:
                         loss = loss + job.unlabeled_weight * soft_cross_entropy(logits[n_l:], tu.to(device))
                     scaled = loss / cfg.grad_accum
@@ -207,6 +217,12 @@ def train(model: torch.nn.Module, job: Job, state_root: Path, progress: bool = T
     return {"phase": job.phase, "epochs": job.epochs, "steps": total, "seconds": round(elapsed, 1),
             "img_s": round(samples / max(elapsed, 1e-9), 1), "history": history,
             "final_loss": history[-1]["loss"] if history else None}
+
+
+def _to(target, device):
+    if isinstance(target, (list, tuple)):
+        return type(target)(_to(t, device) for t in target)
+    return target.to(device, non_blocking=True)
 
 
 def _save(accelerator, state_root: Path, phase: str, epoch: int, progress: dict) -> None:

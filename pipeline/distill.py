@@ -1,0 +1,275 @@
+"""Knowledge distillation: compress any trained model of the pipeline into a smaller timm model.
+
+Per sample, labeled: ``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, label)``;
+unlabeled: ``T^2 * KL(...)``; the batch loss is the mean over all samples. T^2 keeps the KD
+gradients on the scale of the CE term whatever T (Hinton et al., 2015).
+
+Two modes:
+- ``online``: the teacher runs on the very batch the student sees (same augmentation, same mixup),
+  so its targets follow the augmentation. Costs a teacher forward pass per step.
+- ``offline``: the teacher labels the labeled and unlabeled shards once (un-augmented images, the
+  pseudo_label machinery, cached and resumable per shard); training reads those targets. Cheaper
+  per step, but an augmented view gets the target of its clean image, which is weaker KD.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import evaluation, models, noise, pseudo_labels
+from .artifacts import code_version, read_json, sha256_file, write_json_atomic
+from .config import Config, ConfigError, DistillConfig, per_round, to_dict
+from .loaders import StreamSpec
+from .prepare import MANIFEST as DATA_MANIFEST
+from .prepare import require_data, shard_paths, shard_rows
+from .rounds import card, round_dir
+from .runtime import make_accelerator
+from .trainer import Job, train
+from .transforms import train_transform
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float, alpha: float,
+            labels_b: torch.Tensor | None = None, lam: float = 1.0) -> torch.Tensor:
+    """Mean over the batch of the per-sample KD loss; ``labels < 0`` marks unlabeled samples.
+
+    With mixup (``labels_b``, ``lam``) a sample counts as labeled only when both mixed images are,
+    and its CE is ``lam * CE(labels) + (1 - lam) * CE(labels_b)``.
+    """
+    t = temperature
+    log_s = F.log_softmax(student.float() / t, dim=1)
+    log_t = F.log_softmax(teacher.float() / t, dim=1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(1) * (t * t)
+    labeled = labels >= 0
+    ce = F.cross_entropy(student.float(), labels.clamp(min=0), reduction="none")
+    if labels_b is not None:
+        labeled = labeled & (labels_b >= 0)
+        ce = lam * ce + (1 - lam) * F.cross_entropy(student.float(), labels_b.clamp(min=0), reduction="none")
+    return torch.where(labeled, alpha * kl + (1 - alpha) * ce, kl).mean()
+
+
+class OnlineKD:
+    """The teacher labels the exact (augmented, mixed) batch the student is about to see."""
+
+    def __init__(self, teacher: torch.nn.Module, temperature: float, alpha: float, mixup: float = 0.0):
+        self.teacher = teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.temperature, self.alpha, self.mixup = temperature, alpha, mixup
+        self.teacher_logits: torch.Tensor | None = None
+        self.labels_b: torch.Tensor | None = None
+        self.lam = 1.0
+
+    def prepare(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.labels_b, self.lam = None, 1.0
+        if self.mixup > 0:
+            self.lam = float(torch.distributions.Beta(self.mixup, self.mixup).sample())
+            perm = torch.randperm(len(x), device=x.device)
+            x = self.lam * x + (1 - self.lam) * x[perm]
+            self.labels_b = labels[perm]
+        with torch.no_grad():
+            self.teacher_logits = self.teacher(x).float()
+        return x, labels
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return kd_loss(logits, self.teacher_logits, labels, self.temperature, self.alpha, self.labels_b, self.lam)
+
+
+class OfflineKD:
+    """Targets read from the teacher's cached Parquet: (probabilities, label or -1) per sample."""
+
+    def __init__(self, temperature: float, alpha: float):
+        self.temperature, self.alpha = temperature, alpha
+
+    def prepare(self, x: torch.Tensor, target):
+        return x, target
+
+    def __call__(self, logits: torch.Tensor, target) -> torch.Tensor:
+        probs, labels = target
+        # log p = logits - logsumexp: the same softmax at any temperature, so probabilities suffice
+        return kd_loss(logits, probs.float().clamp_min(1e-12).log(), labels, self.temperature, self.alpha)
+
+
+class TeacherTargets:
+    """Every sample of a shard once, with the teacher's probabilities from its Parquet file. Picklable."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+
+    def __call__(self, shard: str) -> dict[str, tuple[int, torch.Tensor]]:
+        import numpy as np
+        import pyarrow.parquet as pq
+
+        t = pq.read_table(self.directory / pseudo_labels.parquet_name(shard), columns=["key", "probs"])
+        probs = np.asarray(t.column("probs").combine_chunks().flatten()).reshape(t.num_rows, -1)
+        return {k: (1, torch.from_numpy(probs[i].copy())) for i, k in enumerate(t.column("key").to_pylist())}
+
+
+def default_teacher(cfg: Config) -> Path:
+    """The experiment's last finished round."""
+    k, last = 0, None
+    while card(round_dir(cfg, k)) is not None:
+        last, k = round_dir(cfg, k), k + 1
+    if last is None:
+        raise ConfigError(f"distill.teacher not given and experiment '{cfg.name}' has no finished round")
+    return last
+
+
+def _offline_targets(cfg: Config, out: Path, teacher: torch.nn.Module, teacher_sha: str, shards: list[Path],
+                     rows: dict[str, int], names: list[str], prep: dict, ddir: Path, accelerator,
+                     progress: bool) -> Path:
+    """The teacher's probabilities for every labeled and unlabeled sample (cached, resumable per shard)."""
+    tdir = out / "targets"
+    try:
+        pseudo_labels.check(tdir, rows, teacher_sha, names)
+        return tdir
+    except ConfigError as e:
+        if (tdir / pseudo_labels.MANIFEST).is_file():
+            raise  # made for another teacher or other classes: never mixed in silently
+        del e
+    pseudo_labels.label_shards(teacher, shards, tdir, shard_rows=rows, teacher_sha256=teacher_sha,
+                               class_names=names, prep=prep, batch_size=cfg.pseudo_label.batch_size,
+                               workers=cfg.pseudo_label.workers, accelerator=accelerator, progress=progress)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        stats = {"samples": sum(rows.values())}
+        pseudo_labels.write_manifest(tdir, shards, Path("teacher"), teacher_sha, names, stats,
+                                     sha256_file(ddir / DATA_MANIFEST))
+    accelerator.wait_for_everyone()
+    pseudo_labels.check(tdir, rows, teacher_sha, names)
+    return tdir
+
+
+def _relevant(dcfg: DistillConfig) -> dict:
+    d = to_dict(dcfg)
+    d.pop("workers", None)
+    return d
+
+
+def _finish(out: Path, model: torch.nn.Module, names: list[str], prep: dict, in_chans: int, metrics: dict,
+            stats: list[dict], extra: dict, accelerator) -> dict:
+    result: dict = {}
+    if accelerator.is_main_process:
+        files = models.save_model_dir(model, out, names, prep["mean"], prep["std"], prep["size"], in_chans)
+        write_json_atomic(out / "metrics.json", metrics)
+        result = {"role": "distilled", "arch": metrics["model"], "files": files, "metrics": metrics,
+                  "train": stats, **extra, "code_version": code_version(),
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        write_json_atomic(out / models.CARD, result)
+        shutil.rmtree(out / "state", ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return result or read_json(out / models.CARD)
+
+
+def _steps(samples: int, world: int, dcfg: DistillConfig) -> int:
+    """Optimizer steps per epoch over ``samples`` images, as the trainer counts them."""
+    return max(1, samples // (world * dcfg.batch_size) // dcfg.grad_accum)
+
+
+def distill(cfg: Config, progress: bool = True) -> dict:
+    """Train ``distill.arch`` from the teacher into ``<experiment>/distilled/<name>/`` (resumable);
+    with ``distill.labels_only`` also the same architecture on the labels alone, same budget."""
+    dcfg = cfg.distill
+    teacher_dir = Path(dcfg.teacher) if dcfg.teacher else default_teacher(cfg)
+    if card(teacher_dir) is None and not (teacher_dir / models.WEIGHTS).is_file():
+        raise ConfigError(f"distill.teacher: not a model directory: {teacher_dir}")
+    teacher_sha = sha256_file(teacher_dir / models.WEIGHTS)
+    out = cfg.run_dir / "distilled" / dcfg.name
+    results = {}
+    done = card(out)
+    if done is not None:
+        old = done.get("distill", {})
+        if done["parents"]["teacher_sha256"] != teacher_sha or old != _relevant(dcfg):
+            key = next((k for k in sorted(set(old) | set(_relevant(dcfg))) if old.get(k) != _relevant(dcfg).get(k)),
+                       "teacher")
+            what = (f"distill.{key}={old.get(key)!r}, this run asks {_relevant(dcfg).get(key)!r}" if key != "teacher"
+                    else "another teacher")
+            raise ConfigError(f"distilled/{dcfg.name} was made with {what}; give a new distill.name=...")
+        results["student"] = done
+    accelerator = make_accelerator()
+    from accelerate.utils import set_seed
+
+    ddir, manifest = require_data(cfg)
+    teacher, tconf = models.load_model_dir(teacher_dir)
+    prep = models.preprocessing(tconf)
+    names = list(tconf.get("label_names") or manifest["class_names"])
+    if names != manifest["class_names"]:
+        raise ConfigError(f"teacher {teacher_dir} predicts {names[:4]}..., the data has "
+                          f"{manifest['class_names'][:4]}...")
+    in_chans = 1 if prep["mode"] == "L" else 3
+    teacher_params = models.num_params(teacher)
+    models.check_arch(dcfg.arch, "distill.arch")
+    labeled, unlabeled = shard_paths(ddir, manifest, "labeled"), shard_paths(ddir, manifest, "unlabeled")
+    shards = labeled + unlabeled
+    rows = {**shard_rows(manifest, "labeled"), **shard_rows(manifest, "unlabeled")}
+    total = sum(rows.values())
+    parents = {"teacher_dir": str(teacher_dir), "teacher_sha256": teacher_sha,
+               "data_manifest_sha256": sha256_file(ddir / DATA_MANIFEST)}
+    epochs = per_round(dcfg.epochs, 1)
+    world = accelerator.num_processes
+    if "student" not in results:
+        set_seed(cfg.seed)
+        student = models.create_model(dcfg.arch, len(names), in_chans, False, **noise.model_noise(dcfg))
+        if models.num_params(student) >= teacher_params:
+            raise ConfigError(f"distill.arch={dcfg.arch} has {models.num_params(student)} parameters, not fewer "
+                              f"than the teacher's {teacher_params}")
+        teacher = teacher.to(accelerator.device)
+        if dcfg.channels_last:
+            teacher = teacher.to(memory_format=torch.channels_last)
+        if dcfg.mode == "offline":
+            tdir = _offline_targets(cfg, out, teacher, teacher_sha, shards, rows, names, prep, ddir, accelerator,
+                                    progress)
+            criterion, targets = OfflineKD(dcfg.temperature, dcfg.alpha), TeacherTargets(tdir)
+        else:
+            criterion, targets = OnlineKD(teacher, dcfg.temperature, dcfg.alpha, dcfg.mixup), None
+        spec = StreamSpec(shards=[str(s) for s in shards], mode=prep["mode"],
+                          transform=train_transform(prep["size"], dcfg), rank=accelerator.process_index,
+                          world=world, seed=cfg.seed + 104729, buffer=5000, targets=targets, missing_label=-1,
+                          with_label=targets is not None)
+        job = Job(phase="distill", cfg=dcfg, epochs=epochs, lr=dcfg.lr, labeled=spec, labeled_total=total,
+                  prep=prep, criterion=criterion)
+        accelerator.print(f"distill: {teacher_dir} ({teacher_params} params) -> {dcfg.arch} "
+                          f"({models.num_params(student)} params), {dcfg.mode}, T={dcfg.temperature}, "
+                          f"alpha={dcfg.alpha}, {epochs} epochs over {total} images")
+        stats = [train(student, job, out / "state", progress)]
+        metrics = evaluation.top1(student, shard_paths(ddir, manifest, "test"), prep, accelerator,
+                                  progress=progress, desc=f"test {dcfg.name}")
+        metrics.update({"model": dcfg.arch, "params": models.num_params(student),
+                        "train_seconds": stats[0]["seconds"], "train_img_s": stats[0]["img_s"]})
+        results["student"] = _finish(out, student, names, prep, in_chans, metrics, stats,
+                                     {"parents": parents, "distill": _relevant(dcfg), "mode": dcfg.mode}, accelerator)
+        del criterion
+    if dcfg.labels_only:
+        # the same architecture, optimizer and number of steps x batch size, on the labeled images alone
+        lo_out = cfg.run_dir / "distilled" / f"{dcfg.name}-labels-only"
+        done = card(lo_out)
+        if done is not None and done.get("distill") == _relevant(dcfg):
+            results["labels_only"] = done
+        else:
+            set_seed(cfg.seed)
+            student = models.create_model(dcfg.arch, len(names), in_chans, False, **noise.model_noise(dcfg))
+            steps = _steps(total, world, dcfg) * epochs
+            labeled_total = sum(shard_rows(manifest, "labeled").values())
+            per_epoch = _steps(labeled_total, world, dcfg)
+            lo_spec = StreamSpec(shards=[str(s) for s in labeled], mode=prep["mode"],
+                                 transform=train_transform(prep["size"], dcfg), rank=accelerator.process_index,
+                                 world=world, seed=cfg.seed + 130363, buffer=2000)
+            job = Job(phase="labels-only", cfg=dcfg, epochs=math.ceil(steps / per_epoch), lr=dcfg.lr,
+                      labeled=lo_spec, labeled_total=labeled_total, prep=prep)
+            accelerator.print(f"labels only: {dcfg.arch} on {labeled_total} labeled images, {job.epochs} epochs "
+                              f"(~{steps} steps, the distillation's budget)")
+            stats = [train(student, job, lo_out / "state", progress)]
+            metrics = evaluation.top1(student, shard_paths(ddir, manifest, "test"), prep, accelerator,
+                                      progress=progress, desc=f"test {dcfg.name}-labels-only")
+            metrics.update({"model": dcfg.arch, "params": models.num_params(student),
+                            "train_seconds": stats[0]["seconds"], "train_img_s": stats[0]["img_s"]})
+            results["labels_only"] = _finish(lo_out, student, names, prep, in_chans, metrics, stats,
+                                             {"parents": {"data_manifest_sha256": parents["data_manifest_sha256"]},
+                                              "distill": _relevant(dcfg), "mode": "labels-only"}, accelerator)
+    results["teacher_dir"] = str(teacher_dir)
+    return results

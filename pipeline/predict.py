@@ -1,0 +1,342 @@
+"""Classify a pile of images with a model directory or its ONNX export, into CSV or Parquet.
+
+Images stream from a directory, a ``.tar``/``.tar.gz`` archive or webdataset shards one batch at
+a time (memory is bounded by ``batch_size``) and are preprocessed as the model was trained:
+decoded to its mode (L or RGB, converting either way), resized to its size, normalised with its
+mean/std, all read from the model's ``config.json`` (for ONNX, the copy beside ``model.onnx``).
+An image that cannot be decoded (empty, truncated, not an image) is skipped, never fatal: it is
+named in a capped number of warning lines and listed with its reason in ``<out>.skipped.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+import tarfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from .artifacts import atomic_path, read_json, sha256_file
+from .config import ConfigError
+from .models import TIMM_CONFIG, WEIGHTS, load_model_dir, preprocessing
+from .shards import decode_image, expand_shards
+from .sources import (
+    _is_image_name,
+    _safe_member,
+    folder_source,
+    is_archive,
+    is_shard_pattern,
+    iter_shard_images,
+)
+from .transforms import eval_transform, normalize
+
+OUT_FORMATS = (".csv", ".parquet")
+MAX_WARNINGS = 20  # bad images named one per line; the rest only counted
+SKIPPED_SUFFIX = ".skipped.csv"
+
+
+@dataclass
+class Classifier:
+    """A model behind one call: normalised float NCHW batch -> logits (numpy float32)."""
+
+    backend: str  # "torch" or "onnx"
+    source: str
+    sha256: str  # of the weights or the graph, recorded in Parquet metadata
+    prep: dict
+    label_names: list[str]
+    logits: Callable[[torch.Tensor], np.ndarray]
+
+
+def _label_names(config: dict, where: Path) -> list[str]:
+    n = int(config["num_classes"])
+    names = [str(x) for x in config.get("label_names") or range(n)]
+    if len(names) != n:
+        raise ConfigError(f"{where}: {len(names)} label_names for {n} classes")
+    return names
+
+
+def _torch_classifier(directory: Path) -> Classifier:
+    model, config = load_model_dir(directory)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+
+    def run(x: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            return model(x.to(device)).float().cpu().numpy()
+
+    return Classifier("torch", str(directory), sha256_file(directory / WEIGHTS), preprocessing(config),
+                      _label_names(config, directory), run)
+
+
+def _onnx_classifier(path: Path) -> Classifier:
+    from .export import require_onnx
+
+    require_onnx("onnxruntime")
+    from .export import ort_session
+
+    config_path = path.parent / TIMM_CONFIG
+    if not config_path.is_file():
+        raise ConfigError(f"{path}: needs the model's {TIMM_CONFIG} beside it (stages/export.py puts it there)")
+    try:
+        config = read_json(config_path)
+        prep, names = preprocessing(config), _label_names(config, config_path)
+    except (ValueError, KeyError, IndexError, TypeError) as e:
+        raise ConfigError(f"{config_path}: not a model config ({type(e).__name__}: {e})") from None
+    try:
+        sess = ort_session(path)
+    except Exception as e:  # onnxruntime reports bad files with its own exception types
+        raise ConfigError(f"cannot load ONNX model {path}: {str(e).splitlines()[0][:200]}") from None
+    name = sess.get_inputs()[0].name
+
+    def run(x: torch.Tensor) -> np.ndarray:
+        return sess.run(None, {name: x.numpy()})[0]
+
+    return Classifier("onnx", str(path), sha256_file(path), prep, names, run)
+
+
+def load_classifier(spec: str | Path) -> Classifier:
+    """A model directory (PyTorch), an ONNX export directory or a ``.onnx`` file (onnxruntime)."""
+    path = Path(spec)
+    if path.is_file() and path.suffix.lower() == ".onnx":
+        return _onnx_classifier(path)
+    if path.is_dir() and (path / WEIGHTS).is_file():
+        return _torch_classifier(path)
+    if path.is_dir() and (path / "model.onnx").is_file():
+        return _onnx_classifier(path / "model.onnx")
+    if not path.exists():
+        raise ConfigError(f"model: not found: {spec}")
+    raise ConfigError(f"model: {spec} is neither a model directory ({TIMM_CONFIG} + {WEIGHTS}), an ONNX export "
+                      f"directory (model.onnx + {TIMM_CONFIG}) nor a .onnx file")
+
+
+# ---------------------------------------------------------------- inputs
+
+Item = tuple[str, bytes | None, str | None]  # (name, bytes, or None and why they could not be read)
+
+
+def _archive_items(path: Path) -> Iterator[Item]:
+    """Members of an archive in archive order, read as a stream (never extracted, never all in memory)."""
+    try:
+        with tarfile.open(path, "r|*") as tf:
+            for m in tf:
+                if m.isreg() and _is_image_name(m.name) and _safe_member(m.name):
+                    f = tf.extractfile(m)
+                    yield m.name, (f.read() if f is not None else b""), None
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ConfigError(f"cannot read archive {path}: {e}") from None
+
+
+def _shard_items(pattern: str) -> Iterator[Item]:
+    try:
+        for origin, data, _ in iter_shard_images(pattern):
+            yield origin, data, None
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ConfigError(f"cannot read shards {pattern}: {e}") from None
+
+
+def _folder_items(path: Path) -> tuple[Iterator[Item], int]:
+    src = folder_source(path, labeled=False)
+
+    def items() -> Iterator[Item]:
+        for i in range(len(src)):
+            name = str(path / src.origin(i))
+            try:
+                yield name, src.get(i)[0], None
+            except OSError as e:
+                yield name, None, f"unreadable: {e.strerror or e}"
+
+    return items(), len(src)
+
+
+def open_input(spec: str) -> tuple[Iterator[Item], int | None]:
+    """(items, count when known) for an image directory, an archive or a shard brace pattern."""
+    if is_shard_pattern(spec):
+        missing = [u for u in expand_shards(spec) if "://" not in u and not Path(u).is_file()]
+        if missing:
+            raise ConfigError(f"input: shard not found: {missing[0]}")
+        return _shard_items(spec), None
+    path = Path(spec).expanduser()
+    if is_archive(path):
+        if not path.is_file():
+            raise ConfigError(f"input: archive not found: {path}")
+        return _archive_items(path), None
+    if path.is_dir():
+        return _folder_items(path)
+    raise ConfigError(f"input: '{spec}' is not an image directory, a .tar/.tar.gz archive or a shard pattern")
+
+
+def decode(data: bytes, mode: str) -> Image.Image:
+    """Decode to ``mode``; 16-bit grayscale is scaled to 8 bits rather than refused."""
+    if not data:
+        raise ValueError("empty file")
+    try:
+        return decode_image(data, mode)
+    except Exception:  # noqa: BLE001 - retried with PIL alone; its error is the one reported
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        if img.mode == "I" or img.mode.startswith("I;16"):  # 16-bit grayscale (older Pillow: "I")
+            img = Image.fromarray((np.asarray(img).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8), "L")
+        return img if img.mode == mode else img.convert(mode)
+
+
+# ---------------------------------------------------------------- outputs
+
+
+class _CsvRows:
+    def __init__(self, path: Path):
+        self.f = open(path, "w", newline="")
+        self.w = csv.writer(self.f, lineterminator="\n")
+        self.w.writerow(["path", "label", "confidence", "topk_labels", "topk_probs"])
+
+    def write(self, paths, labels, conf, topk_labels, topk_probs) -> None:
+        for p, lab, c, tl, tp in zip(paths, labels, conf, topk_labels, topk_probs, strict=True):
+            self.w.writerow([p, lab, f"{c:.6f}", ";".join(tl), ";".join(f"{x:.6f}" for x in tp)])
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class _ParquetRows:
+    SCHEMA = pa.schema([("path", pa.string()), ("label", pa.string()), ("confidence", pa.float32()),
+                        ("topk_labels", pa.list_(pa.string())), ("topk_probs", pa.list_(pa.float32()))])
+
+    def __init__(self, path: Path, meta: dict[bytes, bytes], group: int = 65536):
+        self.w = pq.ParquetWriter(path, self.SCHEMA.with_metadata(meta))
+        self.group = group
+        self.pending: list[pa.RecordBatch] = []
+        self.rows = 0
+
+    def write(self, paths, labels, conf, topk_labels, topk_probs) -> None:
+        n, k = topk_probs.shape
+        offsets = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))
+        probs = pa.ListArray.from_arrays(offsets, pa.array(topk_probs.astype(np.float32).ravel()))
+        self.pending.append(pa.record_batch([pa.array(paths, pa.string()), pa.array(labels, pa.string()),
+                                             pa.array(np.asarray(conf, np.float32)),
+                                             pa.array(topk_labels, pa.list_(pa.string())), probs],
+                                            schema=self.SCHEMA))
+        self.rows += len(paths)
+        if self.rows >= self.group:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.w.write_table(pa.Table.from_batches(self.pending))
+        self.pending, self.rows = [], 0
+
+    def close(self) -> None:
+        self.flush()
+        self.w.close()
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def _reason(e: Exception) -> str:
+    if isinstance(e, UnidentifiedImageError):
+        return "not a recognised image format"
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
+
+
+def _batches(items: Iterator[Item], prep: dict, batch_size: int,
+             on_bad: Callable[[str, str], None]) -> Iterator[tuple[list[str], torch.Tensor]]:
+    """(names, uint8 NCHW batch) of the decodable images; the others go to ``on_bad(name, reason)``."""
+    transform = eval_transform(prep["size"])
+    names: list[str] = []
+    imgs: list[torch.Tensor] = []
+    for name, data, err in items:
+        if err is None:
+            try:
+                imgs.append(transform(decode(data or b"", prep["mode"])))
+                names.append(name)
+            except Exception as e:  # noqa: BLE001 - any decoder failure means this one image is bad
+                err = _reason(e)
+        if err is not None:
+            on_bad(name, err)
+        if len(imgs) == batch_size:
+            yield names, torch.stack(imgs)
+            names, imgs = [], []
+    if imgs:
+        yield names, torch.stack(imgs)
+
+
+def _write_skipped(out: Path, bad: list[tuple[str, str]]) -> Path:
+    side = out.with_name(out.name + SKIPPED_SUFFIX)
+    if not bad:
+        side.unlink(missing_ok=True)  # a stale list from an earlier run would mislead
+        return side
+    with atomic_path(side) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["path", "error"])
+        w.writerows(bad)
+    return side
+
+
+def predict(model_spec: str | Path, input_spec: str, out: str | Path, *, topk: int = 5, batch_size: int = 256,
+            max_warnings: int = MAX_WARNINGS) -> dict:
+    """Classify every image of ``input_spec`` into ``out`` (.csv or .parquet); return a summary.
+
+    The output is written under a temporary name and renamed when complete; bad images are listed
+    in ``<out>.skipped.csv`` (removed when a run has none).
+    """
+    out = Path(out)
+    if out.suffix.lower() not in OUT_FORMATS:
+        raise ConfigError(f"out: must end in {' or '.join(OUT_FORMATS)}, got {out}")
+    if topk < 1 or batch_size < 1:
+        raise ConfigError("topk and batch_size must be >= 1")
+    clf = load_classifier(model_spec)
+    items, total = open_input(input_spec)
+    names = clf.label_names
+    k = min(topk, len(names))
+    mean, std = torch.tensor(clf.prep["mean"]), torch.tensor(clf.prep["std"])
+    bad: list[tuple[str, str]] = []
+    done, t0 = 0, time.time()
+    bar = tqdm(total=total, desc=f"predict ({clf.backend})", unit="img")
+
+    def on_bad(name: str, why: str) -> None:
+        bad.append((name, why))
+        bar.update(1)
+        if len(bad) <= max_warnings:
+            tqdm.write(f"warning: skipped bad image {name}: {why}", file=sys.stderr)
+
+    with atomic_path(out) as tmp:
+        meta = {b"model": clf.source.encode(), b"model_sha256": clf.sha256.encode(),
+                b"backend": clf.backend.encode(), b"label_names": json.dumps(names).encode()}
+        writer = _CsvRows(tmp) if out.suffix.lower() == ".csv" else _ParquetRows(tmp, meta)
+        try:
+            for paths, x in _batches(items, clf.prep, batch_size, on_bad):
+                probs = _softmax(clf.logits(normalize(x, mean, std)))
+                if probs.shape[1] != len(names):
+                    raise ConfigError(f"model: {probs.shape[1]} outputs but {len(names)} label names in its config")
+                order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+                top = np.take_along_axis(probs, order, axis=1)
+                writer.write(paths, [names[i] for i in order[:, 0]], top[:, 0],
+                             [[names[i] for i in row] for row in order], top)
+                done += len(paths)
+                bar.update(len(paths))
+            if not done and not bad:
+                raise ConfigError(f"input: no images in {input_spec}")
+        finally:
+            writer.close()
+            bar.close()
+    side = _write_skipped(out, bad)
+    if len(bad) > max_warnings:
+        print(f"warning: {len(bad) - max_warnings} more bad images not shown", file=sys.stderr)
+    if bad:
+        print(f"warning: skipped {len(bad)} bad image(s) of {done + len(bad)}; listed in {side}", file=sys.stderr)
+    return {"images": done, "skipped": len(bad), "out": str(out), "skipped_file": str(side) if bad else None,
+            "backend": clf.backend, "seconds": round(time.time() - t0, 2)}
