@@ -9,7 +9,7 @@ ARGS ?=
 LAUNCH ?= $(PY)
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv iterate report prepare teacher test lint clean-runs
+.PHONY: venv iterate report distill prepare teacher test lint clean-runs
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ iterate: venv
 # robustness, stability, pseudo-label health and runs/<experiment>/report.{md,html} for finished rounds
 report: venv
 	$(LAUNCH) stages/evaluate.py --config $(CONFIG) $(ARGS)
+
+# knowledge distillation of the last round (distill.* in the config) and its compression report
+distill: venv
+	$(LAUNCH) stages/distill.py --config $(CONFIG) $(ARGS)
 
 test: venv
 	$(PY) -m pytest

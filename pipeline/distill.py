@@ -151,15 +151,20 @@ def _relevant(dcfg: DistillConfig) -> dict:
     return d
 
 
-def _finish(out: Path, model: torch.nn.Module, names: list[str], prep: dict, in_chans: int, metrics: dict,
-            stats: list[dict], extra: dict, accelerator) -> dict:
+def _train_and_save(out: Path, student: torch.nn.Module, job: Job, arch: str, extra: dict, names: list[str],
+                    prep: dict, test_shards: list[Path], accelerator, progress: bool) -> dict:
+    """Train (resumable), measure test top-1, write the model directory and its card."""
+    stats = [train(student, job, out / "state", progress)]
+    metrics = evaluation.top1(student, test_shards, prep, accelerator, progress=progress, desc=f"test {out.name}")
+    metrics.update({"model": arch, "params": models.num_params(student), "train_seconds": stats[0]["seconds"],
+                    "train_img_s": stats[0]["img_s"]})
     result: dict = {}
     if accelerator.is_main_process:
-        files = models.save_model_dir(model, out, names, prep["mean"], prep["std"], prep["size"], in_chans)
+        in_chans = 1 if prep["mode"] == "L" else 3
+        files = models.save_model_dir(student, out, names, prep["mean"], prep["std"], prep["size"], in_chans)
         write_json_atomic(out / "metrics.json", metrics)
-        result = {"role": "distilled", "arch": metrics["model"], "files": files, "metrics": metrics,
-                  "train": stats, **extra, "code_version": code_version(),
-                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        result = {"role": "distilled", "arch": arch, "files": files, "metrics": metrics, "train": stats, **extra,
+                  "code_version": code_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         write_json_atomic(out / models.CARD, result)
         shutil.rmtree(out / "state", ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -205,6 +210,7 @@ def distill(cfg: Config, progress: bool = True) -> dict:
     teacher_params = models.num_params(teacher)
     models.check_arch(dcfg.arch, "distill.arch")
     labeled, unlabeled = shard_paths(ddir, manifest, "labeled"), shard_paths(ddir, manifest, "unlabeled")
+    test_shards = shard_paths(ddir, manifest, "test")
     shards = labeled + unlabeled
     rows = {**shard_rows(manifest, "labeled"), **shard_rows(manifest, "unlabeled")}
     total = sum(rows.values())
@@ -236,13 +242,9 @@ def distill(cfg: Config, progress: bool = True) -> dict:
         accelerator.print(f"distill: {teacher_dir} ({teacher_params} params) -> {dcfg.arch} "
                           f"({models.num_params(student)} params), {dcfg.mode}, T={dcfg.temperature}, "
                           f"alpha={dcfg.alpha}, {epochs} epochs over {total} images")
-        stats = [train(student, job, out / "state", progress)]
-        metrics = evaluation.top1(student, shard_paths(ddir, manifest, "test"), prep, accelerator,
-                                  progress=progress, desc=f"test {dcfg.name}")
-        metrics.update({"model": dcfg.arch, "params": models.num_params(student),
-                        "train_seconds": stats[0]["seconds"], "train_img_s": stats[0]["img_s"]})
-        results["student"] = _finish(out, student, names, prep, in_chans, metrics, stats,
-                                     {"parents": parents, "distill": _relevant(dcfg), "mode": dcfg.mode}, accelerator)
+        results["student"] = _train_and_save(out, student, job, dcfg.arch, {
+            "parents": parents, "distill": _relevant(dcfg), "mode": dcfg.mode}, names, prep, test_shards,
+            accelerator, progress)
         del criterion
     if dcfg.labels_only:
         # the same architecture, optimizer and number of steps x batch size, on the labeled images alone
@@ -263,13 +265,8 @@ def distill(cfg: Config, progress: bool = True) -> dict:
                       labeled=lo_spec, labeled_total=labeled_total, prep=prep)
             accelerator.print(f"labels only: {dcfg.arch} on {labeled_total} labeled images, {job.epochs} epochs "
                               f"(~{steps} steps, the distillation's budget)")
-            stats = [train(student, job, lo_out / "state", progress)]
-            metrics = evaluation.top1(student, shard_paths(ddir, manifest, "test"), prep, accelerator,
-                                      progress=progress, desc=f"test {dcfg.name}-labels-only")
-            metrics.update({"model": dcfg.arch, "params": models.num_params(student),
-                            "train_seconds": stats[0]["seconds"], "train_img_s": stats[0]["img_s"]})
-            results["labels_only"] = _finish(lo_out, student, names, prep, in_chans, metrics, stats,
-                                             {"parents": {"data_manifest_sha256": parents["data_manifest_sha256"]},
-                                              "distill": _relevant(dcfg), "mode": "labels-only"}, accelerator)
+            results["labels_only"] = _train_and_save(lo_out, student, job, dcfg.arch, {
+                "parents": {"data_manifest_sha256": parents["data_manifest_sha256"]}, "distill": _relevant(dcfg),
+                "mode": "labels-only"}, names, prep, test_shards, accelerator, progress)
     results["teacher_dir"] = str(teacher_dir)
     return results

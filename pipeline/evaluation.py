@@ -190,12 +190,18 @@ def robustness_identity(m: LoadedModel, test: TestSet, ecfg: EvaluateConfig, kin
     return ident
 
 
+def _start(m: LoadedModel, test: TestSet, ecfg: EvaluateConfig, kind: str) -> tuple[Path, dict, dict | None]:
+    """(result path, identity, the cached result or None) of a robustness evaluation."""
+    _check_classes(m, test)
+    identity = robustness_identity(m, test, ecfg, kind)
+    path, done = _cached(m, kind, identity)
+    return path, identity, done
+
+
 def corruption(m: LoadedModel, test: TestSet, ecfg: EvaluateConfig, accelerator, progress: bool = True,
                subset: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
     """Top-1 error (percent) per corruption and severity on the seeded subset."""
-    _check_classes(m, test)
-    identity = robustness_identity(m, test, ecfg, "corruptions")
-    path, done = _cached(m, "corruptions", identity)
+    path, identity, done = _start(m, test, ecfg, "corruptions")
     if done is not None:
         return done
     t0 = time.time()
@@ -227,9 +233,7 @@ def corruption(m: LoadedModel, test: TestSet, ecfg: EvaluateConfig, accelerator,
 def perturbation(m: LoadedModel, test: TestSet, ecfg: EvaluateConfig, accelerator, progress: bool = True,
                  subset: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
     """Flip rate per perturbation: the share of consecutive frames whose top-1 changes."""
-    _check_classes(m, test)
-    identity = robustness_identity(m, test, ecfg, "perturbations")
-    path, done = _cached(m, "perturbations", identity)
+    path, identity, done = _start(m, test, ecfg, "perturbations")
     if done is not None:
         return done
     t0 = time.time()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -59,3 +60,15 @@ def tiny_overrides(tiny_data: dict, runs: Path, name: str = "tiny") -> list[str]
             "student.epochs=2", "student.batch_size=8", "student.unlabeled_ratio=2", "student.workers=0",
             "student.hflip=false", "student.crop_pad=0", "student.randaugment.n=1", "student.warmup_epochs=0",
             "pseudo_label.batch_size=32", "pseudo_label.workers=0"]
+
+
+STAGE_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+
+
+def stage(script: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``stages/<script>`` in a subprocess as a user would; raise with its output unless ``check`` is off."""
+    r = subprocess.run([sys.executable, str(ROOT / "stages" / script), *args], capture_output=True, text=True,
+                       env=STAGE_ENV, cwd=ROOT, timeout=600)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{script} failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
+    return r

@@ -2,17 +2,12 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, tiny_overrides
+from conftest import stage, tiny_overrides
 
 from pipeline.distill import OnlineKD, kd_loss
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
 
 
 def test_kd_loss_hand_computed():
@@ -74,14 +69,6 @@ def test_online_teacher_sees_the_students_batch():
         assert not torch.equal(xm, x)  # mixup changed the batch, for both models alike
         assert kd.labels_b is not None and 0 <= kd.lam <= 1
     assert all(p.grad is None for p in teacher.parameters())
-
-
-def stage(script, *args, check=True):
-    r = subprocess.run([sys.executable, str(ROOT / "stages" / script), *args], capture_output=True, text=True,
-                       env=ENV, cwd=ROOT, timeout=600)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{script} failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
-    return r
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """The whole loop through the real stage scripts on a tiny generated dataset."""
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -10,17 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import timm
 import torch
-from conftest import ROOT, tiny_overrides
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-
-
-def stage(script, *args, check=True):
-    r = subprocess.run([sys.executable, str(ROOT / "stages" / script), *args], capture_output=True, text=True,
-                       env=ENV, cwd=ROOT, timeout=600)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{script} failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
-    return r
+from conftest import ROOT, STAGE_ENV, stage, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +110,7 @@ def test_killed_training_resumes(tiny_data, tmp_path):
     stage("iterate.py", "round=0", *ov)
     stage("pseudo_label.py", "round=1", *ov)
     proc = subprocess.Popen([sys.executable, str(ROOT / "stages" / "train.py"), "role=student", "round=1", *ov],
-                            env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            env=STAGE_ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     state = tmp_path / "runs" / "resume" / "round-1" / "state"
     deadline = time.time() + 300
     while time.time() < deadline and not list(state.glob("train-e*")) and proc.poll() is None:
