@@ -171,6 +171,11 @@ def _train_and_save(out: Path, student: torch.nn.Module, job: Job, arch: str, ex
     return result or read_json(out / models.CARD)
 
 
+def _student(dcfg: DistillConfig, num_classes: int, in_chans: int) -> torch.nn.Module:
+    extra = {"channels": tuple(dcfg.channels)} if dcfg.channels else {}
+    return models.create_model(dcfg.arch, num_classes, in_chans, False, **noise.model_noise(dcfg), **extra)
+
+
 def _steps(samples: int, world: int, dcfg: DistillConfig) -> int:
     """Optimizer steps per epoch over ``samples`` images, as the trainer counts them."""
     return max(1, samples // (world * dcfg.batch_size) // dcfg.grad_accum)
@@ -220,7 +225,7 @@ def distill(cfg: Config, progress: bool = True) -> dict:
     world = accelerator.num_processes
     if "student" not in results:
         set_seed(cfg.seed)
-        student = models.create_model(dcfg.arch, len(names), in_chans, False, **noise.model_noise(dcfg))
+        student = _student(dcfg, len(names), in_chans)
         if models.num_params(student) >= teacher_params:
             raise ConfigError(f"distill.arch={dcfg.arch} has {models.num_params(student)} parameters, not fewer "
                               f"than the teacher's {teacher_params}")
@@ -254,7 +259,7 @@ def distill(cfg: Config, progress: bool = True) -> dict:
             results["labels_only"] = done
         else:
             set_seed(cfg.seed)
-            student = models.create_model(dcfg.arch, len(names), in_chans, False, **noise.model_noise(dcfg))
+            student = _student(dcfg, len(names), in_chans)
             steps = _steps(total, world, dcfg) * epochs
             labeled_total = sum(shard_rows(manifest, "labeled").values())
             per_epoch = _steps(labeled_total, world, dcfg)

@@ -51,10 +51,13 @@ def student_arch(mcfg: ModelConfig, round_index: int, teacher_arch: str) -> str:
 
 
 def create_model(arch: str, num_classes: int, in_chans: int, pretrained: bool | str = False,
-                 drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> torch.nn.Module:
-    """A timm model for our data; ``pretrained`` is True (timm's weights) or a local weights file."""
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.0, **model_args) -> torch.nn.Module:
+    """A timm model for our data; ``pretrained`` is True (timm's weights) or a local weights file.
+
+    ``model_args`` go to the timm constructor (e.g. ``channels`` of a ResNet); timm records them in
+    the model directory's config.json, so ``load_model_dir`` rebuilds the same shape."""
     check_arch(arch)
-    kwargs: dict = {"num_classes": num_classes, "in_chans": in_chans}
+    kwargs: dict = {"num_classes": num_classes, "in_chans": in_chans, **model_args}
     if drop_rate:
         kwargs["drop_rate"] = drop_rate
     if drop_path_rate:

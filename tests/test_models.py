@@ -55,3 +55,18 @@ def test_missing_model_dir_is_a_user_error(tmp_path):
         models.load_model_dir(tmp_path)
     with pytest.raises(ConfigError, match="weights file not found"):
         models.create_model("resnet10t", 2, 1, pretrained=str(tmp_path / "w.safetensors"))
+
+
+def test_constructor_args_travel_with_the_model_dir(tmp_path):
+    """A thinner ResNet (timm's ``channels``) is rebuilt with its own shape from config.json."""
+    import torch
+
+    from pipeline import models
+
+    m = models.create_model("resnet10t", 10, 1, channels=(16, 32, 64, 96)).eval()
+    models.save_model_dir(m, tmp_path, [str(i) for i in range(10)], [0.5], [0.25], 28, 1)
+    back, _ = models.load_model_dir(tmp_path)
+    assert models.num_params(back) == models.num_params(m) < models.num_params(models.create_model("resnet10t", 10, 1))
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(back(x), m(x))
