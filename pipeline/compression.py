@@ -60,7 +60,11 @@ def speeds(model_dirs: list[Path], repeats: int = 3, runs: int = 30, batches: in
 def _describe(d: Path, card: dict, speed: dict) -> dict:
     m, conf = models.load_model_dir(d)
     prep = models.preprocessing(conf)
-    return {"model": conf.get("architecture", card.get("arch")), "dir": str(d), "params": models.num_params(m),
+    name = conf.get("architecture", card.get("arch"))
+    channels = conf.get("model_args", {}).get("channels")
+    if channels:
+        name += f" (channels {'/'.join(map(str, channels))})"
+    return {"model": name, "dir": str(d), "params": models.num_params(m),
             "macs": evaluation.macs(m, 1 if prep["mode"] == "L" else 3, prep["size"]),
             "file_bytes": (d / models.WEIGHTS).stat().st_size, "test_top1": card["metrics"]["test_top1"], **speed}
 

@@ -29,15 +29,19 @@ def _save(fig, path: Path) -> Path:
 
 
 def accuracy_per_round(path: Path, labels: list[str], top1: list[float], reference: float | None = None) -> Path:
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    fig, ax = plt.subplots(figsize=(max(5.5, 1.3 * len(labels)), 3.8))
     x = np.arange(len(labels))
-    ax.plot(x, top1, marker="o")
+    rounds = [i for i, label in enumerate(labels) if label.startswith("round ")]
+    others = [i for i in range(len(labels)) if i not in rounds]
+    ax.plot(x[rounds], [top1[i] for i in rounds], marker="o", label="self-training rounds")
+    if others:  # distilled or other models: points, not a trend
+        ax.plot(x[others], [top1[i] for i in others], "s", color="tab:red", label="other models")
     for xi, v in zip(x, top1, strict=True):
         ax.annotate(f"{v:.2f}", (xi, v), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
     if reference is not None:
         ax.axhline(reference, color="gray", ls="--", lw=1, label="round-0 teacher")
-        ax.legend(fontsize=8, loc="lower right")
-    ax.set_xticks(x, labels, fontsize=8)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_xticks(x, [label.replace(" ", "\n", 1) for label in labels], fontsize=8)
     ax.set_ylabel("test top-1 (%)")
     ax.set_title("Test accuracy per model")
     ax.grid(alpha=0.3)
