@@ -79,7 +79,7 @@ def teacher(tiny_data, tmp_path_factory):
     return {"ov": ov, "exp": runs / "kd"}
 
 
-DISTILL = ["distill.arch=test_resnet", "distill.epochs=2", "distill.batch_size=16", "distill.workers=0",
+DISTILL = ["distill.arch=test_resnet", "distill.channels=null", "distill.temperature=4", "distill.epochs=2", "distill.batch_size=16", "distill.workers=0",
            "distill.hflip=false", "distill.crop_pad=0", "distill.warmup_epochs=0", "distill.lr=0.003"]
 
 
@@ -107,7 +107,7 @@ def test_distill_online_with_baseline_and_report(teacher):
     stage("distill.py", *teacher["ov"], *DISTILL, "distill.name=kd1", "distill.mixup=0.2")
     assert (out / "model.safetensors").stat().st_mtime_ns == before
     r = stage("distill.py", *teacher["ov"], *DISTILL, "distill.name=kd1", "distill.mixup=0.2",
-              "distill.temperature=2", check=False)
+              "distill.temperature=3", check=False)
     assert r.returncode == 2 and "distill.temperature" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -133,5 +133,6 @@ def test_distill_offline_targets_and_their_check(teacher):
 
 
 def test_distill_refuses_a_student_that_is_not_smaller(teacher):
-    r = stage("distill.py", *teacher["ov"], "distill.arch=resnet18", "distill.name=big", check=False)
+    r = stage("distill.py", *teacher["ov"], "distill.arch=resnet18", "distill.channels=null", "distill.name=big",
+              check=False)
     assert r.returncode == 2 and "not fewer" in r.stderr

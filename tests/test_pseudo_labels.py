@@ -27,7 +27,7 @@ def test_parquet_round_trip_and_metadata(tmp_path):
     ptype = t.schema.field("probs").type
     assert ptype.list_size == 3 and str(ptype.value_type) == "float"
     meta = pl.read_meta(path)
-    assert meta == {"teacher_sha256": "t" * 64, "class_names": NAMES, "rows": 2}
+    assert meta == {"teacher_sha256": "t" * 64, "class_names": NAMES, "rows": 2, "tta": False}
     assert pl.validates(path, 2, "t" * 64, NAMES)
     assert not pl.validates(path, 3, "t" * 64, NAMES)
     assert not pl.validates(path, 2, "u" * 64, NAMES)
@@ -94,6 +94,18 @@ def test_check_rejects_mismatches(tmp_path):
         pl.check(tmp_path, {shard: 2, "unlabeled-000001.tar": 1}, "t" * 64, NAMES)
     with pytest.raises(ConfigError, match="the data lacks"):
         pl.check(tmp_path, {}, "t" * 64, NAMES)
+
+
+def test_labels_made_with_another_tta_setting_are_not_reused(tmp_path):
+    shard = "unlabeled-000000.tar"
+    path = tmp_path / pl.parquet_name(shard)
+    pl.write_parquet(path, shard, ["k1"], np.asarray([[0.6, 0.3, 0.1]], np.float32), "t" * 64, NAMES, tta=True)
+    assert pl.validates(path, 1, "t" * 64, NAMES, tta=True)
+    assert not pl.validates(path, 1, "t" * 64, NAMES, tta=False)  # a rerun relabels it
+    pl.write_manifest(tmp_path, [tmp_path / shard], tmp_path, "t" * 64, NAMES, {}, "d", tta=True)
+    assert pl.check(tmp_path, {shard: 1}, "t" * 64, NAMES, tta=True)["tta"] == "hflip"
+    with pytest.raises(ConfigError, match="pseudo_label.tta"):
+        pl.check(tmp_path, {shard: 1}, "t" * 64, NAMES, tta=False)
 
 
 def test_soft_cross_entropy_matches_hard_ce_for_one_hot():
