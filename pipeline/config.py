@@ -40,6 +40,9 @@ class DataConfig:
     shard_size: int = field(default=5000, metadata=_range(1))
     max_unlabeled: int | None = field(default=None, metadata=_range(1))  # cap the pool (tests, quick runs)
     max_test: int | None = field(default=None, metadata=_range(1))
+    # bad samples (undecodable, unlabeled, damaged shards) are skipped and counted; past this share
+    # of a stage's samples the stage stops instead
+    max_bad_share: float = field(default=0.01, metadata=_range(0, 1))
 
 
 @dataclass
@@ -64,7 +67,7 @@ class RandAugmentConfig:
 class TrainConfig:
     """One training run (teacher, student or fine-tune): optimisation, augmentation and noise."""
 
-    epochs: int | list[int] = 30  # a list gives one value per round (students), last repeats
+    epochs: int | list[int] = field(default=30, metadata=_range(1))  # a list gives one value per round (students), last repeats
     batch_size: int = field(default=128, metadata=_range(1))
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = field(default=2e-3, metadata=_range(0, lo_open=True))
@@ -117,7 +120,7 @@ class DistillConfig(TrainConfig):
     alpha: float = field(default=0.9, metadata=_range(0, 1))  # labeled: alpha KD + (1 - alpha) CE
     mixup: float = field(default=0.0, metadata=_range(0))  # online only: Beta(a, a) mixup; 0 = off
     labels_only: bool = True  # also train the student on the labels alone, same budget, to compare
-    epochs: int | list[int] = 10
+    epochs: int | list[int] = field(default=10, metadata=_range(1))
     batch_size: int = field(default=256, metadata=_range(1))
 
 
@@ -164,7 +167,7 @@ class Config:
 
 # keys that change how fast a stage runs, never what it makes
 RUNTIME_KEYS = {"runs_dir", "pseudo_label.batch_size", "pseudo_label.workers", "teacher.workers",
-                "student.workers", "data.root", "data.download"}
+                "student.workers", "data.root", "data.download", "data.max_bad_share"}
 
 
 # ---------------------------------------------------------------- validation

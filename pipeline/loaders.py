@@ -11,11 +11,13 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
-from .shards import assign, decode_image, image_bytes, iter_samples, sample_label
+from .bad_samples import DataError, Skip, SkipLog
+from .shards import BadImage, ShardError, assign, decode_image, image_bytes, iter_samples, sample_label
 
 # shard path -> {key: (repeat count, target)}; None means "every sample once, target = its label"
 TargetFn = Callable[[str], dict]
@@ -36,19 +38,24 @@ class StreamSpec:
     targets: TargetFn | None = None  # pseudo-label targets; None: labels from the shards
     missing_label: int | None = None  # label of samples without one (e.g. -1 for the pool); None: an error
     with_label: bool = False  # with ``targets``: yield (target, label) so a loss can use both
+    rows: dict[str, int] | None = None  # shard file name -> samples it should hold (finds short shards)
 
 
 class ShardStream(IterableDataset):
-    """(uint8 image tensor, target) samples of this rank/worker's share, for one epoch.
+    """Batches ``(uint8 images, targets, skips)`` of this rank/worker's share, for one epoch.
 
-    ``endless``: after a pass, start another (reshuffled) one, so a batch always fills however
-    small the share; the caller takes as many batches as it needs.
+    Bad samples (undecodable, no image, no label, a damaged or short shard) are left out of the
+    batches and listed in ``skips`` (``bad_samples.Skip``), so the main process can count and
+    report them whatever worker met them. ``endless``: after a pass, start another (reshuffled)
+    one, so a batch always fills however small the share; the caller takes as many as it needs.
     """
 
-    def __init__(self, spec: StreamSpec, epoch: int, endless: bool = False):
+    def __init__(self, spec: StreamSpec, epoch: int, batch_size: int, endless: bool = False,
+                 drop_last: bool = True):
         self.spec, self.epoch, self.endless = spec, epoch, endless
+        self.batch_size, self.drop_last = batch_size, drop_last
 
-    def _raw(self, salt: int) -> Iterator[tuple[bytes, object, str]]:
+    def _raw(self, salt: int) -> Iterator[tuple[bytes, object, str, str] | Skip]:
         spec = self.spec
         info = get_worker_info()
         wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
@@ -57,54 +64,108 @@ class ShardStream(IterableDataset):
             random.Random(f"{spec.seed}/{self.epoch}/{salt}").shuffle(shards)
         mine, mod, rem = assign(shards, spec.rank * nworkers + wid, spec.world * nworkers)
         for shard in mine:
+            name = Path(shard).name
             table = spec.targets(shard) if spec.targets is not None else None
-            for pos, sample in enumerate(iter_samples(shard)):
-                if pos % mod != rem:
-                    continue
-                key = sample["__key__"]
-                data = image_bytes(sample)
-                if data is None:
-                    raise ValueError(f"{shard}: sample {key} has no image")
-                label = sample_label(sample)
-                if label is None:
-                    label = spec.missing_label
-                if table is None:
+            pos = 0
+            try:
+                for pos, sample in enumerate(iter_samples(shard), start=1):
+                    if (pos - 1) % mod != rem:
+                        continue
+                    key = sample["__key__"]
+                    data = image_bytes(sample)
+                    if data is None:
+                        members = ", ".join(sorted(k for k in sample if not k.startswith("__")))
+                        yield Skip(name, key, f"no image member (has: {members or 'nothing'})")
+                        continue
+                    try:
+                        label = sample_label(sample)
+                    except ValueError:
+                        yield Skip(name, key, "label (.cls) is not an integer")
+                        continue
                     if label is None:
-                        raise ValueError(f"{shard}: sample {key} has no label (.cls)")
-                    yield data, label, key
-                    continue
-                repeat, target = table.get(key, (0, None))
-                if spec.with_label:
-                    target = (target, -1 if label is None else label)
-                for _ in range(repeat):
-                    yield data, target, key
+                        label = spec.missing_label
+                    if table is None:
+                        if label is None:
+                            yield Skip(name, key, "no label (.cls)")
+                            continue
+                        yield data, label, key, name
+                        continue
+                    repeat, target = table.get(key, (0, None))
+                    if spec.with_label:
+                        target = (target, -1 if label is None else label)
+                    for _ in range(repeat):
+                        yield data, target, key, name
+            except ShardError as e:
+                yield Skip(name, f"after {e.after}" if e.after else "-", f"damaged tar: {e.reason}",
+                           _lost(spec.rows, name, pos, mod, rem))
+                continue
+            expected = (spec.rows or {}).get(name)
+            if expected is not None and pos < expected:
+                yield Skip(name, "-", f"shard ends early ({pos} of {expected} samples)",
+                           _lost(spec.rows, name, pos, mod, rem))
+            elif pos == 0:
+                yield Skip(name, "-", "empty shard", 0)
 
-    def __iter__(self):
+    def _samples(self, salt: int) -> Iterator[tuple[torch.Tensor, object] | Skip]:
         spec = self.spec
         info = get_worker_info()
-        wid = info.id if info else 0
+        rng = random.Random(f"{spec.seed}/{self.epoch}/{salt}/{spec.rank}/{info.id if info else 0}")
+        raw = self._raw(salt)
+        if spec.shuffle and spec.buffer > 1:
+            raw = _buffer_shuffle(raw, spec.buffer, rng)
+        for item in raw:
+            if isinstance(item, Skip):
+                yield item
+                continue
+            data, target, key, shard = item
+            try:
+                img = spec.transform(decode_image(data, spec.mode))
+            except (BadImage, OSError, ValueError) as e:
+                yield Skip(shard, key, str(e) if isinstance(e, BadImage) else f"cannot convert: {e}")
+                continue
+            yield img, target
+
+    def __iter__(self):
         salt = 0
+        imgs: list[torch.Tensor] = []
+        targets: list = []
+        skips: list[Skip] = []
         while True:
-            rng = random.Random(f"{spec.seed}/{self.epoch}/{salt}/{spec.rank}/{wid}")
-            raw = self._raw(salt)
-            if spec.shuffle and spec.buffer > 1:
-                raw = _buffer_shuffle(raw, spec.buffer, rng)
             produced = False
-            for data, target, key in raw:
-                try:
-                    img = decode_image(data, spec.mode)
-                except Exception as e:
-                    raise ValueError(f"cannot decode image of sample {key}: {e}") from None
+            for item in self._samples(salt):
+                if isinstance(item, Skip):
+                    skips.append(item)
+                    continue
                 produced = True
-                yield spec.transform(img), target
+                imgs.append(item[0])
+                targets.append(item[1])
+                if len(imgs) == self.batch_size:
+                    yield torch.stack(imgs), default_collate(targets), skips
+                    imgs, targets, skips = [], [], []
             if not (self.endless and produced):
-                return
+                break
             salt += 1
+        if imgs and not self.drop_last:
+            yield torch.stack(imgs), default_collate(targets), skips
+        elif skips:
+            yield None, None, skips
+
+
+def _lost(rows: dict | None, name: str, pos: int, mod: int, rem: int) -> int:
+    """Samples of this consumer's share of shard ``name`` after position ``pos`` (1 if unknown)."""
+    expected = (rows or {}).get(name)
+    if expected is None:
+        return 1
+    return sum(1 for p in range(pos, expected) if p % mod == rem)
 
 
 def _buffer_shuffle(items: Iterator, size: int, rng: random.Random) -> Iterator:
+    """Shuffle through a buffer of ``size``; skip records pass straight through."""
     buf: list = []
     for item in items:
+        if isinstance(item, Skip):
+            yield item
+            continue
         if len(buf) < size:
             buf.append(item)
             continue
@@ -115,34 +176,50 @@ def _buffer_shuffle(items: Iterator, size: int, rng: random.Random) -> Iterator:
     yield from buf
 
 
-def _loader(spec: StreamSpec, epoch: int, batch_size: int, workers: int) -> DataLoader:
+def _loader(spec: StreamSpec, epoch: int, batch_size: int, workers: int, endless: bool = True,
+            drop_last: bool = True) -> DataLoader:
     gen = torch.Generator()
     gen.manual_seed(hash((spec.seed, epoch, spec.rank)) & 0x7FFFFFFF)
-    return DataLoader(ShardStream(spec, epoch, endless=True), batch_size=batch_size, num_workers=workers,
-                      drop_last=True, generator=gen, pin_memory=torch.cuda.is_available(),
+    return DataLoader(ShardStream(spec, epoch, batch_size, endless=endless, drop_last=drop_last), batch_size=None,
+                      num_workers=workers, generator=gen, pin_memory=torch.cuda.is_available(),
                       prefetch_factor=4 if workers else None)
 
 
-def epoch_batches(spec: StreamSpec, epoch: int, steps: int, batch_size: int, workers: int) -> Iterator:
+def _counted(loader: Iterator, log: SkipLog | None) -> Iterator:
+    """(images, targets) of each batch; skip records go to ``log``."""
+    for x, y, skips in loader:
+        if log is not None:
+            log.extend(skips)
+        if x is None:
+            continue
+        if log is not None:
+            log.use(len(x))
+        yield x, y
+
+
+def epoch_batches(spec: StreamSpec, epoch: int, steps: int, batch_size: int, workers: int,
+                  log: SkipLog | None = None) -> Iterator:
     """Exactly ``steps`` batches for ``epoch`` (a pass over the share, topped up by the next)."""
     n = 0
-    for batch in _loader(spec, epoch, batch_size, workers):
+    for batch in _counted(_loader(spec, epoch, batch_size, workers), log):
         yield batch
         n += 1
         if n >= steps:
             return
-    raise RuntimeError(f"rank {spec.rank}: the data stream is empty ({len(spec.shards)} shard(s))")
+    raise DataError(f"rank {spec.rank}: the data stream has no usable sample ({len(spec.shards)} shard(s))")
 
 
-def endless_batches(spec: StreamSpec, epoch: int, batch_size: int, workers: int) -> Iterator:
+def endless_batches(spec: StreamSpec, epoch: int, batch_size: int, workers: int,
+                    log: SkipLog | None = None) -> Iterator:
     """Batches forever (the labeled stream beside the pseudo-labeled one)."""
-    yield from _loader(spec, epoch + 100003, batch_size, workers)
-    raise RuntimeError(f"rank {spec.rank}: the labeled stream is empty")
+    yield from _counted(_loader(spec, epoch + 100003, batch_size, workers), log)
+    raise DataError(f"rank {spec.rank}: the labeled stream has no usable sample")
 
 
 def eval_batches(shards: list[str], mode: str, transform: Callable, batch_size: int, workers: int,
-                 rank: int = 0, world: int = 1) -> DataLoader:
-    """One unshuffled pass over this rank's share, last batch kept."""
-    spec = StreamSpec(shards=shards, mode=mode, transform=transform, rank=rank, world=world, shuffle=False)
-    return DataLoader(ShardStream(spec, 0, endless=False), batch_size=batch_size, num_workers=workers, drop_last=False,
-                      prefetch_factor=4 if workers else None)
+                 rank: int = 0, world: int = 1, log: SkipLog | None = None,
+                 rows: dict[str, int] | None = None) -> Iterator:
+    """One unshuffled pass over this rank's share, last batch kept; bad samples go to ``log``."""
+    spec = StreamSpec(shards=shards, mode=mode, transform=transform, rank=rank, world=world, shuffle=False,
+                      rows=rows)
+    return _counted(_loader(spec, 0, batch_size, workers, endless=False, drop_last=False), log)

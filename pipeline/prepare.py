@@ -28,15 +28,16 @@ from .artifacts import (
     short_hash,
     write_json_atomic,
 )
+from .bad_samples import DataError, Skip, SkipLog
 from .config import Config, ConfigError, DataConfig, to_dict
-from .shards import write_shard
+from .shards import BadImage, decode_image, iter_samples, write_shard
 from .sources import Source, is_torchvision_name, labeled_source, unlabeled_source
 
 SPLITS = ("labeled", "val", "unlabeled", "test")
 MANIFEST = "manifest.json"
 TRUTH = "unlabeled-truth.parquet"
 ORIGINS = "sources.parquet"  # key, split, where each sample came from (path, archive member, index)
-_DATA_RUNTIME_KEYS = {"root", "download"}
+_DATA_RUNTIME_KEYS = {"root", "download", "max_bad_share"}
 
 
 def data_identity(data: DataConfig) -> dict:
@@ -66,12 +67,37 @@ def load_manifest(directory: Path, verify: str = "size") -> dict | None:
 
 
 def require_data(cfg: Config) -> tuple[Path, dict]:
-    """The prepared data of ``cfg`` or a ConfigError saying how to make it."""
+    """The prepared data of ``cfg`` with every shard checked against its manifest's sha256, or a
+    ConfigError saying what is wrong and how to mend it."""
     d = data_dir(cfg)
-    manifest = load_manifest(d)
-    if manifest is None:
+    mpath = d / MANIFEST
+    if not mpath.is_file():
         raise ConfigError(f"prepared data not found in {d}: run stages/prepare_data.py with the same config")
+    manifest = read_json(mpath)
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            p = d / shard["file"]
+            if not p.is_file() or p.stat().st_size != shard["bytes"] or sha256_file(p) != shard["sha256"]:
+                raise DataError(f"shard {p} is missing or does not match its manifest (sha256): it was changed or "
+                                f"damaged after prepare; rerun stages/prepare_data.py with the same config to rebuild it")
     return d, manifest
+
+
+def split_keys(directory: Path, manifest: dict, split: str) -> dict[str, list[str]] | None:
+    """Shard file name -> its keys in order, from the origins table (None for data made without it)."""
+    path = directory / ORIGINS
+    entry = manifest.get("origins")
+    if not path.is_file() or entry is None or sha256_file(path) != entry["sha256"]:
+        return None
+    table = pq.read_table(path)
+    if "shard" not in table.column_names:
+        return None
+    out: dict[str, list[str]] = {}
+    for key, sp, shard in zip(table.column("key").to_pylist(), table.column("split").to_pylist(),
+                              table.column("shard").to_pylist(), strict=True):
+        if sp == split:
+            out.setdefault(shard, []).append(key)
+    return out
 
 
 def shard_paths(directory: Path, manifest: dict, split: str) -> list[Path]:
@@ -137,27 +163,69 @@ def _plan(cfg: Config) -> tuple[dict[str, tuple[Source, np.ndarray, str]], Sourc
     return plan, train
 
 
-def _samples(split: str, source: Source, indices: np.ndarray, prefix: str, truth: list, bar: tqdm):
-    for i in indices.tolist():
+def _key(prefix: str, i: int) -> str:
+    return f"{prefix}_{i:08d}"
+
+
+def _read(source: Source, i: int, mode: str | None) -> tuple[bytes, str]:
+    """Item ``i``'s bytes, decoded once to prove they are an image when the source needs it."""
+    try:
         data, ext = source.get(i)
-        sample = {"__key__": f"{prefix}_{i:08d}", ext: data}
-        if source.labels is not None:
-            if split == "unlabeled":
-                truth.append((sample["__key__"], source.labels[i]))  # kept aside, never in shards
-            else:
-                sample["cls"] = str(source.labels[i])
+    except OSError as e:
+        raise BadImage(f"unreadable: {e.strerror or e}") from None
+    if source.verify and mode is not None:
+        decode_image(data, mode)
+    return data, ext
+
+
+def _samples(split: str, source: Source, indices: np.ndarray, prefix: str, written: list, mode: str,
+             log: SkipLog, bar: tqdm):
+    """Shard samples of ``indices``; bad images are skipped into ``log``, the written indices
+    appended to ``written``."""
+    for i in indices.tolist():
         bar.update(1)
+        try:
+            data, ext = _read(source, i, mode)
+        except BadImage as e:
+            log.skip(Skip(source.origin(i), _key(prefix, i), str(e)))
+            continue
+        sample = {"__key__": _key(prefix, i), ext: data}
+        if source.labels is not None and split != "unlabeled":  # the pool's labels stay out of shards
+            sample["cls"] = str(source.labels[i])
+        written.append(i)
+        log.use(1)
         yield sample
 
 
+def _written(path: Path, prefix: str) -> list[int]:
+    """Source indices of the samples in a finished shard (from its keys)."""
+    return [int(s["__key__"].rsplit("_", 1)[1]) for s in iter_samples(path) if s["__key__"].startswith(prefix)]
+
+
+def _probe_mode(source: Source, indices: np.ndarray) -> tuple[str, tuple[int, int]]:
+    """Image mode ("L" or "RGB") and size (h, w) of the first labeled image that decodes."""
+    for i in indices[:1000].tolist():
+        try:
+            img = Image.open(io.BytesIO(source.get(i)[0]))
+            img.load()
+        except (OSError, ValueError, SyntaxError):
+            continue
+        return ("L" if img.mode in ("L", "1", "I;16", "I") else "RGB"), img.size[::-1]
+    raise DataError(f"{source.name}: none of the first labeled images can be decoded")
+
+
 def _channel_stats(source: Source, indices: np.ndarray, mode: str, limit: int = 5000) -> tuple[list, list]:
-    """Per-channel pixel mean and std (in [0, 1]) of up to ``limit`` labeled images."""
+    """Per-channel pixel mean and std (in [0, 1]) of up to ``limit`` labeled images (bad ones skipped)."""
     total, sq, n = 0.0, 0.0, 0
     for i in indices[:limit].tolist():
-        data, _ = source.get(i)
-        a = np.asarray(Image.open(io.BytesIO(data)).convert(mode), dtype=np.float64) / 255.0
+        try:
+            a = np.asarray(decode_image(source.get(i)[0], mode), dtype=np.float64) / 255.0
+        except (BadImage, OSError):
+            continue
         a = a.reshape(-1, 1 if mode == "L" else 3)
         total, sq, n = total + a.sum(0), sq + (a * a).sum(0), n + len(a)
+    if n == 0:
+        raise DataError(f"{source.name}: no labeled image can be decoded")
     mean = total / n
     std = np.sqrt(np.maximum(sq / n - mean * mean, 1e-12))
     return [round(float(v), 4) for v in mean], [round(float(v), 4) for v in std]
@@ -170,45 +238,64 @@ def prepare(cfg: Config, progress: bool = True) -> Path:
         return out
     out.mkdir(parents=True, exist_ok=True)
     clean_tmp(out)
+    if (out / MANIFEST).is_file():  # finished once, damaged since: rebuild what no longer matches
+        for split in read_json(out / MANIFEST)["splits"].values():
+            for shard in split["shards"]:
+                p = out / shard["file"]
+                if p.is_file() and (p.stat().st_size != shard["bytes"] or sha256_file(p) != shard["sha256"]):
+                    p.unlink()
     t0 = time.time()
     plan, train = _plan(cfg)
-    first, _ = train.get(0)
-    probe = Image.open(io.BytesIO(first))
-    mode = "L" if probe.mode in ("L", "1", "I;16", "I") else "RGB"
+    mode, image_size = _probe_mode(train, plan["labeled"][1])
     total = sum(len(ix) for _, ix, _ in plan.values())
+    log = SkipLog("prepare", cfg.data.max_bad_share, expected=total)
+    for source in {id(src): src for src, _, _ in plan.values()}.values():
+        log.extend(source.skipped)
     splits: dict[str, dict] = {}
     truth: list[tuple[str, int]] = []
-    origins: dict[str, list] = {"key": [], "split": [], "origin": []}
+    origins: dict[str, list] = {"key": [], "split": [], "shard": [], "origin": []}
     num_classes = len(train.class_names)
     size = cfg.data.shard_size
     with tqdm(total=total, desc=f"prepare {out.name}", unit="img", disable=not progress) as bar:
         for split, (source, indices, prefix) in plan.items():
-            shards = []
+            shards, kept = [], []
             for s in range(math.ceil(len(indices) / size)):
                 chunk = indices[s * size:(s + 1) * size]
                 path = out / f"{split}-{s:06d}.tar"
+                written: list[int] = []
                 if path.is_file():  # finished by an earlier, interrupted run of this same config
-                    shards.append({"file": path.name, "samples": len(chunk), "bytes": path.stat().st_size,
+                    written = _written(path, prefix)
+                    shards.append({"file": path.name, "samples": len(written), "bytes": path.stat().st_size,
                                    "sha256": sha256_file(path)})
-                    if split == "unlabeled" and source.labels is not None:
-                        truth.extend((f"{prefix}_{i:08d}", source.labels[i]) for i in chunk.tolist())
+                    log.use(len(written))
                     bar.update(len(chunk))
+                else:
+                    shards.append(write_shard(path, _samples(split, source, chunk, prefix, written, mode, log, bar)))
+                if not written:
+                    path.unlink(missing_ok=True)
+                    shards.pop()
                     continue
-                shards.append(write_shard(path, _samples(split, source, chunk, prefix, truth, bar)))
-            origins["key"] += [f"{prefix}_{i:08d}" for i in indices.tolist()]
-            origins["split"] += [split] * len(indices)
-            origins["origin"] += [source.origin(i) for i in indices.tolist()]
+                kept += written
+                origins["key"] += [_key(prefix, i) for i in written]
+                origins["split"] += [split] * len(written)
+                origins["shard"] += [path.name] * len(written)
+                origins["origin"] += [source.origin(i) for i in written]
+                if split == "unlabeled" and source.labels is not None:  # kept aside, never in shards
+                    truth.extend((_key(prefix, i), source.labels[i]) for i in written)
             per_class = None
             if source.labels is not None:
-                per_class = np.bincount(np.asarray(source.labels)[indices], minlength=num_classes).tolist()
-            splits[split] = {"count": int(len(indices)), "per_class": per_class, "shards": shards,
+                per_class = np.bincount(np.asarray(source.labels)[np.asarray(kept, dtype=np.int64)],
+                                        minlength=num_classes).tolist()
+            splits[split] = {"count": len(kept), "per_class": per_class, "shards": shards,
                              "source": source.name}
+    log.check()
     mean, std = _channel_stats(plan["labeled"][0], plan["labeled"][1], mode)
     manifest = {
         "kind": "data", "config": data_identity(cfg.data), "seed": cfg.data.seed,
         "class_names": train.class_names, "num_classes": num_classes,
-        "image": {"mode": mode, "size": list(probe.size[::-1]), "mean": mean, "std": std},
-        "splits": splits, "code_version": code_version(), "seconds": round(time.time() - t0, 1),
+        "image": {"mode": mode, "size": list(image_size), "mean": mean, "std": std},
+        "splits": splits, "bad_samples": log.metrics(), "code_version": code_version(),
+        "seconds": round(time.time() - t0, 1),
     }
     with atomic_path(out / ORIGINS) as tmp:
         pq.write_table(pa.table(origins), tmp)
@@ -242,17 +329,21 @@ def prepare_test(spec: str, cfg: Config, progress: bool = True) -> tuple[Path, d
     out.mkdir(parents=True, exist_ok=True)
     clean_tmp(out)
     indices = np.arange(len(source))
+    mode, _ = _probe_mode(source, indices)
+    log = SkipLog("prepare test", cfg.data.max_bad_share, expected=len(indices))
     size = cfg.data.shard_size
-    shards = []
+    shards, written = [], []
     with tqdm(total=len(indices), desc=f"prepare {out.name}", unit="img", disable=not progress) as bar:
         for s in range(math.ceil(len(indices) / size)):
             chunk = indices[s * size:(s + 1) * size]
-            shards.append(write_shard(out / f"test-{s:06d}.tar", _samples("test", source, chunk, "test", [], bar)))
+            shards.append(write_shard(out / f"test-{s:06d}.tar",
+                                      _samples("test", source, chunk, "test", written, mode, log, bar)))
+    log.check()
     manifest = {"kind": "data", "config": identity, "class_names": source.class_names,
                 "num_classes": len(source.class_names),
-                "splits": {"test": {"count": len(indices), "shards": shards, "source": source.name,
-                                    "per_class": np.bincount(np.asarray(source.labels),
+                "splits": {"test": {"count": len(written), "shards": shards, "source": source.name,
+                                    "per_class": np.bincount(np.asarray(source.labels)[np.asarray(written, dtype=np.int64)],
                                                              minlength=len(source.class_names)).tolist()}},
-                "code_version": code_version()}
+                "bad_samples": log.metrics(), "code_version": code_version()}
     write_json_atomic(out / MANIFEST, manifest)
     return out, manifest

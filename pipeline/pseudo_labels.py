@@ -22,9 +22,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
+from . import failpoints
 from .artifacts import atomic_path, clean_tmp, code_version, read_json, sha256_file, write_json_atomic
+from .bad_samples import Skip, SkipLog
 from .config import ConfigError, StudentConfig
-from .shards import decode_image, image_bytes, iter_samples
+from .shards import BadImage, ShardError, decode_image, image_bytes, iter_samples
 
 MANIFEST = "manifest.json"
 
@@ -39,8 +41,12 @@ def schema(num_classes: int) -> pa.Schema:
 
 
 def write_parquet(path: Path, shard: str, keys: list[str], probs: np.ndarray, teacher_sha256: str,
-                  class_names: list[str], tta: bool = False) -> None:
-    """One shard's pseudo labels, written atomically (probs: float32 [n, C], softmax at T=1)."""
+                  class_names: list[str], tta: bool = False, skipped: list[Skip] | None = None) -> None:
+    """One shard's pseudo labels, written atomically (probs: float32 [n, C], softmax at T=1).
+
+    ``skipped``: the shard's samples that could not be labeled (bad images); their keys and the
+    reason go into the file's metadata, so rows + skipped always account for the whole shard.
+    """
     n, c = probs.shape if probs.size else (0, len(class_names))
     probs = probs.astype(np.float32, copy=False).reshape(n, c)
     label = probs.argmax(1).astype(np.int32) if n else np.zeros(0, np.int32)
@@ -50,18 +56,23 @@ def write_parquet(path: Path, shard: str, keys: list[str], probs: np.ndarray, te
                       pa.array(label), pa.array(conf, pa.float32()),
                       pa.FixedSizeListArray.from_arrays(flat, c)], schema=schema(c))
     meta = {b"teacher_sha256": teacher_sha256.encode(), b"class_names": json.dumps(class_names).encode(),
-            b"tta": b"hflip" if tta else b"none"}
+            b"tta": b"hflip" if tta else b"none",
+            b"skipped": json.dumps([{"key": s.key, "reason": s.reason, "count": s.count}
+                                    for s in skipped or []]).encode()}
     table = table.replace_schema_metadata(meta)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, row_group_size=65536)
+        failpoints.hit("parquet_write")
 
 
 def read_meta(path: Path) -> dict:
     md = pq.read_schema(path).metadata or {}
+    skipped = json.loads(md.get(b"skipped", b"[]").decode())
     return {"teacher_sha256": md.get(b"teacher_sha256", b"").decode(),
             "class_names": json.loads(md.get(b"class_names", b"null").decode()),
             "tta": md.get(b"tta", b"none").decode() == "hflip",
-            "rows": pq.ParquetFile(path).metadata.num_rows}
+            "rows": pq.ParquetFile(path).metadata.num_rows, "skipped": skipped,
+            "skipped_count": sum(int(x.get("count", 1)) for x in skipped)}
 
 
 def validates(path: Path, rows: int, teacher_sha256: str, class_names: list[str], tta: bool = False) -> bool:
@@ -72,38 +83,61 @@ def validates(path: Path, rows: int, teacher_sha256: str, class_names: list[str]
         meta = read_meta(path)
     except (OSError, pa.ArrowException, ValueError):
         return False
-    return (meta["rows"] == rows and meta["teacher_sha256"] == teacher_sha256 and meta["class_names"] == class_names
-            and meta["tta"] == tta)
+    return (meta["rows"] + meta["skipped_count"] == rows and meta["teacher_sha256"] == teacher_sha256
+            and meta["class_names"] == class_names and meta["tta"] == tta)
 
 
 class _ShardBatches(IterableDataset):
-    """Batches of one shard at a time, tagged (shard index, keys, images, is last batch)."""
+    """Batches of one shard at a time, tagged (shard index, keys, images, is last batch, skips).
 
-    def __init__(self, shards: list[str], mode: str, transform, batch_size: int):
+    A bad sample (no image, undecodable, a damaged shard's lost tail) is not labeled; it travels
+    as a ``Skip`` with the batch so the writer can record it in the shard's file and count it.
+    """
+
+    def __init__(self, shards: list[str], mode: str, transform, batch_size: int, rows: dict[str, int]):
         self.shards, self.mode, self.transform, self.batch_size = shards, mode, transform, batch_size
+        self.rows = rows
 
     def __iter__(self):
         info = get_worker_info()
         wid, n = (info.id, info.num_workers) if info else (0, 1)
         indices = list(range(len(self.shards)))[wid::n]
         for si in indices:
+            name = Path(self.shards[si]).name
             keys: list[str] = []
             imgs: list[torch.Tensor] = []
-            for sample in iter_samples(self.shards[si]):
-                data = image_bytes(sample)
-                if data is None:
-                    raise ValueError(f"{self.shards[si]}: sample {sample['__key__']} has no image")
-                keys.append(sample["__key__"])
-                imgs.append(self.transform(decode_image(data, self.mode)))
-                if len(keys) == self.batch_size:
-                    yield si, keys, torch.stack(imgs), False
-                    keys, imgs = [], []
-            yield si, keys, torch.stack(imgs) if imgs else torch.zeros(0, dtype=torch.uint8), True
+            skips: list[Skip] = []
+            pos = 0
+            try:
+                for sample in iter_samples(self.shards[si]):
+                    pos += 1
+                    key = sample["__key__"]
+                    data = image_bytes(sample)
+                    if data is None:
+                        skips.append(Skip(name, key, "no image member"))
+                        continue
+                    try:
+                        imgs.append(self.transform(decode_image(data, self.mode)))
+                    except (BadImage, OSError, ValueError) as e:
+                        skips.append(Skip(name, key, str(e)))
+                        continue
+                    keys.append(key)
+                    if len(keys) == self.batch_size:
+                        yield si, keys, torch.stack(imgs), False, skips
+                        keys, imgs, skips = [], [], []
+            except ShardError as e:
+                skips.append(Skip(name, f"after {e.after}" if e.after else "-", f"damaged tar: {e.reason}",
+                                  max(1, self.rows.get(name, pos) - pos)))
+            else:
+                if pos < self.rows.get(name, pos):
+                    skips.append(Skip(name, "-", f"shard ends early ({pos} of {self.rows[name]} samples)",
+                                      self.rows[name] - pos))
+            yield si, keys, torch.stack(imgs) if imgs else torch.zeros(0, dtype=torch.uint8), True, skips
 
 
 def label_shards(model: torch.nn.Module, shards: list[Path], out_dir: Path, *, shard_rows: dict[str, int],
                  teacher_sha256: str, class_names: list[str], prep: dict, batch_size: int, workers: int,
-                 accelerator, progress: bool = True, tta: bool = False) -> dict:
+                 accelerator, progress: bool = True, tta: bool = False, max_bad_share: float = 0.01) -> dict:
     """Label this rank's unfinished shards; returns this rank's {"samples", "seconds"}.
 
     ``tta``: average the softmax of each image and its mirror image (flip test-time augmentation,
@@ -123,18 +157,22 @@ def label_shards(model: torch.nn.Module, shards: list[Path], out_dir: Path, *, s
     mean = torch.tensor(prep["mean"], device=device)
     std = torch.tensor(prep["std"], device=device)
     total = sum(shard_rows[Path(s).name] for s in todo)
+    log = SkipLog("pseudo_label" + (f" (rank {accelerator.process_index})" if accelerator.num_processes > 1 else ""),
+                  max_bad_share, expected=total)
     done, t0 = 0, time.time()
     if todo:
-        ds = _ShardBatches(todo, prep["mode"], eval_transform(prep["size"]), batch_size)
+        ds = _ShardBatches(todo, prep["mode"], eval_transform(prep["size"]), batch_size, shard_rows)
         loader = DataLoader(ds, batch_size=None, num_workers=min(workers, len(todo)),
                             pin_memory=torch.cuda.is_available())
-        pending: dict[int, tuple[list, list]] = {}
+        pending: dict[int, tuple[list, list, list]] = {}
         autocast = accelerator.autocast() if device.type == "cuda" else torch.autocast("cpu", enabled=False)
         bar = tqdm(total=total, desc=f"pseudo-label rank {accelerator.process_index}", unit="img",
                    disable=not progress, smoothing=0.1)
         with torch.inference_mode(), autocast:
-            for si, keys, imgs, last in loader:
-                keys_acc, probs_acc = pending.setdefault(si, ([], []))
+            for si, keys, imgs, last, skips in loader:
+                keys_acc, probs_acc, skips_acc = pending.setdefault(si, ([], [], []))
+                skips_acc.extend(skips)
+                log.extend(skips)
                 if len(keys):
                     x = normalize(imgs.to(device, non_blocking=True), mean, std)
                     p = torch.softmax(model(x).float(), dim=1)
@@ -143,14 +181,17 @@ def label_shards(model: torch.nn.Module, shards: list[Path], out_dir: Path, *, s
                     probs_acc.append(p.cpu().numpy())
                     keys_acc.extend(keys)
                     done += len(keys)
+                    log.use(len(keys))
                     bar.update(len(keys))
+                    failpoints.hit("pseudo_label_batch")
                 if last:
-                    keys_acc, probs_acc = pending.pop(si)
+                    keys_acc, probs_acc, skips_acc = pending.pop(si)
                     probs = np.concatenate(probs_acc) if probs_acc else np.zeros((0, len(class_names)), np.float32)
                     write_parquet(out_dir / parquet_name(todo[si]), todo[si], keys_acc, probs,
-                                  teacher_sha256, class_names, tta)
+                                  teacher_sha256, class_names, tta, skips_acc)
         bar.close()
-    return {"samples": done, "seconds": time.time() - t0}
+    log.check()
+    return {"samples": done, "seconds": time.time() - t0, "bad_samples": log.metrics()}
 
 
 def summarize(out_dir: Path, shards: list[Path], num_classes: int, truth_path: Path | None) -> dict:
@@ -177,8 +218,11 @@ def summarize(out_dir: Path, shards: list[Path], num_classes: int, truth_path: P
 
 def write_manifest(out_dir: Path, shards: list[Path], teacher_dir: Path, teacher_sha256: str,
                    class_names: list[str], stats: dict, data_manifest_sha: str, tta: bool = False) -> dict:
-    files = [{"file": parquet_name(s), "shard": Path(s).name, "rows": read_meta(out_dir / parquet_name(s))["rows"],
-              "sha256": sha256_file(out_dir / parquet_name(s))} for s in sorted(shards)]
+    files = []
+    for s in sorted(shards):
+        meta = read_meta(out_dir / parquet_name(s))
+        files.append({"file": parquet_name(s), "shard": Path(s).name, "rows": meta["rows"],
+                      "skipped": meta["skipped_count"], "sha256": sha256_file(out_dir / parquet_name(s))})
     manifest = {"kind": "pseudo_labels", "teacher": str(teacher_dir), "teacher_sha256": teacher_sha256,
                 "class_names": class_names, "tta": "hflip" if tta else "none",
                 "data_manifest_sha256": data_manifest_sha, "files": files,
@@ -196,8 +240,12 @@ def read_small(out_dir: Path, shards: list[Path]) -> pa.Table:
 
 
 def check(out_dir: Path, shard_rows: dict[str, int], teacher_sha256: str, class_names: list[str],
-          tta: bool = False) -> dict:
-    """Raise ConfigError unless the pseudo labels match these shards, this teacher and these classes."""
+          tta: bool = False, shard_keys: dict[str, list[str]] | None = None) -> dict:
+    """Raise ConfigError unless the pseudo labels match these shards, this teacher and these classes.
+
+    Checks the manifest and every file it lists against its sha256; with ``shard_keys`` (shard ->
+    its keys in order) also that each file holds exactly that shard's keys, bad samples aside.
+    """
     mpath = out_dir / MANIFEST
     if not mpath.is_file():
         raise ConfigError(f"pseudo labels not found: {mpath} (run stages/pseudo_label.py first)")
@@ -205,6 +253,9 @@ def check(out_dir: Path, shard_rows: dict[str, int], teacher_sha256: str, class_
     if manifest["teacher_sha256"] != teacher_sha256:
         raise ConfigError(f"pseudo labels in {out_dir} were made by another teacher "
                           f"(teacher_sha256 {manifest['teacher_sha256'][:12]}, expected {teacher_sha256[:12]})")
+    if len(manifest["class_names"]) != len(class_names):
+        raise ConfigError(f"pseudo labels in {out_dir} have {len(manifest['class_names'])} classes, "
+                          f"the data has {len(class_names)}")
     if manifest["class_names"] != class_names:
         raise ConfigError(f"pseudo labels in {out_dir} have classes {manifest['class_names']}, "
                           f"the data has {class_names}")
@@ -216,12 +267,35 @@ def check(out_dir: Path, shard_rows: dict[str, int], teacher_sha256: str, class_
         f = listed.get(shard)
         if f is None:
             raise ConfigError(f"pseudo labels in {out_dir} lack shard {shard}")
-        if f["rows"] != rows:
+        if f["rows"] + f.get("skipped", 0) != rows:
             raise ConfigError(f"pseudo labels for {shard} have {f['rows']} rows, the shard has {rows}")
+        path = out_dir / f["file"]
+        if not path.is_file() or sha256_file(path) != f["sha256"]:
+            raise ConfigError(f"pseudo-label file {path} is missing or does not match its manifest (sha256): "
+                              f"delete {out_dir} and rerun stages/pseudo_label.py")
+        if shard_keys is not None and shard in shard_keys:
+            _check_keys(path, shard, shard_keys[shard])
     extra = sorted(set(listed) - set(shard_rows))
     if extra:
         raise ConfigError(f"pseudo labels in {out_dir} list shards the data lacks: {extra[:3]}")
     return manifest
+
+
+def _check_keys(path: Path, shard: str, keys: list[str]) -> None:
+    """The file's keys are the shard's keys, less the bad samples its metadata names."""
+    meta = read_meta(path)
+    have = pq.read_table(path, columns=["key"]).column("key").to_pylist()
+    named = {x["key"] for x in meta["skipped"]}
+    unnamed = sum(int(x.get("count", 1)) for x in meta["skipped"] if x["key"] not in keys)
+    want, have_set = set(keys), set(have)
+    extra = [k for k in have if k not in want]
+    if extra:
+        raise ConfigError(f"pseudo labels for {shard} have keys the shard lacks, e.g. {extra[0]!r} "
+                          f"({len(extra)} in all): they were made for other data")
+    missing = [k for k in keys if k not in have_set and k not in named]
+    if len(missing) > unnamed or len(have) != len(have_set):
+        raise ConfigError(f"pseudo labels for {shard} lack keys of the shard, e.g. {missing[0]!r} "
+                          f"({len(missing)} in all)" if missing else f"pseudo labels for {shard} repeat keys")
 
 
 class StudentTargets:

@@ -20,7 +20,7 @@ from .artifacts import code_version, files_match, read_json, sha256_file, write_
 from .config import RUNTIME_KEYS, Config, ConfigError, _build, flatten, for_round, per_round, to_dict
 from .loaders import StreamSpec
 from .prepare import MANIFEST as DATA_MANIFEST
-from .prepare import TRUTH, data_dir, prepare, require_data, shard_paths, shard_rows
+from .prepare import TRUTH, data_dir, prepare, require_data, shard_paths, shard_rows, split_keys
 from .runtime import make_accelerator
 from .trainer import Job, train
 from .transforms import train_transform
@@ -88,7 +88,8 @@ def prep_for(cfg: Config, manifest: dict) -> dict:
 def _labeled_spec(cfg: Config, ddir: Path, manifest: dict, prep: dict, tcfg, accelerator) -> StreamSpec:
     return StreamSpec(shards=[str(p) for p in shard_paths(ddir, manifest, "labeled")], mode=prep["mode"],
                       transform=train_transform(prep["size"], tcfg), rank=accelerator.process_index,
-                      world=accelerator.num_processes, seed=cfg.seed, buffer=2000)
+                      world=accelerator.num_processes, seed=cfg.seed, buffer=2000,
+                      rows=shard_rows(manifest, "labeled"))
 
 
 def arch_of(cfg: Config, k: int) -> str:
@@ -119,7 +120,8 @@ def pseudo_label(cfg: Config, k: int, progress: bool = True, teacher_dir: Path |
     mine = pseudo_labels.label_shards(
         model, shards, out, shard_rows=rows, teacher_sha256=teacher_sha, class_names=names,
         prep=models.preprocessing(mconfig), batch_size=cfg.pseudo_label.batch_size,
-        workers=cfg.pseudo_label.workers, accelerator=accelerator, progress=progress, tta=cfg.pseudo_label.tta)
+        workers=cfg.pseudo_label.workers, accelerator=accelerator, progress=progress, tta=cfg.pseudo_label.tta,
+        max_bad_share=cfg.data.max_bad_share)
     counts = accelerator.gather(torch.tensor([mine["samples"]], device=accelerator.device)).sum().item()
     accelerator.wait_for_everyone()
     result = {}
@@ -162,7 +164,7 @@ def train_round(cfg: Config, k: int, progress: bool = True) -> dict:
     labeled_total = manifest["splits"]["labeled"]["count"]
     job = Job(phase="train", cfg=tcfg, epochs=per_round(tcfg.epochs, 1), lr=tcfg.lr,
               labeled=_labeled_spec(cfg, ddir, manifest, prep, tcfg, accelerator),
-              labeled_total=labeled_total, prep=prep)
+              labeled_total=labeled_total, prep=prep, max_bad_share=cfg.data.max_bad_share)
     selection: dict = {}
     pl_manifest: dict = {}
     if k >= 1:
@@ -173,12 +175,13 @@ def train_round(cfg: Config, k: int, progress: bool = True) -> dict:
         pl_dir = out / "pseudo_labels"
         shards = shard_paths(ddir, manifest, "unlabeled")
         rows = shard_rows(manifest, "unlabeled")
-        pl_manifest = pseudo_labels.check(pl_dir, rows, teacher_sha, names, cfg.pseudo_label.tta)
+        pl_manifest = pseudo_labels.check(pl_dir, rows, teacher_sha, names, cfg.pseudo_label.tta,
+                                          split_keys(ddir, manifest, "unlabeled"))
         targets, selection = pseudo_labels.student_targets(pl_dir, shards, cfg.student, len(names))
         job.unlabeled = StreamSpec(shards=[str(s) for s in shards], mode=prep["mode"],
                                    transform=train_transform(prep["size"], tcfg), rank=accelerator.process_index,
                                    world=accelerator.num_processes, seed=cfg.seed + 7919 * k, buffer=5000,
-                                   targets=targets)
+                                   targets=targets, rows=rows)
         job.unlabeled_total = targets.total
         job.unlabeled_ratio = cfg.student.unlabeled_ratio
         job.unlabeled_weight = cfg.student.unlabeled_weight
@@ -203,7 +206,8 @@ def train_round(cfg: Config, k: int, progress: bool = True) -> dict:
     stats = [train(model, job, state_root, progress)]
     if k >= 1 and cfg.student.finetune_epochs:
         ft = Job(phase="finetune", cfg=tcfg, epochs=cfg.student.finetune_epochs, lr=cfg.student.finetune_lr,
-                 labeled=job.labeled, labeled_total=labeled_total, prep=prep)
+                 labeled=job.labeled, labeled_total=labeled_total, prep=prep,
+                 max_bad_share=cfg.data.max_bad_share)
         stats.append(train(model, ft, state_root, progress))
     metrics = evaluation.top1(model, shard_paths(ddir, manifest, "test"), prep, accelerator, progress=progress,
                    desc=f"test round {k}")

@@ -3,23 +3,29 @@
 A sample is the group of tar members sharing a key: ``<key>.png`` (or the original ``.jpg``...),
 ``<key>.cls`` (the label as ASCII digits). Shards are
 written with fixed member metadata, so the same input gives byte-identical shards.
-Reading uses webdataset's tar iteration but decodes nothing itself: images are decoded by
-``decode_image`` and labels by ``int()``, never by pickle.
+Reading groups tar members by key itself and decodes nothing by pickle: images are decoded by
+``decode_image`` and labels by ``int()``. Remote shards are fetched by a fixed command per URL
+scheme with the URL as one argument (never a shell, never a user-given command: ``pipe:`` URLs
+are refused).
 """
 
 from __future__ import annotations
 
 import io
+import subprocess
 import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision.io as tvio
 import webdataset as wds
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
+from . import failpoints
 from .artifacts import atomic_path, sha256_file
+from .config import ConfigError
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
 
@@ -50,6 +56,7 @@ def write_shard(path: Path, samples: Iterable[dict]) -> dict:
                         continue
                     _add_member(tf, f"{key}.{ext}", data if isinstance(data, bytes) else str(data).encode())
                 n += 1
+                failpoints.hit("shard_write")
     return {"file": path.name, "samples": n, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
@@ -67,32 +74,116 @@ def split_name(name: str) -> tuple[str, str]:
     return (f"{head}/{stem}" if head else stem), (ext if dot else "")
 
 
+class ShardError(ValueError):
+    """A shard that cannot be read to its end (truncated, damaged, not a tar, unreachable)."""
+
+    def __init__(self, url: str, after: str | None, reason: str):
+        self.url, self.after, self.reason = str(url), after, reason
+        where = f"after sample {after}" if after else "before its first sample"
+        super().__init__(f"shard {url} is damaged {where}: {reason}")
+
+
+# URL scheme -> command that writes the object to stdout; the URL is appended as the last argument
+FETCHERS = {
+    "http": ["curl", "--fail", "--silent", "--show-error", "--location", "--retry", "3", "--"],
+    "https": ["curl", "--fail", "--silent", "--show-error", "--location", "--retry", "3", "--"],
+    "s3": ["aws", "s3", "cp", "--only-show-errors", "--", None, "-"],
+    "gs": ["gcloud", "storage", "cat", "--"],
+}
+
+
+class _Fetched:
+    """stdout of a fetch command as a readable stream; closing it checks the command's exit code."""
+
+    def __init__(self, argv: list[str], url: str):
+        self.url = url
+        try:
+            self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        except FileNotFoundError:
+            raise ConfigError(f"cannot fetch {url}: the command '{argv[0]}' is not installed") from None
+
+    def read(self, n: int = -1) -> bytes:
+        return self.proc.stdout.read(n)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdout.close()
+            self.proc.kill()
+        self.proc.wait()
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+
+
+def fetch_command(url: str) -> list[str] | None:
+    """The argv that streams ``url`` to stdout (no shell involved), or None for a local path."""
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if url.startswith("pipe:") or scheme == "pipe":
+        raise ConfigError(f"shard URL {url[:80]!r}: 'pipe:' commands are refused; give a path or an "
+                          f"http(s)://, s3:// or gs:// URL")
+    if not scheme or scheme == "file":
+        return None
+    template = FETCHERS.get(scheme)
+    if template is None:
+        raise ConfigError(f"shard URL {url[:80]!r}: unsupported scheme '{scheme}' (known: file, "
+                          f"{', '.join(sorted(FETCHERS))})")
+    return [url if part is None else part for part in template] + ([url] if None not in template else [])
+
+
+def open_url(url: str | Path):
+    """A binary stream of a local shard or a remote one (see ``FETCHERS``)."""
+    url = str(url)
+    argv = fetch_command(url)
+    if argv is None:
+        return open(url.removeprefix("file://"), "rb")
+    return _Fetched(argv, url)
+
+
 def iter_samples(url: str | Path) -> Iterator[dict]:
     """Samples of one shard as ``{"__key__": ..., ext: bytes}``, in the shard's order.
 
-    Members are grouped by key as webdataset does; only regular files are read.
+    Members are grouped by key as webdataset does; only regular files are read. A shard that
+    ends early raises ``ShardError`` after yielding every complete sample before the damage.
     """
-    stream = wds.gopen(str(url), "rb")
     try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tf:
-            current: dict | None = None
-            for member in tf:
-                if not member.isreg():
-                    continue
-                key, ext = split_name(member.name)
-                if not ext or key.startswith("__") or ext.startswith("__"):
-                    continue
-                f = tf.extractfile(member)
-                data = f.read() if f is not None else b""
-                if current is None or current["__key__"] != key:
-                    if current is not None:
-                        yield current
-                    current = {"__key__": key, "__url__": str(url)}
-                current[ext.lower()] = data
-            if current is not None:
-                yield current
+        stream = open_url(url)
+    except OSError as e:
+        raise ShardError(str(url), None, e.strerror or str(e)) from None
+    current: dict | None = None
+    last: str | None = None
+    try:
+        try:
+            tf = tarfile.open(fileobj=stream, mode="r|*")
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise ShardError(str(url), None, _tar_reason(e)) from None
+        with tf:
+            try:
+                for member in tf:
+                    if not member.isreg():
+                        continue
+                    key, ext = split_name(member.name)
+                    if not ext or key.startswith("__") or ext.startswith("__"):
+                        continue
+                    f = tf.extractfile(member)
+                    data = f.read() if f is not None else b""
+                    if len(data) != member.size:
+                        raise EOFError("unexpected end of data")
+                    if current is None or current["__key__"] != key:
+                        if current is not None:
+                            last = current["__key__"]
+                            yield current
+                        current = {"__key__": key, "__url__": str(url)}
+                    current[ext.lower()] = data
+            except (tarfile.TarError, EOFError, OSError) as e:
+                raise ShardError(str(url), last, _tar_reason(e)) from None
+        if current is not None:
+            yield current
     finally:
         stream.close()
+
+
+def _tar_reason(e: Exception) -> str:
+    text = str(e).strip() or type(e).__name__
+    return "empty file" if "empty file" in text else text
 
 
 def image_bytes(sample: dict) -> bytes | None:
@@ -102,21 +193,41 @@ def image_bytes(sample: dict) -> bytes | None:
     return None
 
 
+class BadImage(ValueError):
+    """Image bytes that cannot become a picture of the model's input mode."""
+
+
 def decode_image(data: bytes, mode: str) -> Image.Image:
-    """Decode encoded image bytes as ``mode`` ("L" or "RGB").
+    """Decode encoded image bytes as ``mode`` ("L" or "RGB"), or raise BadImage saying why.
 
     torchvision's decoder (libpng/libjpeg) is several times faster than PIL's for small images;
-    formats it does not read (BMP, TIFF, ...) go through PIL.
+    formats it does not read (BMP, TIFF, ...) go through PIL. Other channel counts are converted
+    and 16-bit grayscale is scaled to 8 bits.
     """
+    if not data:
+        raise BadImage("empty image bytes")
     try:
         t = tvio.decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
                               mode=tvio.ImageReadMode.GRAY if mode == "L" else tvio.ImageReadMode.RGB)
-        arr = t.numpy()
-        return Image.fromarray(arr[0] if mode == "L" else arr.transpose(1, 2, 0).copy(), mode)
-    except RuntimeError:
+        if t.dtype == torch.uint8 and t.numel():
+            arr = t.numpy()
+            return Image.fromarray(arr[0] if mode == "L" else arr.transpose(1, 2, 0).copy(), mode)
+    except (RuntimeError, ValueError, TypeError):
+        pass
+    try:
         img = Image.open(io.BytesIO(data))
         img.load()
-        return img if img.mode == mode else img.convert(mode)
+        if img.mode == "I" or img.mode.startswith("I;16"):
+            img = Image.fromarray((np.asarray(img).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8), "L")
+        img = img if img.mode == mode else img.convert(mode)
+    except UnidentifiedImageError:
+        raise BadImage("not a recognised image format") from None
+    except (OSError, ValueError, TypeError, SyntaxError, Image.DecompressionBombError) as e:
+        text = str(e).strip().splitlines()
+        raise BadImage(f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__) from None
+    if img.width == 0 or img.height == 0:
+        raise BadImage("zero-size image")
+    return img
 
 
 def sample_label(sample: dict) -> int | None:

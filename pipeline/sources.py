@@ -13,7 +13,7 @@ import io
 import os
 import tarfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
@@ -44,6 +44,9 @@ class Source:
     get: Callable[[int], tuple[bytes, str]]  # index -> (encoded bytes, extension without dot)
     origin: Callable[[int], str]  # index -> where the item came from (path, archive member, index)
     size: int
+    verify: bool = True  # decode each image at prepare time (False: bytes we encoded ourselves)
+    skipped: list = field(default_factory=list)  # bad_samples.Skip met while listing the source
+
 
     def __len__(self) -> int:
         return self.size
@@ -114,7 +117,7 @@ def torchvision_source(name: str, train: bool, root: str | None, download: bool)
         return _png_bytes(img), "png"
 
     return Source(f"torchvision:{type(ds).__name__}:{split}", labels, classes, get,
-                  lambda i: f"{type(ds).__name__}/{split}/{i}", len(labels))
+                  lambda i: f"{type(ds).__name__}/{split}/{i}", len(labels), verify=False)
 
 
 def _is_image_name(name: str) -> bool:
@@ -212,27 +215,45 @@ def labeled_source(spec: str, train: bool, root: str | None, download: bool) -> 
 
 
 def is_shard_pattern(spec: str) -> bool:
-    return spec.endswith(".tar") and ("{" in spec or "::" in spec) or spec.startswith(("http://", "https://"))
+    return (spec.endswith(".tar") and ("{" in spec or "::" in spec)
+            or spec.startswith(("http://", "https://", "s3://", "gs://", "pipe:")))
 
 
-def iter_shard_images(pattern: str) -> Iterator[tuple[str, bytes, str]]:
-    """(origin, image bytes, ext) of each sample in existing webdataset shards."""
-    from .shards import expand_shards, iter_samples
+def iter_shard_images(pattern: str, skipped: list | None = None) -> Iterator[tuple[str, bytes, str]]:
+    """(origin, image bytes, ext) of each sample in existing webdataset shards.
+
+    Samples without an image and damaged shards are appended to ``skipped`` as ``Skip`` records
+    (raised as a ConfigError when no list is given).
+    """
+    from .bad_samples import Skip
+    from .shards import ShardError, expand_shards, iter_samples
 
     for url in expand_shards(pattern):
-        for sample in iter_samples(url):
-            ext = next((k for k in sample if "." + k in IMAGE_EXTS or k == "jpg"), None)
-            if ext is not None:
-                yield f"{Path(url).name}/{sample['__key__']}", sample[ext], _ext("x." + ext)
+        name = Path(url).name
+        try:
+            for sample in iter_samples(url):
+                ext = next((k for k in sample if "." + k in IMAGE_EXTS or k == "jpg"), None)
+                if ext is not None:
+                    yield f"{name}/{sample['__key__']}", sample[ext], _ext("x." + ext)
+                elif skipped is not None:
+                    members = ", ".join(sorted(k for k in sample if not k.startswith("__")))
+                    skipped.append(Skip(name, sample["__key__"], f"no image member (has: {members})"))
+        except ShardError as e:
+            if skipped is None:
+                raise ConfigError(str(e)) from None
+            skipped.append(Skip(name, f"after {e.after}" if e.after else "-", f"damaged tar: {e.reason}"))
 
 
 def unlabeled_source(spec: str) -> Source:
     """An unlabeled source: a directory or archive of images in any layout, or shards."""
     if is_shard_pattern(spec):
-        items = list(iter_shard_images(spec))
+        skipped: list = []
+        items = list(iter_shard_images(spec, skipped))
         if not items:
-            raise ConfigError(f"no images in shards {spec}")
-        return Source(spec, None, None, lambda i: (items[i][1], items[i][2]), lambda i: items[i][0], len(items))
+            raise ConfigError(f"no images in shards {spec}" + (f" ({skipped[0].where}: {skipped[0].reason})"
+                                                               if skipped else ""))
+        return Source(spec, None, None, lambda i: (items[i][1], items[i][2]), lambda i: items[i][0], len(items),
+                      skipped=skipped)
     path = Path(spec).expanduser()
     if is_archive(path):
         return archive_source(path, labeled=False)

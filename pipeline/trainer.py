@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from . import failpoints
 from .artifacts import TMP_PREFIX, read_json, write_json_atomic
+from .bad_samples import SkipLog
 from .config import TrainConfig
 from .loaders import StreamSpec, endless_batches, epoch_batches
 from .losses import soft_cross_entropy
@@ -46,6 +48,7 @@ class Job:
     # a loss of its own (distillation): ``prepare(x, target) -> (x, target)`` before the forward pass
     # (a teacher sees the same batch there), then ``criterion(logits, target) -> loss``
     criterion: object | None = None
+    max_bad_share: float = 0.01  # data.max_bad_share: skipped share of samples that stops the run
 
 
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
@@ -148,15 +151,17 @@ def train(model: torch.nn.Module, job: Job, state_root: Path, progress: bool = T
     bar = tqdm(total=total, initial=start_epoch * spe, desc=f"{job.phase}", unit="step",
                disable=not (progress and accelerator.is_main_process), smoothing=0.05)
     history = list(info.get("history", []))
+    skips = SkipLog(job.phase + (f" (rank {accelerator.process_index})" if world > 1 else ""), job.max_bad_share,
+                    quiet=not accelerator.is_main_process and world > 1)
     for epoch in range(start_epoch, job.epochs):
         t0 = time.time()
         wrapped.train()
         n_micro = spe * cfg.grad_accum
         if job.unlabeled is not None:
-            lab = endless_batches(job.labeled, epoch, bs_l, cfg.workers)
-            unl = epoch_batches(job.unlabeled, epoch, n_micro, bs_u, cfg.workers)
+            lab = endless_batches(job.labeled, epoch, bs_l, cfg.workers, skips)
+            unl = epoch_batches(job.unlabeled, epoch, n_micro, bs_u, cfg.workers, skips)
         else:
-            lab = epoch_batches(job.labeled, epoch, n_micro, bs_l, cfg.workers)
+            lab = epoch_batches(job.labeled, epoch, n_micro, bs_l, cfg.workers, skips)
             unl = None
         loss_sum = torch.zeros((), device=device)
         for step in range(spe):
@@ -196,17 +201,20 @@ def train(model: torch.nn.Module, job: Job, state_root: Path, progress: bool = T
             scheduler.step()
             if ema is not None:
                 ema.update(accelerator.unwrap_model(wrapped), step=epoch * spe + step)
+            failpoints.hit("train_step")
             if (step + 1) % 10 == 0 or step + 1 == spe:
                 rate = (step + 1) * per_step / max(time.time() - t0, 1e-9)
                 bar.set_postfix(epoch=f"{epoch + 1}/{job.epochs}", loss=f"{loss.item():.3f}",
                                 img_s=f"{rate:.0f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             bar.update(1)
+        skips.check()
         epoch_loss = accelerator.reduce(loss_sum, "mean").item() / (spe * cfg.grad_accum)
         dt = time.time() - t0
         elapsed += dt
         history.append({"epoch": epoch, "loss": round(epoch_loss, 5), "seconds": round(dt, 2),
                         "img_s": round(spe * per_step / dt, 1)})
         _save(accelerator, state_root, job.phase, epoch, {"epoch": epoch, "seconds": elapsed, "history": history})
+        failpoints.hit("epoch_end")
     bar.close()
     final = ema.module if ema is not None else accelerator.unwrap_model(wrapped)
     if final is not model:
@@ -214,9 +222,13 @@ def train(model: torch.nn.Module, job: Job, state_root: Path, progress: bool = T
     model.to(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors only
     accelerator.free_memory()
     samples = spe * per_step * job.epochs
+    bad = skips.metrics()
+    counts = accelerator.reduce(torch.tensor([bad["skipped"], bad["used"]], device=device), "sum").tolist()
+    bad.update(skipped=int(counts[0]), used=int(counts[1]),
+               skipped_share=round(counts[0] / max(counts[0] + counts[1], 1), 6))
     return {"phase": job.phase, "epochs": job.epochs, "steps": total, "seconds": round(elapsed, 1),
             "img_s": round(samples / max(elapsed, 1e-9), 1), "history": history,
-            "final_loss": history[-1]["loss"] if history else None}
+            "final_loss": history[-1]["loss"] if history else None, "bad_samples": bad}
 
 
 def _to(target, device):
@@ -237,6 +249,7 @@ def _save(accelerator, state_root: Path, phase: str, epoch: int, progress: dict)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_json_atomic(tmp / "progress.json", progress)
+        failpoints.hit("checkpoint_write")
         tmp.rename(final)
         for old in state_root.glob(f"{phase}-e*"):
             if old != final:
