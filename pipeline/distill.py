@@ -134,7 +134,8 @@ def _offline_targets(cfg: Config, out: Path, teacher: torch.nn.Module, teacher_s
         del e
     pseudo_labels.label_shards(teacher, shards, tdir, shard_rows=rows, teacher_sha256=teacher_sha,
                                class_names=names, prep=prep, batch_size=cfg.pseudo_label.batch_size,
-                               workers=cfg.pseudo_label.workers, accelerator=accelerator, progress=progress)
+                               workers=cfg.pseudo_label.workers, accelerator=accelerator, progress=progress,
+                               max_bad_share=cfg.data.max_bad_share)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         stats = {"samples": sum(rows.values())}
@@ -241,9 +242,9 @@ def distill(cfg: Config, progress: bool = True) -> dict:
         spec = StreamSpec(shards=[str(s) for s in shards], mode=prep["mode"],
                           transform=train_transform(prep["size"], dcfg), rank=accelerator.process_index,
                           world=world, seed=cfg.seed + 104729, buffer=5000, targets=targets, missing_label=-1,
-                          with_label=targets is not None)
+                          with_label=targets is not None, rows=rows)
         job = Job(phase="distill", cfg=dcfg, epochs=epochs, lr=dcfg.lr, labeled=spec, labeled_total=total,
-                  prep=prep, criterion=criterion)
+                  prep=prep, criterion=criterion, max_bad_share=cfg.data.max_bad_share)
         accelerator.print(f"distill: {teacher_dir} ({teacher_params} params) -> {dcfg.arch} "
                           f"({models.num_params(student)} params), {dcfg.mode}, T={dcfg.temperature}, "
                           f"alpha={dcfg.alpha}, {epochs} epochs over {total} images")
@@ -265,9 +266,10 @@ def distill(cfg: Config, progress: bool = True) -> dict:
             per_epoch = _steps(labeled_total, world, dcfg)
             lo_spec = StreamSpec(shards=[str(s) for s in labeled], mode=prep["mode"],
                                  transform=train_transform(prep["size"], dcfg), rank=accelerator.process_index,
-                                 world=world, seed=cfg.seed + 130363, buffer=2000)
+                                 world=world, seed=cfg.seed + 130363, buffer=2000,
+                                 rows=shard_rows(manifest, "labeled"))
             job = Job(phase="labels-only", cfg=dcfg, epochs=math.ceil(steps / per_epoch), lr=dcfg.lr,
-                      labeled=lo_spec, labeled_total=labeled_total, prep=prep)
+                      labeled=lo_spec, labeled_total=labeled_total, prep=prep, max_bad_share=cfg.data.max_bad_share)
             accelerator.print(f"labels only: {dcfg.arch} on {labeled_total} labeled images, {job.epochs} epochs "
                               f"(~{steps} steps, the distillation's budget)")
             results["labels_only"] = _train_and_save(lo_out, student, job, dcfg.arch, {

@@ -18,11 +18,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import calibration, corruptions, models, perturbations
+from . import calibration, corruptions, failpoints, models, perturbations
 from .artifacts import read_json, sha256_file, short_hash, write_json_atomic
+from .bad_samples import Skip, SkipLog
 from .config import ConfigError, EvaluateConfig
 from .loaders import eval_batches
-from .shards import decode_image, image_bytes, iter_samples, sample_label
+from .shards import BadImage, decode_image, image_bytes, iter_samples, sample_label
 from .transforms import eval_transform, normalize
 
 EVAL_DIR = "eval"
@@ -95,6 +96,7 @@ def _cached(m: LoadedModel, kind: str, identity: dict) -> tuple[Path, dict | Non
 
 
 def _save(accelerator, path: Path, result: dict) -> dict:
+    failpoints.hit("eval_result")
     if accelerator.is_main_process and not path.exists():
         write_json_atomic(path, result)
     accelerator.wait_for_everyone()
@@ -117,7 +119,8 @@ class _Forward:
         return torch.cat(out).cpu() if out else torch.zeros(0, self.model.num_classes)
 
 
-def clean(m: LoadedModel, test: TestSet, ecfg: EvaluateConfig, accelerator, progress: bool = True) -> dict:
+def clean(m: LoadedModel, test: TestSet, ecfg: EvaluateConfig, accelerator, progress: bool = True,
+          max_bad_share: float = 0.01) -> dict:
     """Top-1, top-5, per-class accuracy, confusion matrix, NLL, ECE and reliability bins."""
     _check_classes(m, test)
     identity = {"model": m.sha256, "test": test.sha256, "bins": ecfg.ece_bins, "v": 1}
@@ -126,8 +129,10 @@ def clean(m: LoadedModel, test: TestSet, ecfg: EvaluateConfig, accelerator, prog
         return done
     t0 = time.time()
     fwd = _Forward(m, accelerator.device)
+    log = SkipLog("evaluate", max_bad_share, quiet=not accelerator.is_main_process)
     loader = eval_batches([str(s) for s in test.shards], m.prep["mode"], eval_transform(m.prep["size"]),
-                          ecfg.batch_size, ecfg.workers, accelerator.process_index, accelerator.num_processes)
+                          ecfg.batch_size, ecfg.workers, accelerator.process_index, accelerator.num_processes, log,
+                          dict(zip((s.name for s in test.shards), test.rows, strict=True)))
     probs, labels = [], []
     for x, y in tqdm(loader, desc=f"clean {m.directory.name}", unit="batch", disable=not progress, leave=False):
         probs.append(fwd.probs(x, ecfg.batch_size))
@@ -137,6 +142,8 @@ def clean(m: LoadedModel, test: TestSet, ecfg: EvaluateConfig, accelerator, prog
     y = gather_rows(accelerator, torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long))
     if len(y) == 0:
         raise ConfigError(f"the test set {test.name} is empty")
+    skipped = int(accelerator.reduce(torch.tensor(log.skipped, device=accelerator.device), "sum").item())
+    log.check()
     confusion = calibration.confusion_matrix(p.argmax(1), y, nc)
     result = {
         "kind": "clean", "identity": identity, "model_dir": str(m.directory), "test_set": test.name,
@@ -145,12 +152,13 @@ def clean(m: LoadedModel, test: TestSet, ecfg: EvaluateConfig, accelerator, prog
         "per_class": dict(zip(test.class_names, calibration.per_class_accuracy(confusion), strict=True)),
         "confusion": confusion.tolist(), "nll": calibration.nll(p, y),
         "ece": calibration.ece(p, y, ecfg.ece_bins), "reliability": calibration.reliability(p, y, ecfg.ece_bins),
-        "seconds": round(time.time() - t0, 1),
+        "skipped": skipped, "seconds": round(time.time() - t0, 1),
     }
     return _save(accelerator, path, result)
 
 
-def load_subset(test: TestSet, prep: dict, n: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def load_subset(test: TestSet, prep: dict, n: int | None, seed: int, log: SkipLog | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """A seeded subset of ``n`` test images (all when None) as uint8 NCHW at the model's size."""
     total = sum(test.rows)
     chosen = np.arange(total) if n is None or n >= total else np.sort(
@@ -161,13 +169,19 @@ def load_subset(test: TestSet, prep: dict, n: int | None, seed: int) -> tuple[to
     for shard in test.shards:
         for sample in iter_samples(shard):
             if pos in want:
-                data = image_bytes(sample)
-                label = sample_label(sample)
-                if data is None or label is None:
-                    raise ValueError(f"{shard}: sample {sample['__key__']} lacks an image or a label")
-                images.append(tf(decode_image(data, prep["mode"])))
-                labels.append(label)
+                key, data = sample["__key__"], image_bytes(sample)
+                try:
+                    label = sample_label(sample)
+                    if data is None or label is None:
+                        raise BadImage("no image or no label")
+                    images.append(tf(decode_image(data, prep["mode"])))
+                    labels.append(label)
+                except (BadImage, ValueError) as e:  # counted and reported by the clean pass
+                    if log is not None:
+                        log.skip(Skip(shard.name, key, str(e)))
             pos += 1
+    if not images:
+        raise ConfigError(f"no usable image in the robustness subset of {test.name}")
     return torch.stack(images), torch.tensor(labels, dtype=torch.long)
 
 
@@ -259,13 +273,14 @@ def perturbation(m: LoadedModel, test: TestSet, ecfg: EvaluateConfig, accelerato
 
 
 def top1(model: torch.nn.Module, shards: list[str], prep: dict, accelerator, batch_size: int = 512,
-         workers: int = 1, progress: bool = True, desc: str = "evaluate") -> dict:
+         workers: int = 1, progress: bool = True, desc: str = "evaluate", max_bad_share: float = 0.01) -> dict:
     """Top-1 accuracy (percent) of ``model`` on ``shards``; every rank reads its own share."""
     device = accelerator.device
     model = model.to(device).eval()
     mean, std = torch.tensor(prep["mean"], device=device), torch.tensor(prep["std"], device=device)
+    log = SkipLog(desc, max_bad_share, quiet=not accelerator.is_main_process)
     loader = eval_batches([str(s) for s in shards], prep["mode"], eval_transform(prep["size"]), batch_size,
-                          workers, accelerator.process_index, accelerator.num_processes)
+                          workers, accelerator.process_index, accelerator.num_processes, log)
     correct = torch.zeros((), dtype=torch.long, device=device)
     count = torch.zeros((), dtype=torch.long, device=device)
     with torch.inference_mode():
@@ -273,6 +288,7 @@ def top1(model: torch.nn.Module, shards: list[str], prep: dict, accelerator, bat
             pred = model(normalize(x.to(device), mean, std)).argmax(1)
             correct += (pred == y.to(device)).sum()
             count += len(y)
+    log.check()
     correct, count = accelerator.reduce(correct, "sum"), accelerator.reduce(count, "sum")
     return {"test_top1": round(100.0 * correct.item() / max(count.item(), 1), 3), "test_samples": count.item()}
 

@@ -18,7 +18,7 @@ from . import plots, pseudo_labels
 from .artifacts import read_json, sha256_file, short_hash, write_json_atomic
 from .config import Config
 from .prepare import TRUTH, require_data, shard_paths
-from .shards import decode_image, image_bytes, iter_samples
+from .shards import BadImage, decode_image, image_bytes, iter_samples
 
 BINS = 20
 THRESHOLDS = [round(0.05 * i, 2) for i in range(20)]
@@ -150,5 +150,8 @@ def _audit_samples(pl_dir: Path, shards: list[Path], mode: str, nc: int, thr: fl
             if slot is None or data is None:
                 continue
             c, is_kept = slot
-            (kept if is_kept else rejected)[c].append(np.asarray(decode_image(data, mode)))
+            try:
+                (kept if is_kept else rejected)[c].append(np.asarray(decode_image(data, mode)))
+            except BadImage:  # pseudo_label skipped it too (and counted it): nothing to show
+                continue
     return kept, rejected

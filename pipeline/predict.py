@@ -11,7 +11,6 @@ named in a capped number of warning lines and listed with its reason in ``<out>.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import sys
 import tarfile
@@ -24,10 +23,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 from tqdm import tqdm
 
+from . import failpoints
 from .artifacts import atomic_path, read_json, sha256_file
+from .bad_samples import DataError
 from .config import ConfigError
 from .models import TIMM_CONFIG, WEIGHTS, load_model_dir, preprocessing
 from .shards import decode_image, expand_shards
@@ -138,11 +139,15 @@ def _archive_items(path: Path) -> Iterator[Item]:
 
 
 def _shard_items(pattern: str) -> Iterator[Item]:
-    try:
-        for origin, data, _ in iter_shard_images(pattern):
-            yield origin, data, None
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise ConfigError(f"cannot read shards {pattern}: {e}") from None
+    """Samples of shards; a sample without an image or a damaged shard's lost tail is a bad item."""
+    skipped: list = []
+    for origin, data, _ in iter_shard_images(pattern, skipped):
+        while skipped:
+            s = skipped.pop(0)
+            yield f"{s.where}/{s.key}", None, s.reason
+        yield origin, data, None
+    for s in skipped:
+        yield f"{s.where}/{s.key}", None, s.reason
 
 
 def _folder_items(path: Path) -> tuple[Iterator[Item], int]:
@@ -174,20 +179,6 @@ def open_input(spec: str) -> tuple[Iterator[Item], int | None]:
     if path.is_dir():
         return _folder_items(path)
     raise ConfigError(f"input: '{spec}' is not an image directory, a .tar/.tar.gz archive or a shard pattern")
-
-
-def decode(data: bytes, mode: str) -> Image.Image:
-    """Decode to ``mode``; 16-bit grayscale is scaled to 8 bits rather than refused."""
-    if not data:
-        raise ValueError("empty file")
-    try:
-        return decode_image(data, mode)
-    except Exception:  # noqa: BLE001 - retried with PIL alone; its error is the one reported
-        img = Image.open(io.BytesIO(data))
-        img.load()
-        if img.mode == "I" or img.mode.startswith("I;16"):  # 16-bit grayscale (older Pillow: "I")
-            img = Image.fromarray((np.asarray(img).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8), "L")
-        return img if img.mode == mode else img.convert(mode)
 
 
 # ---------------------------------------------------------------- outputs
@@ -261,7 +252,7 @@ def _batches(items: Iterator[Item], prep: dict, batch_size: int,
     for name, data, err in items:
         if err is None:
             try:
-                imgs.append(transform(decode(data or b"", prep["mode"])))
+                imgs.append(transform(decode_image(data or b"", prep["mode"])))
                 names.append(name)
             except Exception as e:  # noqa: BLE001 - any decoder failure means this one image is bad
                 err = _reason(e)
@@ -287,11 +278,12 @@ def _write_skipped(out: Path, bad: list[tuple[str, str]]) -> Path:
 
 
 def predict(model_spec: str | Path, input_spec: str, out: str | Path, *, topk: int = 5, batch_size: int = 256,
-            max_warnings: int = MAX_WARNINGS) -> dict:
+            max_warnings: int = MAX_WARNINGS, max_bad_share: float = 1.0) -> dict:
     """Classify every image of ``input_spec`` into ``out`` (.csv or .parquet); return a summary.
 
     The output is written under a temporary name and renamed when complete; bad images are listed
-    in ``<out>.skipped.csv`` (removed when a run has none).
+    in ``<out>.skipped.csv`` (removed when a run has none). More than ``max_bad_share`` of them
+    stops the run with a DataError (no output, the list of bad images written).
     """
     out = Path(out)
     if out.suffix.lower() not in OUT_FORMATS:
@@ -328,8 +320,14 @@ def predict(model_spec: str | Path, input_spec: str, out: str | Path, *, topk: i
                              [[names[i] for i in row] for row in order], top)
                 done += len(paths)
                 bar.update(len(paths))
+                failpoints.hit("predict_batch")
             if not done and not bad:
                 raise ConfigError(f"input: no images in {input_spec}")
+            if bad and len(bad) > max_bad_share * (done + len(bad)):
+                side = _write_skipped(out, bad)
+                raise DataError(f"predict: {len(bad)} of {done + len(bad)} images are bad (limit "
+                                f"data.max_bad_share={max_bad_share}); first: {bad[0][0]}: {bad[0][1]}; all listed "
+                                f"in {side}")
         finally:
             writer.close()
             bar.close()

@@ -210,7 +210,7 @@ def train_round(cfg: Config, k: int, progress: bool = True) -> dict:
                  max_bad_share=cfg.data.max_bad_share)
         stats.append(train(model, ft, state_root, progress))
     metrics = evaluation.top1(model, shard_paths(ddir, manifest, "test"), prep, accelerator, progress=progress,
-                   desc=f"test round {k}")
+                              desc=f"test round {k}", max_bad_share=cfg.data.max_bad_share)
     if manifest["splits"].get("val", {}).get("count"):
         val = evaluation.top1(model, shard_paths(ddir, manifest, "val"), prep, accelerator, progress=progress, desc="val")
         metrics["val_top1"] = val["test_top1"]
@@ -256,7 +256,8 @@ def iterate(cfg: Config, last_round: int, progress: bool = True) -> list[dict]:
             pseudo_label(cfg, k, progress)
         row = dict(train_round(cfg, k, progress)["metrics"])
         # clean metrics (cached in round-k/eval/); robustness and the report are `make report`'s
-        clean = evaluation.clean(evaluation.load(round_dir(cfg, k)), test, cfg.evaluate, accelerator, progress)
+        clean = evaluation.clean(evaluation.load(round_dir(cfg, k)), test, cfg.evaluate, accelerator, progress,
+                                 cfg.data.max_bad_share)
         row.update({"ece": clean["ece"], "nll": clean["nll"], "top5": clean["top5"]})
         rows.append(row)
     return rows

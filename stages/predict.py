@@ -5,7 +5,8 @@
     python stages/predict.py model=export/model.onnx input='/pool/pool-{000000..000009}.tar' out=p.csv
 
 Rows: path, label, confidence, topk_labels, topk_probs (';'-joined in CSV, lists in Parquet).
-Images that cannot be decoded are skipped, warned about and listed in <out>.skipped.csv.
+Images that cannot be decoded are skipped, warned about and listed in <out>.skipped.csv; more than
+data.max_bad_share of them (default 0.01) stops the run.
 """
 
 import sys
@@ -19,13 +20,13 @@ from pipeline.predict import predict  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
-    _, stage = parse_args(argv, {"model": str, "input": str, "out": str, "topk": int_at_least(1),
+    cfg, stage = parse_args(argv, {"model": str, "input": str, "out": str, "topk": int_at_least(1),
                                  "batch_size": int_at_least(1)})
     missing = [k for k in ("model", "input", "out") if k not in stage]
     if missing:
         raise ConfigError(f"{missing[0]}=... is required (model=<dir or .onnx> input=<images> out=<.csv|.parquet>)")
     s = predict(str(stage["model"]), str(stage["input"]), str(stage["out"]), topk=int(stage.get("topk", 5)),
-                batch_size=int(stage.get("batch_size", 256)))
+                batch_size=int(stage.get("batch_size", 256)), max_bad_share=cfg.data.max_bad_share)
     extra = f"; skipped {s['skipped']} bad image(s), listed in {s['skipped_file']}" if s["skipped"] else ""
     print(f"predicted {s['images']} images with {s['backend']} in {s['seconds']:.1f}s -> {s['out']}{extra}")
     return 0

@@ -117,7 +117,7 @@ def predictions(model_dir, exported, images, tmp_path_factory) -> dict:
         for fmt, topk in (("csv", "3"), ("parquet", "5")):
             path = out / f"{backend}.{fmt}"
             r = ok(stage("predict.py", f"model={model}", f"input={images['dir']}", f"out={path}", f"topk={topk}",
-                         "batch_size=4"))
+                         "batch_size=4", "data.max_bad_share=0.5"))
             runs[backend, fmt] = {"rows": _read(path), "run": r, "path": path}
     return runs
 
@@ -262,7 +262,7 @@ def test_predict_user_errors(model_dir, images, tmp_path):
 def test_decode_converts_channels_and_bit_depth():
     from PIL import Image
 
-    from pipeline.predict import decode
+    from pipeline.shards import decode_image as decode
 
     def png(img) -> bytes:
         buf = io.BytesIO()
