@@ -131,9 +131,8 @@ def train(model: torch.nn.Module, job: Job, state_root: Path, progress: bool = T
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(total, int(cfg.warmup_epochs * spe)))
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None
     wrapped, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
+    # the scheduler's and the EMA's state are saved by us (JSON, safetensors), not registered with
+    # Accelerate, whose custom checkpoints are pickles it loads with weights_only=False
     autocast, scaler = _autocast(cfg, device)
     mean = torch.tensor(job.prep["mean"], device=device)
     std = torch.tensor(job.prep["std"], device=device)
@@ -142,6 +141,11 @@ def train(model: torch.nn.Module, job: Job, state_root: Path, progress: bool = T
     latest, info = _latest_state(state_root, job.phase)
     if latest is not None:
         accelerator.load_state(str(latest))
+        scheduler.load_state_dict(info["scheduler"])
+        if ema is not None:
+            from safetensors.torch import load_file
+
+            ema.module.load_state_dict(load_file(str(latest / EMA_FILE), device=str(device)))
         start_epoch, elapsed = info["epoch"] + 1, info["seconds"]
         accelerator.print(f"resuming {job.phase} from {latest.name} (epoch {start_epoch}/{job.epochs})")
 
@@ -213,7 +217,8 @@ def train(model: torch.nn.Module, job: Job, state_root: Path, progress: bool = T
         elapsed += dt
         history.append({"epoch": epoch, "loss": round(epoch_loss, 5), "seconds": round(dt, 2),
                         "img_s": round(spe * per_step / dt, 1)})
-        _save(accelerator, state_root, job.phase, epoch, {"epoch": epoch, "seconds": elapsed, "history": history})
+        _save(accelerator, state_root, job.phase, epoch, {"epoch": epoch, "seconds": elapsed, "history": history,
+                                                          "scheduler": scheduler.state_dict()}, ema)
         failpoints.hit("epoch_end")
     bar.close()
     final = ema.module if ema is not None else accelerator.unwrap_model(wrapped)
@@ -237,7 +242,10 @@ def _to(target, device):
     return target.to(device, non_blocking=True)
 
 
-def _save(accelerator, state_root: Path, phase: str, epoch: int, progress: dict) -> None:
+EMA_FILE = "ema.safetensors"
+
+
+def _save(accelerator, state_root: Path, phase: str, epoch: int, progress: dict, ema=None) -> None:
     """save_state into a temporary directory, then rename: a state dir that exists is complete."""
     final = state_root / f"{phase}-e{epoch:04d}"
     tmp = state_root / f"{TMP_PREFIX}{phase}-e{epoch:04d}"
@@ -248,6 +256,10 @@ def _save(accelerator, state_root: Path, phase: str, epoch: int, progress: dict)
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if ema is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in ema.module.state_dict().items()}, str(tmp / EMA_FILE))
         write_json_atomic(tmp / "progress.json", progress)
         failpoints.hit("checkpoint_write")
         tmp.rename(final)
