@@ -206,6 +206,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         if value in typing.get_args(tp):
             return value
+        if isinstance(value, bool) and ("no" if value is False else "yes") in typing.get_args(tp):
+            return "no" if value is False else "yes"  # YAML 1.1 reads a bare no/yes as a boolean
         raise ConfigError(f"{key}: expected one of {_type_name(tp)}, got {value!r}")
     if origin is list:
         if not isinstance(value, list) or not value:
