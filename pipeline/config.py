@@ -102,7 +102,7 @@ class StudentConfig(TrainConfig):
     temperature: float = field(default=1.0, metadata=_range(0, lo_open=True))
     unlabeled_ratio: int = field(default=3, metadata=_range(1))  # unlabeled batch = ratio x batch_size
     unlabeled_weight: float = field(default=1.0, metadata=_range(0))
-    init_from_teacher: bool = False  # start from the teacher's weights (same architecture only): saves compute
+    init_from_teacher: bool = False  # start from the teacher's weights (same architecture or a deeper one of its family)
     finetune_epochs: int = field(default=0, metadata=_range(0))
     finetune_lr: float = field(default=1e-4, metadata=_range(0, lo_open=True))
 

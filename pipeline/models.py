@@ -20,6 +20,7 @@ from .config import ConfigError, ModelConfig
 # Families ordered by size; a student takes the next rung after its teacher (compound scaling).
 LADDERS: dict[str, list[str]] = {
     "resnet": ["resnet10t", "resnet18", "resnet26", "resnet34", "resnet50", "resnet101"],
+    "resnet_t": ["resnet10t", "resnet18t", "resnet34t"],  # one stem and width: students grow from teachers
     "resnet_d": ["resnet18d", "resnet26d", "resnet34d", "resnet50d", "resnet101d"],
     "efficientnet": [f"efficientnet_b{i}" for i in range(8)],
     "mobilenetv3": ["mobilenetv3_small_100", "mobilenetv3_large_100"],
@@ -111,3 +112,23 @@ def preprocessing(config: dict) -> dict:
 
 def num_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def grow_from(student: torch.nn.Module, teacher_state: dict[str, torch.Tensor]) -> int:
+    """Start ``student`` from a teacher's weights; returns how many student tensors had no source.
+
+    The same architecture: an exact copy. A deeper one of the same family (resnet10t -> resnet18t):
+    every teacher tensor must exist in the student with its shape; the extra residual blocks keep
+    their initialisation, whose last BatchNorm is zero, so the student starts as the teacher's
+    function and spends its compute on the pseudo-labeled pool rather than on relearning it.
+    """
+    own = student.state_dict()
+    absent = [k for k in teacher_state if k not in own]
+    reshaped = [k for k in teacher_state if k in own and own[k].shape != teacher_state[k].shape]
+    if absent or reshaped:
+        k = (absent or reshaped)[0]
+        raise ConfigError(f"student.init_from_teacher: the student does not contain the teacher's layers "
+                          f"({'no' if absent else 'another shape for'} {k}); use the teacher's architecture or a "
+                          f"deeper one of its family (model.ladder=resnet_t: resnet10t -> resnet18t -> resnet34t)")
+    student.load_state_dict(teacher_state, strict=False)
+    return len(own) - len(teacher_state)

@@ -194,14 +194,10 @@ def train_round(cfg: Config, k: int, progress: bool = True) -> dict:
     model = models.create_model(arch, len(names), in_chans, cfg.model.pretrained if k == 0 else False,
                                 **noise.model_noise(tcfg))
     if k >= 1 and cfg.student.init_from_teacher:
-        teacher_arch = arch_of(cfg, k - 1)
-        if teacher_arch != arch:
-            raise ConfigError(f"student.init_from_teacher needs the student's architecture ({arch}) to be the "
-                              f"teacher's ({teacher_arch})")
         from safetensors.torch import load_file
 
-        model.load_state_dict(load_file(str(round_dir(cfg, k - 1) / models.WEIGHTS)))
-        parents["init"] = {"from": "teacher", "sha256": parents["teacher_sha256"]}
+        added = models.grow_from(model, load_file(str(round_dir(cfg, k - 1) / models.WEIGHTS)))
+        parents["init"] = {"from": "teacher", "sha256": parents["teacher_sha256"], "new_tensors": added}
     state_root = out / "state"
     stats = [train(model, job, state_root, progress)]
     if k >= 1 and cfg.student.finetune_epochs:

@@ -145,7 +145,7 @@ def train(model: torch.nn.Module, job: Job, state_root: Path, progress: bool = T
         if ema is not None:
             from safetensors.torch import load_file
 
-            ema.module.load_state_dict(load_file(str(latest / EMA_FILE), device=str(device)))
+            ema.module.load_state_dict(load_file(str(latest / EMA_FILE)))
         start_epoch, elapsed = info["epoch"] + 1, info["seconds"]
         accelerator.print(f"resuming {job.phase} from {latest.name} (epoch {start_epoch}/{job.epochs})")
 
