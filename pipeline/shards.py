@@ -175,6 +175,9 @@ def iter_samples(url: str | Path) -> Iterator[dict]:
                     current[ext.lower()] = data
             except (tarfile.TarError, EOFError, OSError) as e:
                 raise ShardError(str(url), last, _tar_reason(e)) from None
+            # tarfile ends quietly on a cut or empty header block: a whole archive ends with a zero block
+            if tf.fileobj.pos - tf.offset < tarfile.BLOCKSIZE:
+                raise ShardError(str(url), last, "truncated (no end-of-archive block)")
         if current is not None:
             yield current
     finally:
