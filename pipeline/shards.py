@@ -103,7 +103,11 @@ class _Fetched:
             raise ConfigError(f"cannot fetch {url}: the command '{argv[0]}' is not installed") from None
 
     def read(self, n: int = -1) -> bytes:
-        return self.proc.stdout.read(n)
+        data = self.proc.stdout.read(n)
+        if not data and self.proc.wait() != 0:  # the fetch failed: say why instead of "truncated"
+            err = self.proc.stderr.read().decode(errors="replace").strip().splitlines()
+            raise OSError(f"{self.proc.args[0]} exited with {self.proc.returncode}" + (f": {err[-1][:200]}" if err else ""))
+        return data
 
     def close(self) -> None:
         if self.proc.poll() is None:

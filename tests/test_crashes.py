@@ -108,6 +108,7 @@ def test_training_killed_resumes_to_the_uninterrupted_result(teacher_ref, tiny_d
     assert not (out / "card.json").exists()
     states = sorted(p.name for p in (out / "state").iterdir())
     assert states[-1] == resumed_from or states[-1].startswith(".tmp-")
+    assert not list((out / "state").rglob("custom_checkpoint*"))  # nothing a resume would unpickle
     r = stage("train.py", "role=teacher", *ov)
     assert f"resuming train from {resumed_from}" in r.stdout + r.stderr
     assert not (out / "state").exists()
@@ -130,6 +131,17 @@ def test_student_killed_mid_epoch_resumes_to_the_same_model(teacher_ref, tiny_da
     r = stage("train.py", "role=student", "round=1", *ov("skill"))
     assert "resuming train from train-e0000" in r.stdout + r.stderr
     _same_model(runs / "skill" / "round-1", runs / "sref" / "round-1")
+
+
+def test_same_seed_and_config_give_the_same_first_epoch_losses(teacher_ref, tiny_data):
+    """At the default precision (bf16 autocast where the CPU has it) too."""
+    runs, _ = teacher_ref
+    hist = []
+    for name in ("det1", "det2"):
+        ov = tiny_overrides(tiny_data, runs, name=name) + ["teacher.epochs=2"]
+        stage("train.py", "role=teacher", *ov)
+        hist.append(json.loads((runs / name / "round-0" / "card.json").read_text())["train"][0]["history"])
+    assert hist[0][0]["loss"] == hist[1][0]["loss"]
 
 
 # ---------------------------------------------------------------- pseudo_label
