@@ -257,24 +257,3 @@ def test_predict_user_errors(model_dir, images, tmp_path):
     with pytest.raises(ConfigError, match="shard not found"):
         predict(model_dir, str(tmp_path / "none-{000000..000001}.tar"), tmp_path / "p.csv")
     assert not list(tmp_path.iterdir())  # nothing half-written
-
-
-def test_decode_converts_channels_and_bit_depth():
-    from PIL import Image
-
-    from pipeline.shards import decode_image as decode
-
-    def png(img) -> bytes:
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        return buf.getvalue()
-
-    deep = Image.fromarray((np.arange(12 * 10).reshape(12, 10) * 500).astype(np.uint16))
-    rgba = Image.new("RGBA", (10, 12), (200, 100, 50, 128))
-    for img in (deep, rgba, Image.new("P", (10, 12)), Image.new("L", (10, 12), 9)):
-        for mode in ("L", "RGB"):
-            out = decode(png(img), mode)
-            assert out.mode == mode and out.size == (10, 12)
-    assert np.asarray(decode(png(deep), "L")).max() == (119 * 500) >> 8
-    with pytest.raises(ValueError, match="empty"):
-        decode(b"", "L")
