@@ -1,0 +1,99 @@
+"""What the throughput benchmarks share: synthetic shards, alternating timed runs, the result file."""
+
+from __future__ import annotations
+
+import io
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "bench" / "results"
+
+
+def synthetic_images(n: int, size: int, seed: int = 0, num_classes: int = 10) -> tuple[list[bytes], np.ndarray]:
+    """``n`` grayscale PNGs of ``size`` px (noise plus a class-dependent bar) and their labels."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_classes, n)
+    out = []
+    for y in labels.tolist():
+        a = rng.integers(0, 80, (size, size), dtype=np.uint8)
+        a[(y * size) // num_classes:(y * size) // num_classes + max(1, size // 8), :] = 230
+        buf = io.BytesIO()
+        Image.fromarray(a, "L").save(buf, format="PNG", compress_level=1)
+        out.append(buf.getvalue())
+    return out, labels
+
+
+def write_shards(directory: Path, prefix: str, images: list[bytes], labels: np.ndarray | None,
+                 shard_size: int) -> list[Path]:
+    from pipeline.shards import write_shard
+
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in range(0, len(images), shard_size):
+        path = directory / f"{prefix}-{s // shard_size:06d}.tar"
+        samples = []
+        for i in range(s, min(s + shard_size, len(images))):
+            sample = {"__key__": f"{prefix}_{i:08d}", "png": images[i]}
+            if labels is not None:
+                sample["cls"] = str(int(labels[i]))
+            samples.append(sample)
+        write_shard(path, samples)
+        paths.append(path)
+    return paths
+
+
+def alternate(sides: dict[str, Callable[[], float]], repeats: int = 3, warmup: bool = True
+              ) -> dict[str, list[float]]:
+    """Run each side ``repeats`` times, interleaved (a b a b a b), so drift hits both alike; one
+    untimed run of each first (oneDNN builds its kernels for each new shape on first use)."""
+    if warmup:
+        for fn in sides.values():
+            fn()
+    got: dict[str, list[float]] = {k: [] for k in sides}
+    for r in range(repeats):
+        for name, fn in sides.items():
+            got[name].append(fn())
+            print(f"  {name} run {r + 1}: {got[name][-1]:.0f} img/s", flush=True)
+    return got
+
+
+def summary(runs: dict[str, list[float]]) -> dict:
+    return {k: {"median_img_s": round(statistics.median(v), 1), "runs_img_s": [round(x, 1) for x in v]}
+            for k, v in runs.items()}
+
+
+def timed(fn: Callable[[], int]) -> float:
+    """img/s of ``fn`` (which returns how many images it processed)."""
+    t0 = time.perf_counter()
+    n = fn()
+    return n / (time.perf_counter() - t0)
+
+
+def versions() -> dict:
+    import accelerate
+    import timm
+    import torch
+    import webdataset
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+            "accelerate": accelerate.__version__, "webdataset": webdataset.__version__}
+
+
+def save(name: str, result: dict) -> Path:
+    from collect_iterate import machine
+
+    path = RESULTS / f"{name}.json"
+    result = {**result, "machine": machine(), "versions": versions(), "command": " ".join(["python", *sys.argv])}
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"-> {path.relative_to(ROOT)}")
+    return path

@@ -1,0 +1,93 @@
+"""Pseudo-label throughput: the stage over webdataset shards (read, decode, model, Parquet write)
+against a bare loop of the same model, batch size and threads over pre-decoded in-memory tensors.
+
+    python bench/pseudo_label_throughput.py [--images 20000] [--repeats 3] [--workers 1]
+
+Writes bench/results/pseudo_label_throughput.json: ``ratio`` (stage / bare, medians of runs that
+alternate the two sides), both rates, and ``decode_img_s`` (reading + decoding alone, one process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+from pathlib import Path
+
+from common import alternate, save, summary, synthetic_images, timed, write_shards
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=20000)
+    ap.add_argument("--size", type=int, default=28)
+    ap.add_argument("--batch-size", type=int, default=512)
+    ap.add_argument("--workers", type=int, default=1, help="DataLoader workers of the stage (config default: 1)")
+    ap.add_argument("--arch", default="resnet10t")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+
+    import torch
+    from accelerate import Accelerator
+
+    from pipeline import models, pseudo_labels
+    from pipeline.shards import decode_image, image_bytes, iter_samples
+    from pipeline.transforms import eval_transform, normalize
+
+    tmp = Path(tempfile.mkdtemp(prefix="ns-bench-"))
+    try:
+        images, _ = synthetic_images(args.images, args.size)
+        shards = write_shards(tmp / "data", "unlabeled", images, None, 5000)
+        rows = {p.name: min(5000, args.images - 5000 * i) for i, p in enumerate(shards)}
+        names = [str(i) for i in range(10)]
+        model = models.create_model(args.arch, 10, 1).eval()
+        prep = {"mode": "L", "size": args.size, "mean": [0.286], "std": [0.353]}
+        tf = eval_transform(args.size)
+        accelerator = Accelerator(cpu=True)
+
+        def decode_only() -> int:
+            n = 0
+            for p in shards:
+                for s in iter_samples(p):
+                    tf(decode_image(image_bytes(s), "L"))
+                    n += 1
+            return n
+
+        pre = torch.stack([tf(decode_image(b, "L")) for b in images])  # uint8, as the stage's workers hand over
+        mean, std = torch.tensor(prep["mean"]), torch.tensor(prep["std"])
+
+        def bare() -> int:
+            with torch.inference_mode():
+                for i in range(0, len(pre), args.batch_size):
+                    torch.softmax(model(normalize(pre[i:i + args.batch_size], mean, std)).float(), 1).numpy()
+            return len(pre)
+
+        run = [0]
+
+        def stage() -> int:
+            run[0] += 1
+            out = tmp / f"pl-{run[0]}"
+            res = pseudo_labels.label_shards(model, shards, out, shard_rows=rows, teacher_sha256="0" * 64,
+                                             class_names=names, prep=prep, batch_size=args.batch_size,
+                                             workers=args.workers, accelerator=accelerator, progress=False)
+            shutil.rmtree(out)
+            return res["samples"]
+
+        print(f"{args.images} images, {args.arch}, batch {args.batch_size}, {torch.get_num_threads()} threads")
+        decode = [timed(decode_only) for _ in range(args.repeats)]
+        runs = alternate({"bare": lambda: timed(bare), "stage": lambda: timed(stage)}, args.repeats)
+        s = summary(runs)
+        ratio = s["stage"]["median_img_s"] / s["bare"]["median_img_s"]
+        print(f"ratio {ratio:.3f}, decode-only {statistics.median(decode):.0f} img/s")
+        save("pseudo_label_throughput", {
+            "ratio": round(ratio, 3), "stage_img_s": s["stage"]["median_img_s"],
+            "bare_img_s": s["bare"]["median_img_s"], "decode_img_s": round(statistics.median(decode), 1),
+            "runs": s, "images": args.images, "image_size": args.size, "arch": args.arch,
+            "batch_size": args.batch_size, "workers": args.workers, "threads": torch.get_num_threads()})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Training throughput: the student step of the pipeline (shards, pseudo-label join, RandAugment,
+dropout, stochastic depth, labeled + pseudo-labeled batches, the Accelerate loop with its epoch
+checkpoint) against a bare PyTorch loop with the same model, optimizer, augmentations and batches
+over images already decoded in memory.
+
+    python bench/train_throughput.py [--pool 20000] [--repeats 3]
+
+The student settings are the default experiment's (configs/fashion_mnist.yaml, round 1). Writes
+bench/results/train_throughput.json: ``ratio`` (pipeline / bare, medians of alternating runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import shutil
+import tempfile
+from pathlib import Path
+
+from common import ROOT, alternate, save, summary, synthetic_images, timed, write_shards
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pool", type=int, default=20000)
+    ap.add_argument("--labeled", type=int, default=1000)
+    ap.add_argument("--size", type=int, default=28)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline import models, noise, pseudo_labels
+    from pipeline.config import for_round, load_config
+    from pipeline.loaders import StreamSpec
+    from pipeline.losses import soft_cross_entropy
+    from pipeline.shards import decode_image
+    from pipeline.trainer import Job, _autocast, _optimizer, steps_per_epoch, train
+    from pipeline.transforms import normalize, train_transform
+
+    cfg = load_config(ROOT / "configs" / "fashion_mnist.yaml")
+    scfg = for_round(cfg.student, 1)
+    tmp = Path(tempfile.mkdtemp(prefix="ns-bench-"))
+    try:
+        lab_imgs, lab_y = synthetic_images(args.labeled, args.size, seed=1)
+        pool_imgs, _ = synthetic_images(args.pool, args.size, seed=2)
+        lab_shards = write_shards(tmp / "data", "labeled", lab_imgs, lab_y, 5000)
+        pool_shards = write_shards(tmp / "data", "unlabeled", pool_imgs, None, 5000)
+        rng = np.random.default_rng(0)
+        pl_dir = tmp / "pl"
+        for i, p in enumerate(pool_shards):
+            keys = [f"unlabeled_{j:08d}" for j in range(5000 * i, min(5000 * (i + 1), args.pool))]
+            probs = rng.dirichlet(np.ones(10) * 0.3, len(keys)).astype(np.float32)
+            pseudo_labels.write_parquet(pl_dir / pseudo_labels.parquet_name(p), p.name, keys, probs, "0" * 64,
+                                        [str(c) for c in range(10)])
+        targets, _ = pseudo_labels.student_targets(pl_dir, pool_shards, dataclasses.replace(scfg, balance=False), 10)
+        prep = {"mode": "L", "size": args.size, "mean": [0.286], "std": [0.353]}
+        transform = train_transform(args.size, scfg)
+        job = Job(phase="train", cfg=scfg, epochs=1, lr=scfg.lr,
+                  labeled=StreamSpec(shards=[str(p) for p in lab_shards], mode="L", transform=transform),
+                  labeled_total=args.labeled, prep=prep,
+                  unlabeled=StreamSpec(shards=[str(p) for p in pool_shards], mode="L", transform=transform,
+                                       seed=7919, buffer=5000, targets=targets),
+                  unlabeled_total=targets.total, unlabeled_ratio=cfg.student.unlabeled_ratio)
+        steps = steps_per_epoch(job, 1)
+        bs_l, bs_u = scfg.batch_size, scfg.batch_size * cfg.student.unlabeled_ratio
+        base = models.create_model("resnet10t", 10, 1, **noise.model_noise(scfg))
+
+        run = [0]
+
+        def pipeline_side() -> int:
+            run[0] += 1
+            model = copy.deepcopy(base)
+            stats = train(model, job, tmp / f"state-{run[0]}", progress=False)
+            shutil.rmtree(tmp / f"state-{run[0]}", ignore_errors=True)
+            return stats["steps"] * (bs_l + bs_u)
+
+        lab_pil = [decode_image(b, "L") for b in lab_imgs]
+        pool_pil = [decode_image(b, "L") for b in pool_imgs]
+        soft = torch.from_numpy(rng.dirichlet(np.ones(10) * 0.3, args.pool).astype(np.float32))
+        mean, std = torch.tensor(prep["mean"]), torch.tensor(prep["std"])
+
+        def bare_side() -> int:
+            model = copy.deepcopy(base).to(memory_format=torch.channels_last).train()
+            opt = _optimizer(model, scfg, scfg.lr)
+            autocast, _ = _autocast(scfg, torch.device("cpu"))
+            order = torch.randperm(args.pool)
+            for s in range(steps):
+                li = torch.randint(0, args.labeled, (bs_l,))
+                ui = order[(s * bs_u) % args.pool:][:bs_u]
+                x = torch.stack([transform(lab_pil[i]) for i in li.tolist()]
+                                + [transform(pool_pil[i]) for i in ui.tolist()])
+                x = normalize(x, mean, std, scfg.channels_last)
+                with autocast:
+                    logits = model(x).float()
+                loss = F.cross_entropy(logits[:bs_l], torch.from_numpy(lab_y[li.numpy()]),
+                                       label_smoothing=scfg.label_smoothing) + soft_cross_entropy(logits[bs_l:], soft[ui])
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            return steps * (bs_l + bs_u)
+
+        print(f"{steps} steps of {bs_l} labeled + {bs_u} pseudo-labeled, {torch.get_num_threads()} threads, "
+              f"RandAugment {scfg.randaugment.n}/{scfg.randaugment.m}, dropout {scfg.drop_rate}, "
+              f"drop_path {scfg.drop_path_rate}")
+        runs = alternate({"bare": lambda: timed(bare_side), "pipeline": lambda: timed(pipeline_side)}, args.repeats)
+        s = summary(runs)
+        ratio = s["pipeline"]["median_img_s"] / s["bare"]["median_img_s"]
+        print(f"ratio {ratio:.3f}")
+        save("train_throughput", {
+            "ratio": round(ratio, 3), "pipeline_img_s": s["pipeline"]["median_img_s"],
+            "bare_img_s": s["bare"]["median_img_s"], "runs": s, "steps": steps, "labeled_batch": bs_l,
+            "unlabeled_batch": bs_u, "image_size": args.size, "arch": "resnet10t",
+            "noise": noise.describe(scfg), "threads": torch.get_num_threads()})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
