@@ -223,6 +223,7 @@ def write_manifest(out_dir: Path, shards: list[Path], teacher_dir: Path, teacher
         meta = read_meta(out_dir / parquet_name(s))
         files.append({"file": parquet_name(s), "shard": Path(s).name, "rows": meta["rows"],
                       "skipped": meta["skipped_count"], "sha256": sha256_file(out_dir / parquet_name(s))})
+    stats = {**stats, "skipped": sum(f["skipped"] for f in files)}  # bad samples, named in each file's metadata
     manifest = {"kind": "pseudo_labels", "teacher": str(teacher_dir), "teacher_sha256": teacher_sha256,
                 "class_names": class_names, "tta": "hflip" if tta else "none",
                 "data_manifest_sha256": data_manifest_sha, "files": files,

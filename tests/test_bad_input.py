@@ -158,7 +158,7 @@ def test_pseudo_label_skips_bad_samples_and_records_them(bad_shard, tmp_path):
     assert meta["rows"] == 15 and {s["key"] for s in meta["skipped"]} == BAD_KEYS - {"bad_nolabel"}
     assert pl.validates(f, 19, "t" * 64, ["a", "b", "c"])  # rows + skipped = the shard: a rerun skips it
     assert res["bad_samples"]["skipped"] == 4
-    pl.write_manifest(out, [unl], tmp_path, "t" * 64, ["a", "b", "c"], {}, "d")
+    assert pl.write_manifest(out, [unl], tmp_path, "t" * 64, ["a", "b", "c"], {}, "d")["stats"]["skipped"] == 4
     keys = [s["__key__"] for s in iter_samples(unl)]
     assert pl.check(out, {unl.name: 19}, "t" * 64, ["a", "b", "c"], shard_keys={unl.name: keys})
 
