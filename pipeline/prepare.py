@@ -268,6 +268,9 @@ def prepare(cfg: Config, progress: bool = True) -> Path:
                     shards.append({"file": path.name, "samples": len(written), "bytes": path.stat().st_size,
                                    "sha256": sha256_file(path)})
                     log.use(len(written))
+                    if len(written) < len(chunk):  # bad samples left out when it was written
+                        log.skip(Skip(path.name, "-", "bad samples left out by an earlier run",
+                                      len(chunk) - len(written)))
                     bar.update(len(chunk))
                 else:
                     shards.append(write_shard(path, _samples(split, source, chunk, prefix, written, mode, log, bar)))
