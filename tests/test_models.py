@@ -70,3 +70,25 @@ def test_constructor_args_travel_with_the_model_dir(tmp_path):
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(back(x), m(x))
+
+
+def test_grown_student_starts_as_its_teacher():
+    """resnet10t weights in a resnet18t (registered by ``import pipeline``): the same function."""
+    from pipeline.models import create_model, grow_from
+
+    torch.manual_seed(0)
+    teacher = create_model("resnet10t", 4, 1)
+    with torch.no_grad():  # a trained-looking teacher: non-zero last BatchNorms everywhere
+        for m in teacher.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.running_mean.uniform_(-0.1, 0.1)
+    student = create_model("resnet18t", 4, 1, drop_path_rate=0.1)
+    assert grow_from(student, teacher.state_dict()) > 0  # the extra blocks
+    x = torch.randn(3, 1, 28, 28)
+    teacher.eval(), student.eval()
+    assert torch.allclose(teacher(x), student(x), atol=1e-5)
+    assert timm.is_model("resnet34t") and sum(p.numel() for p in student.parameters()) > 2 * sum(
+        p.numel() for p in teacher.parameters())
+    with pytest.raises(ConfigError, match="does not contain the teacher's layers"):
+        grow_from(create_model("resnet18", 4, 1), teacher.state_dict())
