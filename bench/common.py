@@ -72,6 +72,14 @@ def summary(runs: dict[str, list[float]]) -> dict:
             for k, v in runs.items()}
 
 
+def compare(bare: Callable[[], int], ours: Callable[[], int], name: str, repeats: int) -> tuple[dict, float]:
+    """Alternating timed runs of a bare loop and our side ``name``: (summary, median ratio ours / bare)."""
+    s = summary(alternate({"bare": lambda: timed(bare), name: lambda: timed(ours)}, repeats))
+    ratio = s[name]["median_img_s"] / s["bare"]["median_img_s"]
+    print(f"ratio {ratio:.3f}")
+    return s, ratio
+
+
 def timed(fn: Callable[[], int]) -> float:
     """img/s of ``fn`` (which returns how many images it processed)."""
     t0 = time.perf_counter()

@@ -15,7 +15,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from common import alternate, save, summary, synthetic_images, timed, write_shards
+from common import compare, save, synthetic_images, timed, write_shards
 
 
 def main() -> None:
@@ -76,10 +76,8 @@ def main() -> None:
 
         print(f"{args.images} images, {args.arch}, batch {args.batch_size}, {torch.get_num_threads()} threads")
         decode = [timed(decode_only) for _ in range(args.repeats)]
-        runs = alternate({"bare": lambda: timed(bare), "stage": lambda: timed(stage)}, args.repeats)
-        s = summary(runs)
-        ratio = s["stage"]["median_img_s"] / s["bare"]["median_img_s"]
-        print(f"ratio {ratio:.3f}, decode-only {statistics.median(decode):.0f} img/s")
+        s, ratio = compare(bare, stage, "stage", args.repeats)
+        print(f"decode-only {statistics.median(decode):.0f} img/s")
         save("pseudo_label_throughput", {
             "ratio": round(ratio, 3), "stage_img_s": s["stage"]["median_img_s"],
             "bare_img_s": s["bare"]["median_img_s"], "decode_img_s": round(statistics.median(decode), 1),

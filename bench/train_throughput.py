@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from common import ROOT, alternate, save, summary, synthetic_images, timed, write_shards
+from common import ROOT, compare, save, synthetic_images, write_shards
 
 
 def main() -> None:
@@ -106,10 +106,7 @@ def main() -> None:
         print(f"{steps} steps of {bs_l} labeled + {bs_u} pseudo-labeled, {torch.get_num_threads()} threads, "
               f"RandAugment {scfg.randaugment.n}/{scfg.randaugment.m}, dropout {scfg.drop_rate}, "
               f"drop_path {scfg.drop_path_rate}")
-        runs = alternate({"bare": lambda: timed(bare_side), "pipeline": lambda: timed(pipeline_side)}, args.repeats)
-        s = summary(runs)
-        ratio = s["pipeline"]["median_img_s"] / s["bare"]["median_img_s"]
-        print(f"ratio {ratio:.3f}")
+        s, ratio = compare(bare_side, pipeline_side, "pipeline", args.repeats)
         save("train_throughput", {
             "ratio": round(ratio, 3), "pipeline_img_s": s["pipeline"]["median_img_s"],
             "bare_img_s": s["bare"]["median_img_s"], "runs": s, "steps": steps, "labeled_batch": bs_l,
