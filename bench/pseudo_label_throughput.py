@@ -1,5 +1,6 @@
 """Pseudo-label throughput: the stage over webdataset shards (read, decode, model, Parquet write)
 against a bare loop of the same model, batch size and threads over pre-decoded in-memory tensors.
+``decode_img_s`` is the stage's own read + decode path (tar, PNG, tensor) on one core.
 
     python bench/pseudo_label_throughput.py [--images 20000] [--repeats 3] [--workers 1]
 
@@ -32,8 +33,8 @@ def main() -> None:
     from accelerate import Accelerator
 
     from pipeline import models, pseudo_labels
-    from pipeline.shards import decode_image, image_bytes, iter_samples
-    from pipeline.transforms import eval_transform, normalize
+    from pipeline.shards import image_bytes, iter_samples
+    from pipeline.transforms import eval_transform, normalize, to_input
 
     tmp = Path(tempfile.mkdtemp(prefix="ns-bench-"))
     try:
@@ -50,11 +51,11 @@ def main() -> None:
             n = 0
             for p in shards:
                 for s in iter_samples(p):
-                    tf(decode_image(image_bytes(s), "L"))
+                    to_input(image_bytes(s), "L", tf)
                     n += 1
             return n
 
-        pre = torch.stack([tf(decode_image(b, "L")) for b in images])  # uint8, as the stage's workers hand over
+        pre = torch.stack([to_input(b, "L", tf) for b in images])  # uint8, as the stage's workers hand over
         mean, std = torch.tensor(prep["mean"]), torch.tensor(prep["std"])
 
         def bare() -> int:

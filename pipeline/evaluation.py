@@ -23,8 +23,8 @@ from .artifacts import read_json, sha256_file, short_hash, write_json_atomic
 from .bad_samples import Skip, SkipLog
 from .config import ConfigError, EvaluateConfig
 from .loaders import eval_batches
-from .shards import BadImage, decode_image, image_bytes, iter_samples, sample_label
-from .transforms import eval_transform, normalize
+from .shards import BadImage, image_bytes, iter_samples, sample_label
+from .transforms import eval_transform, normalize, to_input
 
 EVAL_DIR = "eval"
 
@@ -174,7 +174,7 @@ def load_subset(test: TestSet, prep: dict, n: int | None, seed: int, log: SkipLo
                     label = sample_label(sample)
                     if data is None or label is None:
                         raise BadImage("no image or no label")
-                    images.append(tf(decode_image(data, prep["mode"])))
+                    images.append(to_input(data, prep["mode"], tf))
                     labels.append(label)
                 except (BadImage, ValueError) as e:  # counted and reported by the clean pass
                     if log is not None:

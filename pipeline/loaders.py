@@ -17,7 +17,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from .bad_samples import DataError, Skip, SkipLog
-from .shards import BadImage, ShardError, assign, decode_image, image_bytes, iter_samples, sample_label
+from .shards import BadImage, ShardError, assign, image_bytes, iter_samples, sample_label
+from .transforms import to_input
 
 # shard path -> {key: (repeat count, target)}; None means "every sample once, target = its label"
 TargetFn = Callable[[str], dict]
@@ -119,7 +120,7 @@ class ShardStream(IterableDataset):
                 continue
             data, target, key, shard = item
             try:
-                img = spec.transform(decode_image(data, spec.mode))
+                img = to_input(data, spec.mode, spec.transform)
             except (BadImage, OSError, ValueError) as e:
                 yield Skip(shard, key, str(e) if isinstance(e, BadImage) else f"cannot convert: {e}")
                 continue

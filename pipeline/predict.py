@@ -31,7 +31,7 @@ from .artifacts import atomic_path, read_json, sha256_file
 from .bad_samples import DataError
 from .config import ConfigError
 from .models import TIMM_CONFIG, WEIGHTS, load_model_dir, preprocessing
-from .shards import decode_image, expand_shards
+from .shards import expand_shards
 from .sources import (
     _is_image_name,
     _safe_member,
@@ -40,7 +40,7 @@ from .sources import (
     is_shard_pattern,
     iter_shard_images,
 )
-from .transforms import eval_transform, normalize
+from .transforms import eval_transform, normalize, to_input
 
 OUT_FORMATS = (".csv", ".parquet")
 MAX_WARNINGS = 20  # bad images named one per line; the rest only counted
@@ -252,7 +252,7 @@ def _batches(items: Iterator[Item], prep: dict, batch_size: int,
     for name, data, err in items:
         if err is None:
             try:
-                imgs.append(transform(decode_image(data or b"", prep["mode"])))
+                imgs.append(to_input(data or b"", prep["mode"], transform))
                 names.append(name)
             except Exception as e:  # noqa: BLE001 - any decoder failure means this one image is bad
                 err = _reason(e)

@@ -26,7 +26,8 @@ from . import failpoints
 from .artifacts import atomic_path, clean_tmp, code_version, read_json, sha256_file, write_json_atomic
 from .bad_samples import Skip, SkipLog
 from .config import ConfigError, StudentConfig
-from .shards import BadImage, ShardError, decode_image, image_bytes, iter_samples
+from .shards import BadImage, ShardError, image_bytes, iter_samples
+from .transforms import to_input
 
 MANIFEST = "manifest.json"
 
@@ -117,7 +118,7 @@ class _ShardBatches(IterableDataset):
                         skips.append(Skip(name, key, "no image member"))
                         continue
                     try:
-                        imgs.append(self.transform(decode_image(data, self.mode)))
+                        imgs.append(to_input(data, self.mode, self.transform))
                     except (BadImage, OSError, ValueError) as e:
                         skips.append(Skip(name, key, str(e)))
                         continue

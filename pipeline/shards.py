@@ -204,6 +204,17 @@ class BadImage(ValueError):
     """Image bytes that cannot become a picture of the model's input mode."""
 
 
+def decode_tensor(data: bytes, mode: str) -> torch.Tensor | None:
+    """8-bit PNG/JPEG bytes as a uint8 CHW tensor in ``mode`` through torchvision's decoder, or None
+    for what it cannot read that way (other formats, 16-bit, empty): ``decode_image`` handles those."""
+    try:
+        t = tvio.decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                              mode=tvio.ImageReadMode.GRAY if mode == "L" else tvio.ImageReadMode.RGB)
+    except (RuntimeError, ValueError, TypeError):
+        return None
+    return t if t.dtype == torch.uint8 and t.numel() else None
+
+
 def decode_image(data: bytes, mode: str) -> Image.Image:
     """Decode encoded image bytes as ``mode`` ("L" or "RGB"), or raise BadImage saying why.
 
@@ -213,14 +224,10 @@ def decode_image(data: bytes, mode: str) -> Image.Image:
     """
     if not data:
         raise BadImage("empty image bytes")
-    try:
-        t = tvio.decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                              mode=tvio.ImageReadMode.GRAY if mode == "L" else tvio.ImageReadMode.RGB)
-        if t.dtype == torch.uint8 and t.numel():
-            arr = t.numpy()
-            return Image.fromarray(arr[0] if mode == "L" else arr.transpose(1, 2, 0).copy(), mode)
-    except (RuntimeError, ValueError, TypeError):
-        pass
+    t = decode_tensor(data, mode)
+    if t is not None:
+        arr = t.numpy()
+        return Image.fromarray(arr[0] if mode == "L" else arr.transpose(1, 2, 0).copy(), mode)
     try:
         img = Image.open(io.BytesIO(data))
         img.load()

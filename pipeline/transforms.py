@@ -15,11 +15,38 @@ from torchvision import transforms as T
 
 from .config import TrainConfig
 from .noise import randaugment
+from .shards import decode_image, decode_tensor
 
 
-def eval_transform(size: int) -> Callable[[Image.Image], torch.Tensor]:
-    """Resize (when needed) to ``size`` x ``size`` and convert; no augmentation."""
-    return T.Compose([_resize_if_needed(size), T.PILToTensor()])
+class EvalTransform:
+    """Resize (when needed) to ``size`` x ``size`` and convert; no augmentation.
+
+    ``from_bytes`` skips the PIL round trip when the decoded image already has the model's size
+    (the common case): a third of the per-image cost of reading a shard at 28 px.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self.compose = T.Compose([_resize_if_needed(size), T.PILToTensor()])
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return self.compose(img)
+
+    def from_bytes(self, data: bytes, mode: str) -> torch.Tensor:
+        t = decode_tensor(data, mode) if data else None
+        if t is not None and t.shape[-2:] == (self.size, self.size):
+            return t
+        return self(decode_image(data, mode))
+
+
+def eval_transform(size: int) -> EvalTransform:
+    return EvalTransform(size)
+
+
+def to_input(data: bytes, mode: str, transform: Callable) -> torch.Tensor:
+    """Encoded image bytes -> the transform's uint8 tensor (raises ``shards.BadImage``)."""
+    fast = getattr(transform, "from_bytes", None)
+    return fast(data, mode) if fast is not None else transform(decode_image(data, mode))
 
 
 class _resize_if_needed:
