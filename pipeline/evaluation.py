@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from . import calibration, corruptions, failpoints, models, perturbations
 from .artifacts import read_json, sha256_file, short_hash, write_json_atomic
-from .bad_samples import Skip, SkipLog
+from .bad_samples import SkipLog
 from .config import ConfigError, EvaluateConfig
 from .loaders import eval_batches
 from .shards import BadImage, image_bytes, iter_samples, sample_label
@@ -157,8 +157,7 @@ def clean(m: LoadedModel, test: TestSet, ecfg: EvaluateConfig, accelerator, prog
     return _save(accelerator, path, result)
 
 
-def load_subset(test: TestSet, prep: dict, n: int | None, seed: int, log: SkipLog | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def load_subset(test: TestSet, prep: dict, n: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A seeded subset of ``n`` test images (all when None) as uint8 NCHW at the model's size."""
     total = sum(test.rows)
     chosen = np.arange(total) if n is None or n >= total else np.sort(
@@ -169,16 +168,15 @@ def load_subset(test: TestSet, prep: dict, n: int | None, seed: int, log: SkipLo
     for shard in test.shards:
         for sample in iter_samples(shard):
             if pos in want:
-                key, data = sample["__key__"], image_bytes(sample)
+                data = image_bytes(sample)
                 try:
                     label = sample_label(sample)
                     if data is None or label is None:
                         raise BadImage("no image or no label")
                     images.append(to_input(data, prep["mode"], tf))
                     labels.append(label)
-                except (BadImage, ValueError) as e:  # counted and reported by the clean pass
-                    if log is not None:
-                        log.skip(Skip(shard.name, key, str(e)))
+                except (BadImage, ValueError):  # the clean pass over the same test set counts and names it
+                    continue
             pos += 1
     if not images:
         raise ConfigError(f"no usable image in the robustness subset of {test.name}")

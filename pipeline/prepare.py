@@ -74,13 +74,23 @@ def require_data(cfg: Config) -> tuple[Path, dict]:
     if not mpath.is_file():
         raise ConfigError(f"prepared data not found in {d}: run stages/prepare_data.py with the same config")
     manifest = read_json(mpath)
-    for split in manifest["splits"].values():
-        for shard in split["shards"]:
-            p = d / shard["file"]
-            if not p.is_file() or p.stat().st_size != shard["bytes"] or sha256_file(p) != shard["sha256"]:
+    shards = [(d / sh["file"], sh) for split in manifest["splits"].values() for sh in split["shards"]]
+    stats = [(str(p), sh["sha256"], (st.st_size, st.st_mtime_ns, st.st_ino) if (st := _stat(p)) else None)
+             for p, sh in shards]
+    if _VERIFIED.get(d) != stats:  # hashed once per process while no file changes (iterate asks per stage)
+        for (p, sh), (_, _, st) in zip(shards, stats, strict=True):
+            if st is None or st[0] != sh["bytes"] or sha256_file(p) != sh["sha256"]:
                 raise DataError(f"shard {p} is missing or does not match its manifest (sha256): it was changed or "
                                 f"damaged after prepare; rerun stages/prepare_data.py with the same config to rebuild it")
+        _VERIFIED[d] = stats
     return d, manifest
+
+
+def _stat(p: Path):
+    return p.stat() if p.is_file() else None
+
+
+_VERIFIED: dict[Path, list] = {}  # data dir -> the shard stats it was last verified with
 
 
 def split_keys(directory: Path, manifest: dict, split: str) -> dict[str, list[str]] | None:

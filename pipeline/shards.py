@@ -93,7 +93,8 @@ FETCHERS = {
 
 
 class _Fetched:
-    """stdout of a fetch command as a readable stream; closing it checks the command's exit code."""
+    """stdout of a fetch command as a readable stream; at end of data a failed command raises OSError
+    with its exit code and last stderr line (instead of looking like a truncated shard)."""
 
     def __init__(self, argv: list[str], url: str):
         self.url = url
