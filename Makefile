@@ -9,7 +9,7 @@ ARGS ?=
 LAUNCH ?= $(PY)
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv iterate report distill prepare teacher test lint clean-runs
+.PHONY: venv iterate report distill prepare teacher test lint bench bench-seeds clean-runs
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,17 @@ report: venv
 # knowledge distillation of the last round (distill.* in the config) and its compression report
 distill: venv
 	$(LAUNCH) stages/distill.py --config $(CONFIG) $(ARGS)
+
+# CPU benchmarks -> bench/results/*.json (~20 min on 2 cores; run on an idle machine)
+bench: venv
+	$(PY) bench/pseudo_label_throughput.py
+	$(PY) bench/train_throughput.py
+	$(PY) bench/memory.py
+	$(PY) bench/scale_out.py
+
+# the default experiment for 3 seeds of the labeled split (~1.5 h on 2 cores)
+bench-seeds: venv
+	$(PY) bench/accuracy_seeds.py
 
 test: venv
 	$(PY) -m pytest

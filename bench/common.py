@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -50,6 +52,62 @@ def write_shards(directory: Path, prefix: str, images: list[bytes], labels: np.n
         write_shard(path, samples)
         paths.append(path)
     return paths
+
+
+def _png(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a, "L").save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _image(rng: np.random.Generator, y: int, size: int) -> np.ndarray:
+    a = rng.integers(0, 80, (size, size), dtype=np.uint8)
+    row = (y * size) // 10
+    a[row:row + max(1, size // 8), :] = 230  # a class-dependent bar, so a teacher learns something
+    return a
+
+
+def labeled_folder(root: Path, per_class: int, size: int, seed: int) -> Path:
+    """An ImageFolder tree of 10 classes (c0..c9) of ``per_class`` grayscale PNGs each."""
+    rng = np.random.default_rng(seed)
+    for y in range(10):
+        d = root / f"c{y}"
+        d.mkdir(parents=True)
+        for i in range(per_class):
+            (d / f"{i}.png").write_bytes(_png(_image(rng, y, size)))
+    return root
+
+
+def pool_shards(directory: Path, n: int, size: int, shard_size: int) -> str:
+    """``n`` unlabeled images as webdataset shards, written one shard at a time; their brace pattern."""
+    from pipeline.shards import write_shard
+
+    rng = np.random.default_rng(n)
+    directory.mkdir(parents=True)
+    count = -(-n // shard_size)
+    for s in range(count):
+        m = min(shard_size, n - s * shard_size)
+        ys = rng.integers(0, 10, m).tolist()
+        write_shard(directory / f"pool-{s:06d}.tar",
+                    ({"__key__": f"p{s:06d}_{i:06d}", "png": _png(_image(rng, y, size))} for i, y in enumerate(ys)))
+    return str(directory / f"pool-{{000000..{count - 1:06d}}}.tar")
+
+
+def run_stage(args: list[str], log: Path, env: dict | None = None) -> dict:
+    """Run a command (a stage script after ``python``, or a full argv when ``args[0]`` is not a
+    .py file) from the repository root; wall seconds and peak RSS in MiB as the kernel counted it
+    (``wait4``: the largest of the process and the children it waited for)."""
+    argv = [sys.executable, *args] if args[0].endswith(".py") else args
+    t0 = time.time()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "TQDM_DISABLE": "1", **(env or {})})
+        _, status, usage = os.wait4(proc.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"{' '.join(argv)} failed ({code}); see {log}")
+    return {"peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "seconds": round(time.time() - t0, 1)}
 
 
 def alternate(sides: dict[str, Callable[[], float]], repeats: int = 3, warmup: bool = True

@@ -86,6 +86,7 @@ class TrainConfig:
     drop_rate: float = field(default=0.0, metadata=_range(0, 1))
     drop_path_rate: float = field(default=0.0, metadata=_range(0, 1))
     randaugment: RandAugmentConfig = field(default_factory=lambda: RandAugmentConfig(enabled=False))
+    erasing: float = field(default=0.0, metadata=_range(0, 1))  # probability of erasing one random box (Cutout)
 
 
 @dataclass

@@ -30,6 +30,14 @@ def randaugment(cfg: TrainConfig) -> T.RandAugment | None:
     return _RandAugment(num_ops=ra.n, magnitude=ra.m, num_magnitude_bins=31)
 
 
+def erasing(cfg: TrainConfig) -> T.RandomErasing | None:
+    """Random erasing of one box (2-25 % of the image) with probability ``cfg.erasing``: the Cutout op
+    that the paper's RandAugment (TensorFlow) has and torchvision's lacks. Runs on uint8 tensors."""
+    if not cfg.erasing:
+        return None
+    return T.RandomErasing(p=cfg.erasing, scale=(0.02, 0.25), value=0)
+
+
 def model_noise(cfg: TrainConfig) -> dict[str, float]:
     """Keyword arguments for ``create_model`` that switch on dropout and stochastic depth."""
     return {"drop_rate": cfg.drop_rate, "drop_path_rate": cfg.drop_path_rate}
@@ -38,5 +46,5 @@ def model_noise(cfg: TrainConfig) -> dict[str, float]:
 def describe(cfg: TrainConfig) -> dict:
     """The noise a run used, for its card."""
     ra = cfg.randaugment
-    return {"randaugment": {"n": ra.n, "m": ra.m} if ra.enabled and ra.n else None,
+    return {"randaugment": {"n": ra.n, "m": ra.m} if ra.enabled and ra.n else None, "erasing": cfg.erasing,
             "drop_rate": cfg.drop_rate, "drop_path_rate": cfg.drop_path_rate}

@@ -11,10 +11,13 @@ import io
 import math
 import re
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
@@ -93,21 +96,47 @@ def _stat(p: Path):
 _VERIFIED: dict[Path, list] = {}  # data dir -> the shard stats it was last verified with
 
 
-def split_keys(directory: Path, manifest: dict, split: str) -> dict[str, list[str]] | None:
-    """Shard file name -> its keys in order, from the origins table (None for data made without it)."""
+_ORIGINS_SCHEMA = pa.schema([("key", pa.string()), ("split", pa.string()), ("shard", pa.string()),
+                             ("origin", pa.string())])
+_TRUTH_SCHEMA = pa.schema([("key", pa.string()), ("label", pa.int32())])
+
+
+def _table_writer(stack: ExitStack, path: Path, schema: pa.Schema) -> pq.ParquetWriter:
+    """A Parquet writer to a temp file that becomes ``path`` when ``stack`` closes without error."""
+    tmp = stack.enter_context(atomic_path(path))
+    writer = pq.ParquetWriter(tmp, schema)
+    stack.callback(writer.close)  # runs before the rename
+    return writer
+
+
+def split_keys(directory: Path, manifest: dict, split: str) -> Iterator[tuple[str, list[str]]] | None:
+    """(shard file name, its keys in order) for each shard of ``split``, streamed from the origins
+    table one shard at a time (its rows are grouped by shard); None for data made without it."""
     path = directory / ORIGINS
     entry = manifest.get("origins")
     if not path.is_file() or entry is None or sha256_file(path) != entry["sha256"]:
         return None
-    table = pq.read_table(path)
-    if "shard" not in table.column_names:
+    pf = pq.ParquetFile(path)
+    if "shard" not in pf.schema_arrow.names:
         return None
-    out: dict[str, list[str]] = {}
-    for key, sp, shard in zip(table.column("key").to_pylist(), table.column("split").to_pylist(),
-                              table.column("shard").to_pylist(), strict=True):
-        if sp == split:
-            out.setdefault(shard, []).append(key)
-    return out
+
+    def shards() -> Iterator[tuple[str, list[str]]]:
+        current, keys, seen = None, [], set()
+        for batch in pf.iter_batches(batch_size=65536, columns=["key", "split", "shard"]):
+            batch = batch.filter(pc.equal(batch.column("split"), split))
+            for key, shard in zip(batch.column("key").to_pylist(), batch.column("shard").to_pylist(), strict=True):
+                if shard != current:
+                    if current is not None:
+                        yield current, keys
+                    if shard in seen:
+                        raise ConfigError(f"{path}: rows of shard {shard} are not together; rerun prepare")
+                    current, keys = shard, []
+                    seen.add(shard)
+                keys.append(key)
+        if current is not None:
+            yield current, keys
+
+    return shards()
 
 
 def shard_paths(directory: Path, manifest: dict, split: str) -> list[Path]:
@@ -262,11 +291,13 @@ def prepare(cfg: Config, progress: bool = True) -> Path:
     for source in {id(src): src for src, _, _ in plan.values()}.values():
         log.extend(source.skipped)
     splits: dict[str, dict] = {}
-    truth: list[tuple[str, int]] = []
-    origins: dict[str, list] = {"key": [], "split": [], "shard": [], "origin": []}
     num_classes = len(train.class_names)
     size = cfg.data.shard_size
-    with tqdm(total=total, desc=f"prepare {out.name}", unit="img", disable=not progress) as bar:
+    has_truth = plan.get("unlabeled", (None,))[0] is not None and plan["unlabeled"][0].labels is not None
+    with ExitStack() as stack:  # origins and truth tables written a shard at a time, renamed at the end
+        bar = stack.enter_context(tqdm(total=total, desc=f"prepare {out.name}", unit="img", disable=not progress))
+        origins = _table_writer(stack, out / ORIGINS, _ORIGINS_SCHEMA)
+        truth = _table_writer(stack, out / TRUTH, _TRUTH_SCHEMA) if has_truth else None
         for split, (source, indices, prefix) in plan.items():
             shards, kept = [], []
             for s in range(math.ceil(len(indices) / size)):
@@ -289,19 +320,20 @@ def prepare(cfg: Config, progress: bool = True) -> Path:
                     shards.pop()
                     continue
                 kept += written
-                origins["key"] += [_key(prefix, i) for i in written]
-                origins["split"] += [split] * len(written)
-                origins["shard"] += [path.name] * len(written)
-                origins["origin"] += [source.origin(i) for i in written]
-                if split == "unlabeled" and source.labels is not None:  # kept aside, never in shards
-                    truth.extend((_key(prefix, i), source.labels[i]) for i in written)
+                keys = [_key(prefix, i) for i in written]
+                origins.write_table(pa.table({"key": keys, "split": [split] * len(written),
+                                              "shard": [path.name] * len(written),
+                                              "origin": [source.origin(i) for i in written]}, _ORIGINS_SCHEMA))
+                if split == "unlabeled" and truth is not None:  # kept aside, never in shards
+                    truth.write_table(pa.table({"key": keys, "label": [source.labels[i] for i in written]},
+                                               _TRUTH_SCHEMA))
             per_class = None
             if source.labels is not None:
                 per_class = np.bincount(np.asarray(source.labels)[np.asarray(kept, dtype=np.int64)],
                                         minlength=num_classes).tolist()
             splits[split] = {"count": len(kept), "per_class": per_class, "shards": shards,
                              "source": source.name}
-    log.check()
+        log.check()
     mean, std = _channel_stats(plan["labeled"][0], plan["labeled"][1], mode)
     manifest = {
         "kind": "data", "config": data_identity(cfg.data), "seed": cfg.data.seed,
@@ -310,13 +342,8 @@ def prepare(cfg: Config, progress: bool = True) -> Path:
         "splits": splits, "bad_samples": log.metrics(), "code_version": code_version(),
         "seconds": round(time.time() - t0, 1),
     }
-    with atomic_path(out / ORIGINS) as tmp:
-        pq.write_table(pa.table(origins), tmp)
     manifest["origins"] = {"file": ORIGINS, "sha256": sha256_file(out / ORIGINS)}
-    if truth:
-        table = pa.table({"key": [k for k, _ in truth], "label": pa.array([v for _, v in truth], pa.int32())})
-        with atomic_path(out / TRUTH) as tmp:
-            pq.write_table(table, tmp)
+    if truth is not None:
         manifest["unlabeled_truth"] = {"file": TRUTH, "sha256": sha256_file(out / TRUTH)}
     write_json_atomic(out / MANIFEST, manifest)
     return out

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -196,24 +197,38 @@ def label_shards(model: torch.nn.Module, shards: list[Path], out_dir: Path, *, s
 
 
 def summarize(out_dir: Path, shards: list[Path], num_classes: int, truth_path: Path | None) -> dict:
-    """Stats over all files: count, class histogram, mean confidence, accuracy if truth kept aside."""
-    table = read_small(out_dir, shards)
-    labels = table.column("label").to_numpy()
-    conf = table.column("confidence").to_numpy()
-    stats = {"samples": int(len(labels)), "mean_confidence": float(conf.mean()) if len(conf) else None,
-             "class_histogram": np.bincount(labels, minlength=num_classes).tolist()}
+    """Stats over all files: count, class histogram, mean confidence, accuracy if truth kept aside.
+
+    Reads one shard's file at a time; the truth (key, label) is joined in Arrow, never as Python
+    objects, so memory stays small next to the pool.
+    """
+    truth = None
     if truth_path is not None and truth_path.is_file():
-        truth = pq.read_table(truth_path)
-        lookup = dict(zip(truth.column("key").to_pylist(), truth.column("label").to_pylist(), strict=True))
-        keys = table.column("key").to_pylist()
-        true = np.array([lookup.get(k, -1) for k in keys])
-        known = true >= 0
-        if known.any():
-            stats["accuracy"] = float((labels[known] == true[known]).mean() * 100)
-            for thr in (0.3, 0.5, 0.7, 0.9):
-                sel = known & (conf >= thr)
-                stats.setdefault("accuracy_at_threshold", {})[str(thr)] = (
-                    float((labels[sel] == true[sel]).mean() * 100) if sel.any() else None)
+        truth = pq.read_table(truth_path, columns=["key", "label"]).rename_columns(["key", "true"])
+    hist = np.zeros(num_classes, np.int64)
+    n, conf_sum = 0, 0.0
+    thresholds = (0.3, 0.5, 0.7, 0.9)
+    hits = np.zeros(1 + len(thresholds), np.int64)  # correct: all known, then at each threshold
+    seen = np.zeros(1 + len(thresholds), np.int64)
+    for s in sorted(shards):
+        t = pq.read_table(out_dir / parquet_name(s), columns=["key", "label", "confidence"])
+        labels, conf = t.column("label").to_numpy(), t.column("confidence").to_numpy()
+        hist += np.bincount(labels, minlength=num_classes)
+        n += len(labels)
+        conf_sum += float(conf.sum(dtype=np.float64))
+        if truth is not None and len(labels):
+            j = t.join(truth, "key", join_type="inner")
+            ok = j.column("label").to_numpy() == j.column("true").to_numpy()
+            jc = j.column("confidence").to_numpy()
+            for i, thr in enumerate((0.0, *thresholds)):
+                sel = jc >= thr
+                hits[i] += int(ok[sel].sum())
+                seen[i] += int(sel.sum())
+    stats = {"samples": n, "mean_confidence": conf_sum / n if n else None, "class_histogram": hist.tolist()}
+    if seen[0]:
+        stats["accuracy"] = float(hits[0] / seen[0] * 100)
+        stats["accuracy_at_threshold"] = {str(thr): float(hits[i + 1] / seen[i + 1] * 100) if seen[i + 1] else None
+                                          for i, thr in enumerate(thresholds)}
     return stats
 
 
@@ -233,20 +248,14 @@ def write_manifest(out_dir: Path, shards: list[Path], teacher_dir: Path, teacher
     return manifest
 
 
-def read_small(out_dir: Path, shards: list[Path]) -> pa.Table:
-    """key, shard, label, confidence of every shard's file (never the probabilities)."""
-    tables = [pq.read_table(out_dir / parquet_name(s), columns=["key", "shard", "label", "confidence"])
-              for s in sorted(shards)]
-    return pa.concat_tables(tables) if tables else schema(1).empty_table().select(
-        ["key", "shard", "label", "confidence"])
-
-
 def check(out_dir: Path, shard_rows: dict[str, int], teacher_sha256: str, class_names: list[str],
-          tta: bool = False, shard_keys: dict[str, list[str]] | None = None) -> dict:
+          tta: bool = False, shard_keys: Mapping[str, list[str]] | Iterable[tuple[str, list[str]]] | None = None
+          ) -> dict:
     """Raise ConfigError unless the pseudo labels match these shards, this teacher and these classes.
 
     Checks the manifest and every file it lists against its sha256; with ``shard_keys`` (shard ->
-    its keys in order) also that each file holds exactly that shard's keys, bad samples aside.
+    its keys in order, a mapping or a stream of pairs) also that each file holds exactly that
+    shard's keys, bad samples aside. A stream is read once, one shard at a time.
     """
     mpath = out_dir / MANIFEST
     if not mpath.is_file():
@@ -275,11 +284,13 @@ def check(out_dir: Path, shard_rows: dict[str, int], teacher_sha256: str, class_
         if not path.is_file() or sha256_file(path) != f["sha256"]:
             raise ConfigError(f"pseudo-label file {path} is missing or does not match its manifest (sha256): "
                               f"delete {out_dir} and rerun stages/pseudo_label.py")
-        if shard_keys is not None and shard in shard_keys:
-            _check_keys(path, shard, shard_keys[shard])
     extra = sorted(set(listed) - set(shard_rows))
     if extra:
         raise ConfigError(f"pseudo labels in {out_dir} list shards the data lacks: {extra[:3]}")
+    pairs = shard_keys.items() if isinstance(shard_keys, Mapping) else shard_keys or ()
+    for shard, keys in pairs:
+        if shard in shard_rows:
+            _check_keys(out_dir / listed[shard]["file"], shard, keys)
     return manifest
 
 

@@ -11,9 +11,11 @@ are refused).
 
 from __future__ import annotations
 
+import gzip
 import io
 import subprocess
 import tarfile
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -157,36 +159,149 @@ def iter_samples(url: str | Path) -> Iterator[dict]:
     last: str | None = None
     try:
         try:
-            tf = tarfile.open(fileobj=stream, mode="r|*")
-        except (tarfile.TarError, EOFError, OSError) as e:
-            raise ShardError(str(url), None, _tar_reason(e)) from None
-        with tf:
-            try:
-                for member in tf:
-                    if not member.isreg():
-                        continue
-                    key, ext = split_name(member.name)
-                    if not ext or key.startswith("__") or ext.startswith("__"):
-                        continue
-                    f = tf.extractfile(member)
-                    data = f.read() if f is not None else b""
-                    if len(data) != member.size:
-                        raise EOFError("unexpected end of data")
-                    if current is None or current["__key__"] != key:
-                        if current is not None:
-                            last = current["__key__"]
-                            yield current
-                        current = {"__key__": key, "__url__": str(url)}
-                    current[ext.lower()] = data
-            except (tarfile.TarError, EOFError, OSError) as e:
-                raise ShardError(str(url), last, _tar_reason(e)) from None
-            # tarfile ends quietly on a cut or empty header block: a whole archive ends with a zero block
-            if tf.fileobj.pos - tf.offset < tarfile.BLOCKSIZE:
-                raise ShardError(str(url), last, "truncated (no end-of-archive block)")
+            for name, data in _tar_members(stream):
+                key, ext = split_name(name)
+                if not ext or key.startswith("__") or ext.startswith("__"):
+                    continue
+                if current is None or current["__key__"] != key:
+                    if current is not None:
+                        last = current["__key__"]
+                        yield current
+                    current = {"__key__": key, "__url__": str(url)}
+                current[ext.lower()] = data
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+            raise ShardError(str(url), last, _tar_reason(e)) from None
         if current is not None:
             yield current
     finally:
         stream.close()
+
+
+_BLOCK = tarfile.BLOCKSIZE
+_REGULAR = (b"0", b"\0", b"7")  # regular file, old-style regular file, contiguous file
+
+
+def _tar_members(stream) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of each regular-file member of a tar stream (plain or gzip), read sequentially.
+
+    A small reader of its own instead of ``tarfile``'s stream mode, which costs ~25 us a member
+    (a third of decoding a 28 px PNG): it checks each header's checksum, follows GNU long names
+    and pax ``path``/``size`` records, skips every other member type, and raises EOFError for a
+    stream that ends before its end-of-archive block.
+    """
+    head = stream.read(2)
+    if head == b"\x1f\x8b":  # gzip: decompress as we go
+        stream = gzip.GzipFile(fileobj=_Prefixed(head, stream))
+        head = b""
+    elif head == b"":
+        raise EOFError("empty file")
+    long_name: str | None = None
+    pax: dict[str, str] = {}
+    first = True
+    while True:
+        block = head + _read_exact(stream, _BLOCK - len(head))
+        head = b""
+        if len(block) < _BLOCK:
+            raise EOFError("truncated (no end-of-archive block)" if block or not first else "empty file")
+        first = False
+        if block == _ZERO:
+            return
+        if int(_octal(block[148:156]) or -1) != _checksum(block):
+            raise tarfile.HeaderError("bad checksum in a member header")
+        size = int(pax["size"]) if "size" in pax else _octal(block[124:136])
+        kind = block[156:157]
+        data = _read_exact(stream, size)
+        if len(data) < size:
+            raise EOFError("unexpected end of data")
+        pad = -size % _BLOCK
+        if pad and len(_read_exact(stream, pad)) < pad:
+            raise EOFError("unexpected end of data")
+        if kind == b"L":  # GNU long name of the next member
+            long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+            continue
+        if kind == b"x":  # pax extended header of the next member
+            pax = _pax_records(data)
+            continue
+        if kind == b"g":  # pax global header: nothing we use
+            continue
+        name = long_name or pax.get("path") or _ustar_name(block)
+        long_name, pax = None, {}
+        if kind in _REGULAR:
+            yield name, data
+
+
+_ZERO = bytes(_BLOCK)
+
+
+class _Prefixed:
+    """A stream with bytes already read from it put back in front (for gzip after a magic check)."""
+
+    def __init__(self, prefix: bytes, stream):
+        self.prefix, self.stream = prefix, stream
+
+    def read(self, n: int = -1) -> bytes:
+        if not self.prefix:
+            return self.stream.read(n)
+        if n < 0:
+            out, self.prefix = self.prefix + self.stream.read(), b""
+            return out
+        out, self.prefix = self.prefix[:n], self.prefix[n:]
+        return out + (self.stream.read(n - len(out)) if n > len(out) else b"")
+
+
+def _read_exact(stream, n: int) -> bytes:
+    data = stream.read(n) if n else b""
+    while 0 < len(data) < n:  # pipes and sockets return short reads
+        more = stream.read(n - len(data))
+        if not more:
+            break
+        data += more
+    return data
+
+
+def _octal(field: bytes) -> int:
+    field = field.rstrip(b"\0 ").lstrip(b" ")
+    if field[:1] == b"\x80":  # GNU base-256 for sizes past 8 GiB
+        return int.from_bytes(field[1:], "big")
+    try:
+        return int(field, 8) if field else 0
+    except ValueError:
+        raise tarfile.HeaderError(f"bad number field {field[:12]!r} in a member header") from None
+
+
+def _checksum(block: bytes) -> int:
+    return sum(block[:148]) + 256 + sum(block[156:])  # the checksum field itself counts as 8 spaces
+
+
+def _ustar_name(block: bytes) -> str:
+    name = block[:100].split(b"\0", 1)[0]
+    if block[257:262] == b"ustar":
+        prefix = block[345:500].split(b"\0", 1)[0]
+        if prefix:
+            name = prefix + b"/" + name
+    return name.decode("utf-8", "surrogateescape")
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """``path`` and ``size`` of a pax header ("<len> <key>=<value>\\n" records)."""
+    out: dict[str, str] = {}
+    pos = 0
+    while pos < len(data):
+        sp = data.find(b" ", pos)
+        if sp < 0:
+            break
+        try:
+            length = int(data[pos:sp])
+        except ValueError:
+            raise tarfile.HeaderError("bad pax header record") from None
+        if length <= 0:
+            break
+        record = data[sp + 1:pos + length - 1]
+        key, _, value = record.partition(b"=")
+        if key in (b"path", b"size"):
+            out[key.decode()] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
 
 
 def _tar_reason(e: Exception) -> str:

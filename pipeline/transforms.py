@@ -14,7 +14,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from .config import TrainConfig
-from .noise import randaugment
+from .noise import erasing, randaugment
 from .shards import decode_image, decode_tensor
 
 
@@ -71,7 +71,7 @@ class RandomShift:
 
 
 def train_transform(size: int, cfg: TrainConfig) -> Callable[[Image.Image], torch.Tensor]:
-    """Random crop with padding and flips (every run), then RandAugment when the config enables it."""
+    """Random crop with padding and flips, then RandAugment and random erasing, each when the config enables it."""
     ops: list = [_resize_if_needed(size)]
     if cfg.crop_pad:
         ops.append(RandomShift(cfg.crop_pad))
@@ -81,6 +81,9 @@ def train_transform(size: int, cfg: TrainConfig) -> Callable[[Image.Image], torc
     if ra is not None:
         ops.append(ra)
     ops.append(T.PILToTensor())
+    er = erasing(cfg)
+    if er is not None:
+        ops.append(er)
     return T.Compose(ops)
 
 

@@ -1,0 +1,72 @@
+"""Memory against pool size: peak RSS of the pseudo_label stage and of one student epoch with an
+unlabeled pool of 10k and of 1M synthetic 16x16 images (timm's 0.37M-parameter ``test_resnet``,
+so a million images fit the time).
+
+    python bench/memory.py [--small 10000] [--large 1000000]
+
+Each stage runs as its own process through its real entry point (``stages/*.py``) on a real
+prepared experiment; its peak RSS comes from the kernel (``wait4``: the largest of the process and
+its DataLoader workers). Writes bench/results/memory.json: ``rss_growth`` (the larger of the two
+stages' large/small peak ratios; goal <= 1.2), each stage's peaks and seconds per pool size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+from common import labeled_folder, pool_shards, run_stage, save
+
+SIZE = 16
+SHARD = 10000
+
+
+def experiment(tmp: Path, n: int, labeled: Path, test: Path) -> dict:
+    pattern = pool_shards(tmp / f"pool-{n}", n, SIZE, SHARD)
+    cfg = tmp / f"mem-{n}.yaml"
+    cfg.write_text(f"""name: mem-{n}
+runs_dir: {tmp / 'runs'}
+data: {{source: {labeled}, test_source: {test}, unlabeled: "{pattern}", labeled_per_class: null,
+        shard_size: {SHARD}}}
+model: {{arch: test_resnet, students: [test_resnet]}}
+teacher: {{epochs: 3, batch_size: 64, workers: 0}}
+student: {{epochs: 1, batch_size: 32, unlabeled_ratio: 7, workers: 0, init_from_teacher: true}}
+pseudo_label: {{batch_size: 512, workers: 1}}
+""")
+    log = tmp / f"mem-{n}.log"
+    out = {"pool": n}
+    out["prepare"] = run_stage(["stages/prepare_data.py", "--config", str(cfg)], log)
+    out["teacher"] = run_stage(["stages/train.py", "--config", str(cfg), "role=teacher"], log)
+    out["pseudo_label"] = run_stage(["stages/pseudo_label.py", "--config", str(cfg), "round=1"], log)
+    out["student_epoch"] = run_stage(["stages/train.py", "--config", str(cfg), "role=student", "round=1"], log)
+    print(f"pool {n}: " + ", ".join(f"{k} {v['peak_rss_mib']} MiB / {v['seconds']} s"
+                                    for k, v in out.items() if isinstance(v, dict)), flush=True)
+    shutil.rmtree(tmp / f"pool-{n}")
+    shutil.rmtree(tmp / "runs", ignore_errors=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--small", type=int, default=10_000)
+    ap.add_argument("--large", type=int, default=1_000_000)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="ns-bench-mem-"))
+    try:
+        labeled = labeled_folder(tmp / "labeled", 20, SIZE, seed=1)
+        test = labeled_folder(tmp / "test", 10, SIZE, seed=2)
+        small = experiment(tmp, args.small, labeled, test)
+        large = experiment(tmp, args.large, labeled, test)
+        growth = {k: round(large[k]["peak_rss_mib"] / small[k]["peak_rss_mib"], 3)
+                  for k in ("pseudo_label", "student_epoch")}
+        print(f"rss growth {growth}")
+        save("memory", {"rss_growth": max(growth.values()), "growth": growth, "small": small, "large": large,
+                        "image_size": SIZE, "arch": "test_resnet"})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
