@@ -50,6 +50,31 @@ def test_noise_switches_reach_the_model():
     assert rates and max(rates) == pytest.approx(0.2)
 
 
+def test_random_erasing_blanks_one_box_when_switched_on():
+    import numpy as np
+    from PIL import Image
+
+    from pipeline import noise
+    from pipeline.config import RandAugmentConfig, StudentConfig
+    from pipeline.transforms import train_transform
+
+    img = Image.fromarray(np.full((28, 28), 200, np.uint8))
+    plain = dict(crop_pad=0, hflip=False, randaugment=RandAugmentConfig(enabled=False))
+    off = train_transform(28, StudentConfig(**plain, erasing=0.0))
+    assert torch.equal(off(img), torch.full((1, 28, 28), 200, dtype=torch.uint8))
+    on = train_transform(28, StudentConfig(**plain, erasing=1.0))
+    torch.manual_seed(0)
+    for _ in range(20):
+        x = on(img)
+        assert x.dtype == torch.uint8
+        zero = (x[0] == 0)
+        rows, cols = zero.any(1).nonzero(), zero.any(0).nonzero()
+        box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+        assert zero.sum() == box  # one solid rectangle
+        assert 0.02 * 784 * 0.8 <= box <= 0.25 * 784 * 1.2  # 2-25 % of the image (integer sides)
+    assert noise.describe(StudentConfig(erasing=0.5))["erasing"] == 0.5
+
+
 def test_missing_model_dir_is_a_user_error(tmp_path):
     with pytest.raises(ConfigError, match="not a model directory"):
         models.load_model_dir(tmp_path)
