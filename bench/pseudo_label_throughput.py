@@ -2,7 +2,7 @@
 against a bare loop of the same model, batch size and threads over pre-decoded in-memory tensors.
 ``decode_img_s`` is the stage's own read + decode path (tar, PNG, tensor) on one core.
 
-    python bench/pseudo_label_throughput.py [--images 20000] [--repeats 3] [--workers 1]
+    python bench/pseudo_label_throughput.py [--images 59000] [--repeats 3] [--workers 1]
 
 Writes bench/results/pseudo_label_throughput.json: ``ratio`` (stage / bare, medians of runs that
 alternate the two sides), both rates, and ``decode_img_s`` (reading + decoding alone, one process).
@@ -21,7 +21,7 @@ from common import compare, save, synthetic_images, timed, write_shards
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--images", type=int, default=20000)
+    ap.add_argument("--images", type=int, default=59000)  # the default experiment's pool
     ap.add_argument("--size", type=int, default=28)
     ap.add_argument("--batch-size", type=int, default=512)
     ap.add_argument("--workers", type=int, default=1, help="DataLoader workers of the stage (config default: 1)")
