@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--labeled", type=int, default=1000)
     ap.add_argument("--size", type=int, default=28)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: the config's)")
     args = ap.parse_args()
 
     import numpy as np
@@ -43,6 +44,8 @@ def main() -> None:
 
     cfg = load_config(ROOT / "configs" / "fashion_mnist.yaml")
     scfg = for_round(cfg.student, 1)
+    if args.workers is not None:
+        scfg = dataclasses.replace(scfg, workers=args.workers)
     tmp = Path(tempfile.mkdtemp(prefix="ns-bench-"))
     try:
         lab_imgs, lab_y = synthetic_images(args.labeled, args.size, seed=1)
@@ -111,7 +114,7 @@ def main() -> None:
             "ratio": round(ratio, 3), "pipeline_img_s": s["pipeline"]["median_img_s"],
             "bare_img_s": s["bare"]["median_img_s"], "runs": s, "steps": steps, "labeled_batch": bs_l,
             "unlabeled_batch": bs_u, "image_size": args.size, "arch": "resnet10t",
-            "noise": noise.describe(scfg), "threads": torch.get_num_threads()})
+            "noise": noise.describe(scfg), "threads": torch.get_num_threads(), "workers": scfg.workers})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -349,8 +349,9 @@ def decode_image(data: bytes, mode: str) -> Image.Image:
         raise BadImage("empty image bytes")
     t = decode_tensor(data, mode)
     if t is not None:
-        arr = t.numpy()
-        return Image.fromarray(arr[0] if mode == "L" else arr.transpose(1, 2, 0).copy(), mode)
+        h, w = t.shape[-2:]
+        arr = t[0].numpy() if mode == "L" else t.permute(1, 2, 0).contiguous().numpy()
+        return Image.frombuffer(mode, (w, h), arr, "raw", mode, 0, 1)  # no copy (fromarray: 2x slower)
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
