@@ -106,7 +106,8 @@ def run_stage(args: list[str], log: Path, env: dict | None = None) -> dict:
         _, status, usage = os.wait4(proc.pid, 0)
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
-        raise SystemExit(f"{' '.join(argv)} failed ({code}); see {log}")
+        tail = log.read_text(errors="replace").splitlines()[-15:]
+        raise SystemExit("\n".join(tail) + f"\n{' '.join(argv)} failed ({code})")
     return {"peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "seconds": round(time.time() - t0, 1)}
 
 

@@ -32,7 +32,7 @@ data: {{source: {labeled}, test_source: {test}, unlabeled: "{pattern}", labeled_
         shard_size: {SHARD}}}
 model: {{arch: test_resnet, students: [test_resnet]}}
 teacher: {{epochs: 3, batch_size: 64, workers: 0}}
-student: {{epochs: 1, batch_size: 32, unlabeled_ratio: 7, workers: 0, init_from_teacher: true}}
+student: {{epochs: 1, batch_size: 32, unlabeled_ratio: 7, workers: 0, init_from_teacher: true, threshold: 0.0}}
 pseudo_label: {{batch_size: 512, workers: 1}}
 """)
     log = tmp / f"mem-{n}.log"
