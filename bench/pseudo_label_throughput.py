@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1, help="DataLoader workers of the stage (config default: 1)")
     ap.add_argument("--arch", default="resnet10t")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="pseudo_label_throughput", help="result file name under bench/results/")
     args = ap.parse_args()
 
     import torch
@@ -79,7 +80,7 @@ def main() -> None:
         decode = [timed(decode_only) for _ in range(args.repeats)]
         s, ratio = compare(bare, stage, "stage", args.repeats)
         print(f"decode-only {statistics.median(decode):.0f} img/s")
-        save("pseudo_label_throughput", {
+        save(args.out, {
             "ratio": round(ratio, 3), "stage_img_s": s["stage"]["median_img_s"],
             "bare_img_s": s["bare"]["median_img_s"], "decode_img_s": round(statistics.median(decode), 1),
             "runs": s, "images": args.images, "image_size": args.size, "arch": args.arch,
