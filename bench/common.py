@@ -78,6 +78,12 @@ def labeled_folder(root: Path, per_class: int, size: int, seed: int) -> Path:
     return root
 
 
+def labeled_and_test(root: Path, per_class: int, test_per_class: int, size: int) -> tuple[Path, Path]:
+    """A labeled ImageFolder and a test ImageFolder (other images) under ``root``."""
+    return (labeled_folder(root / "labeled", per_class, size, seed=1),
+            labeled_folder(root / "test", test_per_class, size, seed=2))
+
+
 def pool_shards(directory: Path, n: int, size: int, shard_size: int) -> str:
     """``n`` unlabeled images as webdataset shards, written one shard at a time; their brace pattern."""
     from pipeline.shards import write_shard

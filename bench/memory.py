@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from common import labeled_folder, pool_shards, run_stage, save
+from common import labeled_and_test, pool_shards, run_stage, save
 
 SIZE = 16
 SHARD = 10000
@@ -55,8 +55,7 @@ def main() -> None:
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ns-bench-mem-"))
     try:
-        labeled = labeled_folder(tmp / "labeled", 20, SIZE, seed=1)
-        test = labeled_folder(tmp / "test", 10, SIZE, seed=2)
+        labeled, test = labeled_and_test(tmp, 20, 10, SIZE)
         small = experiment(tmp, args.small, labeled, test)
         large = experiment(tmp, args.large, labeled, test)
         growth = {k: round(large[k]["peak_rss_mib"] / small[k]["peak_rss_mib"], 3)

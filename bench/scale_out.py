@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-from common import labeled_folder, pool_shards, run_stage, save
+from common import labeled_and_test, pool_shards, run_stage, save
 
 SIZE = 28
 LAUNCH = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -42,8 +42,7 @@ def main() -> None:
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ns-bench-scale-"))
     try:
-        labeled = labeled_folder(tmp / "labeled", 50, SIZE, seed=1)
-        test = labeled_folder(tmp / "test", 20, SIZE, seed=2)
+        labeled, test = labeled_and_test(tmp, 50, 20, SIZE)
         pattern = pool_shards(tmp / "pool", args.pool, SIZE, 2500)
         cfg = tmp / "scale.yaml"
         runs = tmp / "runs"
