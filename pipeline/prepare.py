@@ -293,7 +293,7 @@ def prepare(cfg: Config, progress: bool = True) -> Path:
     splits: dict[str, dict] = {}
     num_classes = len(train.class_names)
     size = cfg.data.shard_size
-    has_truth = plan.get("unlabeled", (None,))[0] is not None and plan["unlabeled"][0].labels is not None
+    has_truth = plan["unlabeled"][0].labels is not None  # the pool's true labels, kept aside
     with ExitStack() as stack:  # origins and truth tables written a shard at a time, renamed at the end
         bar = stack.enter_context(tqdm(total=total, desc=f"prepare {out.name}", unit="img", disable=not progress))
         origins = _table_writer(stack, out / ORIGINS, _ORIGINS_SCHEMA)

@@ -206,7 +206,7 @@ def _tar_members(stream) -> Iterator[tuple[str, bytes]]:
         first = False
         if block == _ZERO:
             return
-        if int(_octal(block[148:156]) or -1) != _checksum(block):
+        if (_octal(block[148:156]) or -1) != _checksum(block):
             raise tarfile.HeaderError("bad checksum in a member header")
         size = int(pax["size"]) if "size" in pax else _octal(block[124:136])
         kind = block[156:157]
