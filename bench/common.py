@@ -25,13 +25,7 @@ def synthetic_images(n: int, size: int, seed: int = 0, num_classes: int = 10) ->
     """``n`` grayscale PNGs of ``size`` px (noise plus a class-dependent bar) and their labels."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, num_classes, n)
-    out = []
-    for y in labels.tolist():
-        a = rng.integers(0, 80, (size, size), dtype=np.uint8)
-        a[(y * size) // num_classes:(y * size) // num_classes + max(1, size // 8), :] = 230
-        buf = io.BytesIO()
-        Image.fromarray(a, "L").save(buf, format="PNG", compress_level=1)
-        out.append(buf.getvalue())
+    out = [_png(_image(rng, y, size, num_classes)) for y in labels.tolist()]
     return out, labels
 
 
@@ -60,9 +54,9 @@ def _png(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _image(rng: np.random.Generator, y: int, size: int) -> np.ndarray:
+def _image(rng: np.random.Generator, y: int, size: int, num_classes: int = 10) -> np.ndarray:
     a = rng.integers(0, 80, (size, size), dtype=np.uint8)
-    row = (y * size) // 10
+    row = (y * size) // num_classes
     a[row:row + max(1, size // 8), :] = 230  # a class-dependent bar, so a teacher learns something
     return a
 
