@@ -34,12 +34,12 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
-    from pipeline import models, noise, pseudo_labels
+    from pipeline import models, noise, precision, pseudo_labels
     from pipeline.config import for_round, load_config
     from pipeline.loaders import StreamSpec
     from pipeline.losses import soft_cross_entropy
     from pipeline.shards import decode_image
-    from pipeline.trainer import Job, _autocast, _optimizer, steps_per_epoch, train
+    from pipeline.trainer import Job, _optimizer, steps_per_epoch, train
     from pipeline.transforms import normalize, train_transform
 
     cfg = load_config(ROOT / "configs" / "fashion_mnist.yaml")
@@ -89,7 +89,8 @@ def main() -> None:
         def bare_side() -> int:
             model = copy.deepcopy(base).to(memory_format=torch.channels_last).train()
             opt = _optimizer(model, scfg, scfg.lr)
-            autocast, _ = _autocast(scfg, torch.device("cpu"))
+            autocast = precision.autocast(precision.resolve(scfg.mixed_precision, torch.device("cpu")),
+                                          torch.device("cpu"))
             order = torch.randperm(args.pool)
             for s in range(steps):
                 li = torch.randint(0, args.labeled, (bs_l,))

@@ -78,6 +78,7 @@ class TrainConfig:
     grad_accum: int = field(default=1, metadata=_range(1))
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU and bf16-capable CPUs
     channels_last: bool = False
+    compile: bool | str = False  # torch.compile the model: true (inductor) or a backend name; slow first steps
     ema: bool = False
     ema_decay: float = field(default=0.999, metadata=_range(0, 1))
     workers: int = field(default=1, metadata=_range(0))
@@ -130,6 +131,11 @@ class PseudoLabelConfig:
     batch_size: int = field(default=512, metadata=_range(1))
     workers: int = field(default=1, metadata=_range(0))
     tta: bool = False  # average each image's and its mirror's probabilities (no noise; 2x the cost)
+    # auto: bf16 on GPU, fp32 on CPU (exact); bf16 also runs on bf16-capable CPUs. Recorded in each
+    # file's metadata; finished files are kept when it changes, like batch size.
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    channels_last: bool = False
+    compile: bool | str = False  # torch.compile the teacher: true (inductor) or a backend name
 
 
 @dataclass
@@ -168,7 +174,10 @@ class Config:
 
 # keys that change how fast a stage runs, never what it makes
 RUNTIME_KEYS = {"runs_dir", "pseudo_label.batch_size", "pseudo_label.workers", "teacher.workers",
-                "student.workers", "data.root", "data.download", "data.max_bad_share"}
+                "student.workers", "data.root", "data.download", "data.max_bad_share",
+                "pseudo_label.mixed_precision", "pseudo_label.channels_last", "pseudo_label.compile",
+                "teacher.compile", "student.compile"}
+COMPILE_KEYS = ("teacher.compile", "student.compile", "pseudo_label.compile", "distill.compile")
 
 
 # ---------------------------------------------------------------- validation
@@ -331,6 +340,13 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         cfg.name = stem
     if "/" in cfg.name or cfg.name.startswith("."):
         raise ConfigError(f"name: '{cfg.name}' must be a plain directory name")
+    for key in COMPILE_KEYS:
+        section, field_name = key.split(".")
+        value = getattr(getattr(cfg, section), field_name)
+        if isinstance(value, str) and value != "inductor":
+            from .precision import check_compile  # imports torch: only for a backend named by hand
+
+            check_compile(value, key)
     return cfg
 
 

@@ -27,7 +27,7 @@ def test_parquet_round_trip_and_metadata(tmp_path):
     ptype = t.schema.field("probs").type
     assert ptype.list_size == 3 and str(ptype.value_type) == "float"
     meta = pl.read_meta(path)
-    assert meta == {"teacher_sha256": "t" * 64, "class_names": NAMES, "rows": 2, "tta": False,
+    assert meta == {"teacher_sha256": "t" * 64, "class_names": NAMES, "rows": 2, "tta": False, "precision": "fp32",
                     "skipped": [], "skipped_count": 0}
     assert pl.validates(path, 2, "t" * 64, NAMES)
     assert not pl.validates(path, 3, "t" * 64, NAMES)
