@@ -3,6 +3,7 @@ against a bare loop of the same model, batch size and threads over pre-decoded i
 ``decode_img_s`` is the stage's own read + decode path (tar, PNG, tensor) on one core.
 
     python bench/pseudo_label_throughput.py [--images 59000] [--repeats 3] [--workers 1]
+        [--mixed-precision auto|no|bf16] [--channels-last] [--compile BACKEND] [--out NAME]
 
 Writes bench/results/pseudo_label_throughput.json: ``ratio`` (stage / bare, medians of runs that
 alternate the two sides), both rates, and ``decode_img_s`` (reading + decoding alone, one process).
@@ -27,13 +28,16 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1, help="DataLoader workers of the stage (config default: 1)")
     ap.add_argument("--arch", default="resnet10t")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--mixed-precision", default="auto", help="pseudo_label.mixed_precision (auto: fp32 on CPU)")
+    ap.add_argument("--channels-last", action="store_true", help="pseudo_label.channels_last")
+    ap.add_argument("--compile", default=False, help="pseudo_label.compile: a torch.compile backend")
     ap.add_argument("--out", default="pseudo_label_throughput", help="result file name under bench/results/")
     args = ap.parse_args()
 
     import torch
     from accelerate import Accelerator
 
-    from pipeline import models, pseudo_labels
+    from pipeline import models, precision, pseudo_labels
     from pipeline.shards import image_bytes, iter_samples
     from pipeline.transforms import eval_transform, normalize, to_input
 
@@ -58,11 +62,20 @@ def main() -> None:
 
         pre = torch.stack([to_input(b, "L", tf) for b in images])  # uint8, as the stage's workers hand over
         mean, std = torch.tensor(prep["mean"]), torch.tensor(prep["std"])
+        cpu = torch.device("cpu")
+        dtype = precision.resolve(args.mixed_precision, cpu, inference=True)
+        opts = {"mixed_precision": args.mixed_precision, "channels_last": args.channels_last, "compile": args.compile}
+        bare_model = models.create_model(args.arch, 10, 1).eval()  # the same weights, its own compiled copy
+        bare_model.load_state_dict(model.state_dict())
+        if args.channels_last:
+            bare_model = bare_model.to(memory_format=torch.channels_last)
+        precision.compile_model(bare_model, args.compile)
 
         def bare() -> int:
-            with torch.inference_mode():
+            with torch.inference_mode(), precision.autocast(dtype, cpu):
                 for i in range(0, len(pre), args.batch_size):
-                    torch.softmax(model(normalize(pre[i:i + args.batch_size], mean, std)).float(), 1).numpy()
+                    x = normalize(pre[i:i + args.batch_size], mean, std, args.channels_last)
+                    torch.softmax(bare_model(x).float(), 1).numpy()
             return len(pre)
 
         run = [0]
@@ -72,7 +85,8 @@ def main() -> None:
             out = tmp / f"pl-{run[0]}"
             res = pseudo_labels.label_shards(model, shards, out, shard_rows=rows, teacher_sha256="0" * 64,
                                              class_names=names, prep=prep, batch_size=args.batch_size,
-                                             workers=args.workers, accelerator=accelerator, progress=False)
+                                             workers=args.workers, accelerator=accelerator, progress=False,
+                                             **opts)
             shutil.rmtree(out)
             return res["samples"]
 
@@ -84,7 +98,8 @@ def main() -> None:
             "ratio": round(ratio, 3), "stage_img_s": s["stage"]["median_img_s"],
             "bare_img_s": s["bare"]["median_img_s"], "decode_img_s": round(statistics.median(decode), 1),
             "runs": s, "images": args.images, "image_size": args.size, "arch": args.arch,
-            "batch_size": args.batch_size, "workers": args.workers, "threads": torch.get_num_threads()})
+            "batch_size": args.batch_size, "workers": args.workers, "threads": torch.get_num_threads(),
+            "precision": dtype, "channels_last": args.channels_last, "compile": args.compile or None})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

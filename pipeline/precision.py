@@ -78,6 +78,6 @@ def compile_model(model: torch.nn.Module, value: bool | str) -> torch.nn.Module:
     The first batches are slow while it compiles; later shapes (a short last batch) compile again.
     """
     backend = compile_backend(value)
-    if backend is not None:
+    if backend is not None and getattr(model, "_compiled_call_impl", None) is None:  # once: no recompiles
         model.compile(backend=backend)
     return model

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -23,6 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .artifacts import (
+    TMP_PREFIX,
     atomic_path,
     clean_tmp,
     code_version,
@@ -173,8 +175,9 @@ def _subset(idx: np.ndarray, cap: int | None, rng: np.random.Generator) -> np.nd
     return idx if cap is None else idx[:cap]
 
 
-def _plan(cfg: Config) -> tuple[dict[str, tuple[Source, np.ndarray, str]], Source]:
-    """For each split: (source, indices in write order, key prefix)."""
+def _plan(cfg: Config, cache_dir: Path) -> tuple[dict[str, tuple[Source, np.ndarray, str]], Source]:
+    """For each split: (source, indices in write order, key prefix); ``cache_dir`` holds local
+    copies of remote or gzipped pool shards while the splits are written."""
     d = cfg.data
     rng = np.random.default_rng(d.seed)
     train = labeled_source(d.source, True, d.root, d.download)
@@ -196,7 +199,7 @@ def _plan(cfg: Config) -> tuple[dict[str, tuple[Source, np.ndarray, str]], Sourc
             raise ConfigError("data.unlabeled=rest but no images are left after the labeled split")
         plan["unlabeled"] = (train, _subset(rest, d.max_unlabeled, rng), "train")
     else:
-        pool = unlabeled_source(d.unlabeled)
+        pool = unlabeled_source(d.unlabeled, cache_dir)
         plan["unlabeled"] = (pool, _subset(np.arange(len(pool)), d.max_unlabeled, rng), "pool")
     plan["test"] = (test, _subset(np.arange(len(test)), d.max_test, rng), "test")
     return plan, train
@@ -284,7 +287,16 @@ def prepare(cfg: Config, progress: bool = True) -> Path:
                 if p.is_file() and (p.stat().st_size != shard["bytes"] or sha256_file(p) != shard["sha256"]):
                     p.unlink()
     t0 = time.time()
-    plan, train = _plan(cfg)
+    cache = out / f"{TMP_PREFIX}pool"
+    shutil.rmtree(cache, ignore_errors=True)  # a crashed run's copies
+    try:
+        return _prepare(cfg, out, cache, progress, t0)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def _prepare(cfg: Config, out: Path, cache: Path, progress: bool, t0: float) -> Path:
+    plan, train = _plan(cfg, cache)
     mode, image_size = _probe_mode(train, plan["labeled"][1])
     total = sum(len(ix) for _, ix, _ in plan.values())
     log = SkipLog("prepare", cfg.data.max_bad_share, expected=total)

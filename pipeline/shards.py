@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import subprocess
 import tarfile
 import zlib
@@ -181,14 +182,18 @@ _BLOCK = tarfile.BLOCKSIZE
 _REGULAR = (b"0", b"\0", b"7")  # regular file, old-style regular file, contiguous file
 
 
-def _tar_members(stream) -> Iterator[tuple[str, bytes]]:
+def _tar_members(stream, index: bool = False) -> Iterator[tuple]:
     """(name, data) of each regular-file member of a tar stream (plain or gzip), read sequentially.
 
     A small reader of its own instead of ``tarfile``'s stream mode, which costs ~25 us a member
     (a third of decoding a 28 px PNG): it checks each header's checksum, follows GNU long names
     and pax ``path``/``size`` records, skips every other member type, and raises EOFError for a
     stream that ends before its end-of-archive block.
+
+    ``index`` (a seekable, uncompressed file): (name, offset of the member's first header block)
+    instead, seeking past the data, so a pool can be indexed without holding its bytes.
     """
+    end = os.fstat(stream.fileno()).st_size if index else 0
     head = stream.read(2)
     if head == b"\x1f\x8b":  # gzip: decompress as we go
         stream = gzip.GzipFile(fileobj=_Prefixed(head, stream))
@@ -198,6 +203,7 @@ def _tar_members(stream) -> Iterator[tuple[str, bytes]]:
     long_name: str | None = None
     pax: dict[str, str] = {}
     first = True
+    pos = start = stream.tell() - len(head) if index else 0
     while True:
         block = head + _read_exact(stream, _BLOCK - len(head))
         head = b""
@@ -210,12 +216,20 @@ def _tar_members(stream) -> Iterator[tuple[str, bytes]]:
             raise tarfile.HeaderError("bad checksum in a member header")
         size = int(pax["size"]) if "size" in pax else _octal(block[124:136])
         kind = block[156:157]
-        data = _read_exact(stream, size)
-        if len(data) < size:
-            raise EOFError("unexpected end of data")
         pad = -size % _BLOCK
-        if pad and len(_read_exact(stream, pad)) < pad:
-            raise EOFError("unexpected end of data")
+        if index and kind in _REGULAR:  # the data is not needed now: skip it
+            pos += _BLOCK + size + pad
+            if pos > end:
+                raise EOFError("unexpected end of data")
+            stream.seek(pos)
+            data = b""
+        else:
+            data = _read_exact(stream, size)
+            if len(data) < size:
+                raise EOFError("unexpected end of data")
+            if pad and len(_read_exact(stream, pad)) < pad:
+                raise EOFError("unexpected end of data")
+            pos += _BLOCK + size + pad
         if kind == b"L":  # GNU long name of the next member
             long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
             continue
@@ -227,10 +241,48 @@ def _tar_members(stream) -> Iterator[tuple[str, bytes]]:
         name = long_name or pax.get("path") or _ustar_name(block)
         long_name, pax = None, {}
         if kind in _REGULAR:
-            yield name, data
+            yield (name, start) if index else (name, data)
+        start = pos
 
 
 _ZERO = bytes(_BLOCK)
+
+
+def index_images(path: str | Path) -> Iterator[tuple[str, str, int]]:
+    """(key, image extension, offset) of each sample's image member in a local, uncompressed shard.
+
+    Reads headers only. Samples without an image member are yielded with extension None. Raises
+    ShardError (after yielding what comes before) for a damaged shard.
+    """
+    current, ext, offset, last = None, None, 0, None
+    try:
+        with open(path, "rb") as f:
+            for name, start in _tar_members(f, index=True):
+                key, e = split_name(name)
+                if not e or key.startswith("__") or e.startswith("__"):
+                    continue
+                if key != current:
+                    if current is not None:
+                        last = current
+                        yield current, ext, offset
+                    current, ext, offset = key, None, 0
+                e = e.lower()
+                if ext is None and e in IMAGE_KEYS:
+                    ext, offset = e, start
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise ShardError(str(path), last, _tar_reason(err)) from None
+    if current is not None:
+        yield current, ext, offset
+
+
+def read_member(path: str | Path, offset: int) -> tuple[str, bytes]:
+    """(name, data) of the member whose first header block is at ``offset`` (from ``index_images``)."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        try:
+            return next(_tar_members(f))
+        except (StopIteration, tarfile.TarError, EOFError) as e:
+            raise OSError(f"no tar member at offset {offset} of {path}: {e or 'end of archive'}") from None
 
 
 class _Prefixed:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -244,16 +245,99 @@ def iter_shard_images(pattern: str, skipped: list | None = None) -> Iterator[tup
             skipped.append(Skip(name, f"after {e.after}" if e.after else "-", f"damaged tar: {e.reason}"))
 
 
-def unlabeled_source(spec: str) -> Source:
-    """An unlabeled source: a directory or archive of images in any layout, or shards."""
+def _local_copy(url: str, cache_dir: Path, n: int) -> Path:
+    """A local, uncompressed copy of a remote or gzipped shard (so its members can be read by offset)."""
+    import gzip
+    import shutil
+
+    from .shards import _Prefixed, open_url
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    dest = cache_dir / f"{n:06d}.tar"
+    stream = open_url(url)
+    try:
+        with open(dest, "wb") as out:
+            head = stream.read(2)
+            src = _Prefixed(head, stream)
+            shutil.copyfileobj(gzip.GzipFile(fileobj=src) if head == b"\x1f\x8b" else src, out, 1 << 20)
+    except (EOFError, zlib.error) as e:
+        raise OSError(f"cannot decompress: {e}") from None
+    finally:
+        stream.close()
+    return dest
+
+
+def shard_pool_source(spec: str, cache_dir: Path) -> Source:
+    """Unlabeled images in existing shards, read on demand by member offset.
+
+    Only an index is held (shard number and offset: 12 bytes an image), so preparing a pool
+    takes memory for the index, not for the images. Local plain shards are read where they
+    are; remote (http, s3, gs) and gzipped ones are first copied, uncompressed, into
+    ``cache_dir`` (disk, not RAM), which the caller removes when done.
+    """
+    from array import array
+
+    import numpy as np
+
+    from .bad_samples import Skip
+    from .shards import ShardError, expand_shards, fetch_command, index_images, read_member, split_name
+
+    paths: list[Path] = []
+    names: list[str] = []
+    shard_ids, offsets = array("i"), array("q")
+    skipped: list = []
+    for url in expand_shards(spec):
+        name = Path(url).name
+        try:
+            local = Path(url.removeprefix("file://"))
+            if fetch_command(url) is not None or _is_gzip(local):
+                local = _local_copy(url, cache_dir, len(paths))
+        except OSError as e:
+            skipped.append(Skip(name, "-", f"damaged tar: {e.strerror or e}"))
+            continue
+        sid = len(paths)
+        paths.append(local)
+        names.append(name)
+        try:
+            for key, ext, offset in index_images(local):
+                if ext is None:
+                    skipped.append(Skip(name, key, "no image member"))
+                    continue
+                shard_ids.append(sid)
+                offsets.append(offset)
+        except ShardError as e:
+            skipped.append(Skip(name, f"after {e.after}" if e.after else "-", f"damaged tar: {e.reason}"))
+    if not offsets:
+        raise ConfigError(f"no images in shards {spec}" + (f" ({skipped[0].where}: {skipped[0].reason})"
+                                                           if skipped else ""))
+    sids, offs = np.frombuffer(shard_ids, np.int32), np.frombuffer(offsets, np.int64)
+
+    def get(i: int) -> tuple[bytes, str]:
+        member, data = read_member(paths[sids[i]], int(offs[i]))
+        return data, _ext(member)
+
+    def origin(i: int) -> str:
+        member, _ = read_member(paths[sids[i]], int(offs[i]))
+        return f"{names[sids[i]]}/{split_name(member)[0]}"
+
+    return Source(spec, None, None, get, origin, len(offs), skipped=skipped)
+
+
+def _is_gzip(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(2) == b"\x1f\x8b"
+    except OSError:
+        return False
+
+
+def unlabeled_source(spec: str, cache_dir: Path | None = None) -> Source:
+    """An unlabeled source: a directory or archive of images in any layout, or shards (read by
+    offset; remote or gzipped shards are copied into ``cache_dir`` first)."""
     if is_shard_pattern(spec):
-        skipped: list = []
-        items = list(iter_shard_images(spec, skipped))
-        if not items:
-            raise ConfigError(f"no images in shards {spec}" + (f" ({skipped[0].where}: {skipped[0].reason})"
-                                                               if skipped else ""))
-        return Source(spec, None, None, lambda i: (items[i][1], items[i][2]), lambda i: items[i][0], len(items),
-                      skipped=skipped)
+        if cache_dir is None:
+            raise ValueError("shard pools need a cache_dir for remote or gzipped shards")
+        return shard_pool_source(spec, cache_dir)
     path = Path(spec).expanduser()
     if is_archive(path):
         return archive_source(path, labeled=False)

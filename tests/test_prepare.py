@@ -154,3 +154,72 @@ def test_manifest_records_source_and_seed(tiny_data, tmp_path):
     assert m["seed"] == 0 and m["config"]["source"].endswith("train")
     assert m["image"]["mode"] == "L" and m["image"]["size"] == [16, 16]
     assert all(len(s["sha256"]) == 64 for s in m["splits"]["test"]["shards"])
+
+
+def _pool_tars(root: Path) -> tuple[str, dict[str, bytes]]:
+    """Three pool shards in the forms users have: plain USTAR with extra members per sample, GNU
+    long names, and a gzipped pax archive; one sample has no image. Returns (pattern, origin -> bytes)."""
+    import gzip
+
+    rng = np.random.default_rng(3)
+    want = {}
+
+    def png(i):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    def add(tf, name, data):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+
+    root.mkdir(parents=True)
+    forms = [(tarfile.USTAR_FORMAT, False, "k"), (tarfile.GNU_FORMAT, False, "long-" + "x" * 120),
+             (tarfile.PAX_FORMAT, True, "päx-" + "y" * 110)]
+    for s, (fmt, gz, stem) in enumerate(forms):
+        raw = io.BytesIO()
+        with tarfile.open(fileobj=raw, mode="w", format=fmt) as tf:
+            for i in range(5):
+                key = f"{stem}{i}"
+                data = png(i)
+                add(tf, f"{key}.json", b"{}")  # a member before the image: the offset is the image's
+                add(tf, f"{key}.png", data)
+                add(tf, f"{key}.cls", b"1")
+                want[f"pool-{s:06d}.tar/{key}"] = data
+            add(tf, "noimage.txt", b"no picture here")
+        body = raw.getvalue()
+        (root / f"pool-{s:06d}.tar").write_bytes(gzip.compress(body) if gz else body)
+    return str(root / "pool-{000000..000002}.tar"), want
+
+
+def test_pool_from_shards_is_read_by_offset_not_held_in_memory(tiny_data, tmp_path):
+    from pipeline.sources import shard_pool_source
+
+    pattern, want = _pool_tars(tmp_path / "pool")
+    cache = tmp_path / "cache"
+    src = shard_pool_source(pattern, cache)
+    assert len(src) == 15 and [s.key for s in src.skipped] == ["noimage"] * 3
+    assert {src.origin(i): src.get(i)[0] for i in range(len(src))} == want
+    assert [p.name for p in cache.iterdir()] == ["000002.tar"]  # only the gzipped shard was copied
+
+    out = prepare(_cfg(tiny_data, tmp_path, f"data.unlabeled={pattern}", "data.max_bad_share=0.1"), progress=False)
+    m = load_manifest(out)
+    assert m["splits"]["unlabeled"]["count"] == 15 and m["bad_samples"]["skipped"] == 3
+    origins = {o["key"]: o["origin"] for o in pq.read_table(out / "sources.parquet").to_pylist()}
+    got = {origins[s["__key__"]]: s["png"] for s in _all_samples(shard_paths(out, m, "unlabeled"))}
+    assert got == want
+    assert not list(out.glob(".tmp-*"))  # the gzipped shard's copy is gone
+
+
+def test_a_damaged_pool_shard_keeps_the_samples_before_the_damage(tiny_data, tmp_path):
+    from pipeline.sources import shard_pool_source
+
+    pattern, want = _pool_tars(tmp_path / "pool")
+    first = tmp_path / "pool" / "pool-000000.tar"
+    data = first.read_bytes()
+    first.write_bytes(data[:len(data) // 2])  # cut in the middle of the shard
+    src = shard_pool_source(pattern, tmp_path / "cache")
+    kept = {src.origin(i) for i in range(len(src))}
+    assert 10 < len(kept) < 15 and kept < set(want)
+    assert any(s.reason.startswith("damaged tar") and s.where == "pool-000000.tar" for s in src.skipped)
