@@ -113,15 +113,17 @@ def run_stage(args: list[str], log: Path, env: dict | None = None) -> dict:
 
 def alternate(sides: dict[str, Callable[[], float]], repeats: int = 3, warmup: bool = True
               ) -> dict[str, list[float]]:
-    """Run each side ``repeats`` times, interleaved (a b a b a b), so drift hits both alike; one
-    untimed run of each first (oneDNN builds its kernels for each new shape on first use)."""
+    """Run each side ``repeats`` times, interleaved a b b a a b ..., so drift hits both alike (a
+    linear drift cancels within each pair); one untimed run of each first (oneDNN builds its
+    kernels for each new shape on first use)."""
     if warmup:
         for fn in sides.values():
             fn()
     got: dict[str, list[float]] = {k: [] for k in sides}
+    names = list(sides)
     for r in range(repeats):
-        for name, fn in sides.items():
-            got[name].append(fn())
+        for name in names if r % 2 == 0 else names[::-1]:
+            got[name].append(sides[name]())
             print(f"  {name} run {r + 1}: {got[name][-1]:.0f} img/s", flush=True)
     return got
 
@@ -132,10 +134,19 @@ def summary(runs: dict[str, list[float]]) -> dict:
 
 
 def compare(bare: Callable[[], int], ours: Callable[[], int], name: str, repeats: int) -> tuple[dict, float]:
-    """Alternating timed runs of a bare loop and our side ``name``: (summary, median ratio ours / bare)."""
-    s = summary(alternate({"bare": lambda: timed(bare), name: lambda: timed(ours)}, repeats))
-    ratio = s[name]["median_img_s"] / s["bare"]["median_img_s"]
-    print(f"ratio {ratio:.3f}")
+    """Alternating timed runs of a bare loop and our side ``name``: (summary, ratio ours / bare).
+
+    The ratio is the median over pairs of each run of ours ÷ the bare run beside it: the machine's
+    load changes over minutes, so runs next to each other compare better than medians taken
+    over the whole benchmark (``ratio_of_medians`` is in the summary too).
+    """
+    runs = alternate({"bare": lambda: timed(bare), name: lambda: timed(ours)}, repeats)
+    s = summary(runs)
+    pairs = [o / b for o, b in zip(runs[name], runs["bare"], strict=True)]
+    ratio = statistics.median(pairs)
+    s["pair_ratios"] = [round(p, 3) for p in pairs]
+    s["ratio_of_medians"] = round(s[name]["median_img_s"] / s["bare"]["median_img_s"], 3)
+    print(f"ratio {ratio:.3f} (pairs {s['pair_ratios']}, ratio of medians {s['ratio_of_medians']})")
     return s, ratio
 
 

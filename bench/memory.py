@@ -2,7 +2,12 @@
 unlabeled pool of 10k and of 1M synthetic 16x16 images (timm's 0.37M-parameter ``test_resnet``,
 so a million images fit the time).
 
-    python bench/memory.py [--small 10000] [--large 1000000]
+    python bench/memory.py [--small 10000] [--large 1000000] [--per-class 1000]
+
+The student epoch streams the whole pool (every shard read, every sample looked up in the
+selection) and trains on ``--per-class`` pseudo-labeled images per class (``student.per_class``),
+so the 1M run's epoch takes about as long as the 10k one's. ``prepare`` builds the pool from
+existing shards (read by offset); its growth is reported beside the goal's two stages.
 
 Each stage runs as its own process through its real entry point (``stages/*.py``) on a real
 prepared experiment; its peak RSS comes from the kernel (``wait4``: the largest of the process and
@@ -23,7 +28,7 @@ SIZE = 16
 SHARD = 10000
 
 
-def experiment(tmp: Path, n: int, labeled: Path, test: Path) -> dict:
+def experiment(tmp: Path, n: int, labeled: Path, test: Path, per_class: int) -> dict:
     pattern = pool_shards(tmp / f"pool-{n}", n, SIZE, SHARD)
     cfg = tmp / f"mem-{n}.yaml"
     cfg.write_text(f"""name: mem-{n}
@@ -32,7 +37,8 @@ data: {{source: {labeled}, test_source: {test}, unlabeled: "{pattern}", labeled_
         shard_size: {SHARD}}}
 model: {{arch: test_resnet, students: [test_resnet]}}
 teacher: {{epochs: 3, batch_size: 64, workers: 0}}
-student: {{epochs: 1, batch_size: 32, unlabeled_ratio: 7, workers: 0, init_from_teacher: true, threshold: 0.0}}
+student: {{epochs: 1, batch_size: 32, unlabeled_ratio: 7, workers: 0, init_from_teacher: true, threshold: 0.0,
+          balance: true, per_class: {per_class}}}
 pseudo_label: {{batch_size: 512, workers: 1}}
 """)
     log = tmp / f"mem-{n}.log"
@@ -52,17 +58,19 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--small", type=int, default=10_000)
     ap.add_argument("--large", type=int, default=1_000_000)
+    ap.add_argument("--per-class", type=int, default=1000, help="pseudo-labeled images per class the epoch trains on")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ns-bench-mem-"))
     try:
         labeled, test = labeled_and_test(tmp, 20, 10, SIZE)
-        small = experiment(tmp, args.small, labeled, test)
-        large = experiment(tmp, args.large, labeled, test)
+        small = experiment(tmp, args.small, labeled, test, args.per_class)
+        large = experiment(tmp, args.large, labeled, test, args.per_class)
         growth = {k: round(large[k]["peak_rss_mib"] / small[k]["peak_rss_mib"], 3)
-                  for k in ("pseudo_label", "student_epoch")}
+                  for k in ("prepare", "pseudo_label", "student_epoch")}
         print(f"rss growth {growth}")
-        save("memory", {"rss_growth": max(growth.values()), "growth": growth, "small": small, "large": large,
-                        "image_size": SIZE, "arch": "test_resnet"})
+        save("memory", {"rss_growth": max(growth["pseudo_label"], growth["student_epoch"]), "growth": growth,
+                        "small": small, "large": large, "image_size": SIZE, "arch": "test_resnet",
+                        "student_per_class": args.per_class})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -2,11 +2,12 @@
 against a bare loop of the same model, batch size and threads over pre-decoded in-memory tensors.
 ``decode_img_s`` is the stage's own read + decode path (tar, PNG, tensor) on one core.
 
-    python bench/pseudo_label_throughput.py [--images 59000] [--repeats 3] [--workers 1]
+    python bench/pseudo_label_throughput.py [--images 59000] [--repeats 5] [--workers 1]
         [--mixed-precision auto|no|bf16] [--channels-last] [--compile BACKEND] [--out NAME]
 
-Writes bench/results/pseudo_label_throughput.json: ``ratio`` (stage / bare, medians of runs that
-alternate the two sides), both rates, and ``decode_img_s`` (reading + decoding alone, one process).
+Writes bench/results/pseudo_label_throughput.json: ``ratio`` (stage / bare: the median over pairs of
+adjacent runs, alternated a b b a ...), both rates, and ``decode_img_s`` (reading + decoding alone,
+one process).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=512)
     ap.add_argument("--workers", type=int, default=1, help="DataLoader workers of the stage (config default: 1)")
     ap.add_argument("--arch", default="resnet10t")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--mixed-precision", default="auto", help="pseudo_label.mixed_precision (auto: fp32 on CPU)")
     ap.add_argument("--channels-last", action="store_true", help="pseudo_label.channels_last")
     ap.add_argument("--compile", default=False, help="pseudo_label.compile: a torch.compile backend")

@@ -3,10 +3,11 @@ dropout, stochastic depth, labeled + pseudo-labeled batches, the Accelerate loop
 checkpoint) against a bare PyTorch loop with the same model, optimizer, augmentations and batches
 over images already decoded in memory.
 
-    python bench/train_throughput.py [--pool 20000] [--repeats 3]
+    python bench/train_throughput.py [--pool 20000] [--repeats 5]
 
 The student settings are the default experiment's (configs/fashion_mnist.yaml, round 1). Writes
-bench/results/train_throughput.json: ``ratio`` (pipeline / bare, medians of alternating runs).
+bench/results/train_throughput.json: ``ratio`` (pipeline / bare: the median over pairs of adjacent
+runs, alternated a b b a ...).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def main() -> None:
     ap.add_argument("--pool", type=int, default=20000)
     ap.add_argument("--labeled", type=int, default=1000)
     ap.add_argument("--size", type=int, default=28)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: the config's)")
     args = ap.parse_args()
 
