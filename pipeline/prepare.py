@@ -297,6 +297,14 @@ def prepare(cfg: Config, progress: bool = True) -> Path:
 
 def _prepare(cfg: Config, out: Path, cache: Path, progress: bool, t0: float) -> Path:
     plan, train = _plan(cfg, cache)
+    try:
+        return _write(cfg, out, plan, train, progress, t0)
+    finally:
+        for source, _, _ in plan.values():
+            source.close()
+
+
+def _write(cfg: Config, out: Path, plan: dict, train: Source, progress: bool, t0: float) -> Path:
     mode, image_size = _probe_mode(train, plan["labeled"][1])
     total = sum(len(ix) for _, ix, _ in plan.values())
     log = SkipLog("prepare", cfg.data.max_bad_share, expected=total)

@@ -13,6 +13,7 @@ import io
 import os
 import tarfile
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ class Source:
     size: int
     verify: bool = True  # decode each image at prepare time (False: bytes we encoded ourselves)
     skipped: list = field(default_factory=list)  # bad_samples.Skip met while listing the source
+    close: Callable[[], None] = lambda: None  # release open files (shard pools keep some open)
 
 
     def __len__(self) -> int:
@@ -311,16 +313,34 @@ def shard_pool_source(spec: str, cache_dir: Path) -> Source:
         raise ConfigError(f"no images in shards {spec}" + (f" ({skipped[0].where}: {skipped[0].reason})"
                                                            if skipped else ""))
     sids, offs = np.frombuffer(shard_ids, np.int32), np.frombuffer(offsets, np.int64)
+    handles: OrderedDict = OrderedDict()  # shard number -> open file, the most recent last
+    seen: dict[int, str] = {}  # origins of items read and not yet asked for (prepare asks right after)
+
+    def read(i: int) -> tuple[str, bytes]:
+        sid = int(sids[i])
+        f = handles.pop(sid, None)
+        if f is None:
+            if len(handles) >= 64:
+                handles.popitem(last=False)[1].close()
+            f = open(paths[sid], "rb")
+        handles[sid] = f
+        return read_member(paths[sid], int(offs[i]), f)
 
     def get(i: int) -> tuple[bytes, str]:
-        member, data = read_member(paths[sids[i]], int(offs[i]))
+        member, data = read(i)
+        if len(seen) > 100_000:
+            seen.clear()
+        seen[i] = f"{names[sids[i]]}/{split_name(member)[0]}"
         return data, _ext(member)
 
     def origin(i: int) -> str:
-        member, _ = read_member(paths[sids[i]], int(offs[i]))
-        return f"{names[sids[i]]}/{split_name(member)[0]}"
+        return seen.pop(i, None) or f"{names[sids[i]]}/{split_name(read(i)[0])[0]}"
 
-    return Source(spec, None, None, get, origin, len(offs), skipped=skipped)
+    def close() -> None:
+        while handles:
+            handles.popitem()[1].close()
+
+    return Source(spec, None, None, get, origin, len(offs), skipped=skipped, close=close)
 
 
 def _is_gzip(path: Path) -> bool:

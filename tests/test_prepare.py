@@ -1,5 +1,6 @@
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -202,6 +203,12 @@ def test_pool_from_shards_is_read_by_offset_not_held_in_memory(tiny_data, tmp_pa
     assert len(src) == 15 and [s.key for s in src.skipped] == ["noimage"] * 3
     assert {src.origin(i): src.get(i)[0] for i in range(len(src))} == want
     assert [p.name for p in cache.iterdir()] == ["000002.tar"]  # only the gzipped shard was copied
+
+    fds = len(os.listdir("/proc/self/fd"))
+    src.close()  # the shards it keeps open between reads
+    assert len(os.listdir("/proc/self/fd")) == fds - 3
+    assert src.get(7)[0] == want[src.origin(7)]  # reopened on demand
+    src.close()
 
     out = prepare(_cfg(tiny_data, tmp_path, f"data.unlabeled={pattern}", "data.max_bad_share=0.1"), progress=False)
     m = load_manifest(out)
