@@ -144,6 +144,7 @@ class EvaluateConfig:
 
     batch_size: int = field(default=512, metadata=_range(1))
     workers: int = field(default=1, metadata=_range(0))
+    test: bool = True  # false: rounds are scored on the validation split only (a recipe search never reads the test set)
     ece_bins: int = field(default=15, metadata=_range(1))
     robustness: bool = True  # corruptions and perturbations (``make report``; ``make iterate`` skips them)
     subset: int | None = field(default=1000, metadata=_range(1))  # seeded test images for robustness; null: all

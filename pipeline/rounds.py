@@ -206,8 +206,10 @@ def train_round(cfg: Config, k: int, progress: bool = True) -> dict:
                  labeled=job.labeled, labeled_total=labeled_total, prep=prep,
                  max_bad_share=cfg.data.max_bad_share)
         stats.append(train(model, ft, state_root, progress))
-    metrics = evaluation.top1(model, shard_paths(ddir, manifest, "test"), prep, accelerator, progress=progress,
-                              desc=f"test round {k}", max_bad_share=cfg.data.max_bad_share)
+    metrics = {"test_top1": None}
+    if cfg.evaluate.test:
+        metrics = evaluation.top1(model, shard_paths(ddir, manifest, "test"), prep, accelerator, progress=progress,
+                                  desc=f"test round {k}", max_bad_share=cfg.data.max_bad_share)
     if manifest["splits"].get("val", {}).get("count"):
         val = evaluation.top1(model, shard_paths(ddir, manifest, "val"), prep, accelerator, progress=progress, desc="val")
         metrics["val_top1"] = val["test_top1"]
@@ -228,7 +230,9 @@ def train_round(cfg: Config, k: int, progress: bool = True) -> dict:
                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         write_json_atomic(out / models.CARD, result)
         shutil.rmtree(state_root, ignore_errors=True)
-        accelerator.print(f"round {k}: {arch} test top-1 {metrics['test_top1']:.2f}% -> {out}")
+        scores = ", ".join(f"{split} top-1 {metrics[f'{split}_top1']:.2f}%" for split in ("test", "val")
+                           if metrics.get(f"{split}_top1") is not None)
+        accelerator.print(f"round {k}: {arch} {scores or 'not scored (evaluate.test=false, no val split)'} -> {out}")
     accelerator.wait_for_everyone()
     return result or read_json(out / models.CARD)
 
@@ -252,21 +256,26 @@ def iterate(cfg: Config, last_round: int, progress: bool = True) -> list[dict]:
         if k >= 1 and card(round_dir(cfg, k)) is None:
             pseudo_label(cfg, k, progress)
         row = dict(train_round(cfg, k, progress)["metrics"])
-        # clean metrics (cached in round-k/eval/); robustness and the report are `make report`'s
-        clean = evaluation.clean(evaluation.load(round_dir(cfg, k)), test, cfg.evaluate, accelerator, progress,
-                                 cfg.data.max_bad_share)
-        row.update({"ece": clean["ece"], "nll": clean["nll"], "top5": clean["top5"]})
+        if cfg.evaluate.test:
+            # clean metrics (cached in round-k/eval/); robustness and the report are `make report`'s
+            clean = evaluation.clean(evaluation.load(round_dir(cfg, k)), test, cfg.evaluate, accelerator, progress,
+                                     cfg.data.max_bad_share)
+            row.update({"ece": clean["ece"], "nll": clean["nll"], "top5": clean["top5"]})
         rows.append(row)
     return rows
 
 
 def table(rows: list[dict]) -> str:
     """Markdown table of test top-1 per round."""
-    lines = ["| round | model | test top-1 (%) | ECE | pseudo-label acc. (%) | seconds |", "|---|---|---|---|---|---|"]
+    def pct(v) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    lines = ["| round | model | test top-1 (%) | val top-1 (%) | ECE | pseudo-label acc. (%) | seconds |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        pla, ece = r.get("pseudo_label_acc"), r.get("ece")
-        lines.append(f"| {r['round']} | {r['model']} | {r['test_top1']:.2f} | {'-' if ece is None else f'{ece:.4f}'} | "
-                     f"{'-' if pla is None else f'{pla:.2f}'} | {r['seconds']:.0f} |")
+        ece = r.get("ece")
+        lines.append(f"| {r['round']} | {r['model']} | {pct(r.get('test_top1'))} | {pct(r.get('val_top1'))} | "
+                     f"{'-' if ece is None else f'{ece:.4f}'} | {pct(r.get('pseudo_label_acc'))} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
 

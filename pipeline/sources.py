@@ -108,8 +108,24 @@ def _torchvision_dataset(name: str, train: bool, root: str | None, download: boo
         f"those, or point data.root=... or NS_DATA_ROOT at them.")
 
 
+def archive_mirror(name: str, train: bool, root: str | None) -> Path | None:
+    """``<data root>/<name>/{train,test}.tar.gz``: an ImageFolder archive of a torchvision dataset (as in
+    ``../shared/data/cifar10``), used when torchvision's own files are absent, before any download."""
+    for r in data_roots(root):
+        p = r / name.lower() / ("train.tar.gz" if train else "test.tar.gz")
+        if p.is_file():
+            return p
+    return None
+
+
 def torchvision_source(name: str, train: bool, root: str | None, download: bool) -> Source:
-    ds = _torchvision_dataset(name, train, root, download)
+    try:
+        ds = _torchvision_dataset(name, train, root, download=False)
+    except ConfigError:
+        mirror = archive_mirror(name, train, root)
+        if mirror is not None:
+            return archive_source(mirror, labeled=True)
+        ds = _torchvision_dataset(name, train, root, download)
     labels = [int(t) for t in (getattr(ds, "targets", None) if getattr(ds, "targets", None) is not None
                                else ds.labels)]
     classes = list(getattr(ds, "classes", None) or [str(i) for i in range(max(labels) + 1)])

@@ -117,3 +117,28 @@ def test_grown_student_starts_as_its_teacher():
         p.numel() for p in teacher.parameters())
     with pytest.raises(ConfigError, match="does not contain the teacher's layers"):
         grow_from(create_model("resnet18", 4, 1), teacher.state_dict())
+
+
+def test_cnn32_rebuilds_and_grows_deeper(tmp_path):
+    """The 32 px backbone: registered with timm, rebuilt from its model directory, and a deeper
+    one (``depth``) grown from it computes the same function before training."""
+    from pipeline.models import create_model, grow_from, load_model_dir, save_model_dir
+
+    torch.manual_seed(0)
+    small = create_model("cnn32_s", 10, 3, drop_rate=0.1, drop_path_rate=0.1)
+    with torch.no_grad():
+        for m in small.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 32, 32)
+    small.eval()
+    assert small(x).shape == (2, 10) and small.forward_features(x).shape[-1] == 3  # 31 -> 15 -> 7 -> 3
+    deeper = create_model("cnn32_s", 10, 3, depth=3).eval()
+    assert grow_from(deeper, small.state_dict()) > 0
+    assert torch.allclose(deeper(x), small(x), atol=1e-5)
+    save_model_dir(deeper, tmp_path, [str(i) for i in range(10)], [0.5] * 3, [0.25] * 3, 32, 3)
+    back, cfg = load_model_dir(tmp_path)
+    assert cfg["architecture"] == "cnn32_s" and models.num_params(back) == models.num_params(deeper)
+    with torch.no_grad():
+        assert torch.equal(back(x), deeper(x))
+    assert models.num_params(create_model("cnn32_m", 10, 3)) > 2 * models.num_params(small)

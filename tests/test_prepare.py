@@ -149,6 +149,34 @@ def test_fashion_mnist_found_in_shared_data(tmp_path):
     assert ext == "png" and Image.open(io.BytesIO(data)).size == (28, 28)
 
 
+def test_torchvision_name_falls_back_to_an_imagefolder_archive(tiny_data, tmp_path):
+    """CIFAR10 without torchvision's files but with ``<root>/cifar10/{train,test}.tar.gz`` (the offline
+    layout of ../shared/data): the archives are read and nothing is downloaded."""
+    import tarfile
+
+    from pipeline.sources import torchvision_source
+
+    (tmp_path / "cifar10").mkdir()
+    for split in ("train", "test"):
+        with tarfile.open(tmp_path / "cifar10" / f"{split}.tar.gz", "w:gz") as tf:
+            tf.add(tiny_data[split], arcname=split)
+    src = torchvision_source("CIFAR10", True, str(tmp_path), download=False)
+    assert src.name.endswith("train.tar.gz") and len(src) == 240 and src.class_names[0] == "class_0"
+    assert len(torchvision_source("CIFAR10", False, str(tmp_path), download=False)) == 80
+
+
+def test_cifar10_found_in_shared_data():
+    from pipeline.sources import archive_mirror, data_roots, torchvision_source
+
+    if archive_mirror("CIFAR10", False, None) is None or any(
+            (r / "cifar-10-batches-py").is_dir() for r in data_roots(None)):
+        pytest.skip("../shared/data/cifar10 not present")
+    src = torchvision_source("CIFAR10", False, None, download=False)
+    assert len(src) == 10000 and src.class_names[:2] == ["airplane", "automobile"]
+    data, ext = src.get(0)
+    assert ext == "jpg" and Image.open(io.BytesIO(data)).size == (32, 32)
+
+
 def test_manifest_records_source_and_seed(tiny_data, tmp_path):
     out = prepare(_cfg(tiny_data, tmp_path), progress=False)
     m = json.loads((out / "manifest.json").read_text())
