@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 CONFIG ?= configs/fashion_mnist.yaml
 ROUND ?= 2
 ARGS ?=
+# e.g. BUDGET=60m: plan each round's epochs from its measured img/s so `make iterate` ends within it
+BUDGET ?=
 # e.g. LAUNCH="accelerate launch --multi_gpu --num_processes 2" for several processes
 LAUNCH ?= $(PY)
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
@@ -24,7 +26,7 @@ prepare: venv
 	$(LAUNCH) stages/prepare_data.py --config $(CONFIG) $(ARGS)
 
 iterate: venv
-	$(LAUNCH) stages/iterate.py --config $(CONFIG) round=$(ROUND) $(ARGS)
+	$(LAUNCH) stages/iterate.py --config $(CONFIG) round=$(ROUND) $(if $(BUDGET),budget=$(BUDGET)) $(ARGS)
 
 # robustness, stability, pseudo-label health and runs/<experiment>/report.{md,html} for finished rounds
 report: venv

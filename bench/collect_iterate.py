@@ -31,7 +31,15 @@ def machine() -> str:
         pass
     import torch
 
-    return f"{os.cpu_count()} cores {cpu}{mem}, no GPU, torch {torch.__version__}"
+    flags = set()
+    try:
+        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        pass
+    isa = ("AVX-512" if "avx512f" in flags else "AVX2 only" if "avx2" in flags else "no AVX2") + (
+        ", native bf16" if flags & {"avx512_bf16", "amx_bf16"} else ", no native bf16")
+    return f"{os.cpu_count()} cores {cpu} ({isa}){mem}, no GPU, torch {torch.__version__}"
 
 
 def main() -> None:
@@ -40,17 +48,29 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--command", required=True)
     ap.add_argument("--wall-seconds", type=float, default=None, help="wall time of the whole command")
+    ap.add_argument("--phases", action="store_true", help="also the seconds of prepare and of each round's phases")
     args = ap.parse_args()
     rounds = []
     for d in sorted(args.run_dir.glob("round-*"), key=lambda p: int(p.name.split("-")[1])):
         m = json.loads((d / "metrics.json").read_text())
-        rounds.append({"round": m["round"], "model": m["model"], "test_top1": m["test_top1"],
-                       "pseudo_label_acc": None if m["round"] == 0 else round(m["pseudo_label_acc"], 2),
-                       "seconds": m["seconds"]})
+        row = {"round": m["round"], "model": m["model"], "test_top1": m["test_top1"],
+               "pseudo_label_acc": None if m["round"] == 0 else round(m["pseudo_label_acc"], 2),
+               "seconds": m["seconds"]}
+        if args.phases:  # where the round's time went
+            evals = [json.loads(p.read_text()) for p in (d / "eval").glob("clean-*.json")]
+            row.update({"val_top1": m.get("val_top1"), "params": m.get("params"),
+                        "pseudo_label_seconds": m.get("pseudo_label_seconds"), "train_seconds": m.get("train_seconds"),
+                        "train_img_s": m.get("train_img_s"),
+                        "evaluation_seconds": round(sum(e.get("seconds", 0) for e in evals), 1) if evals else None})
+        rounds.append(row)
     card = json.loads((args.run_dir / "round-0" / "card.json").read_text())
     out = {"rounds": rounds, "machine": machine(), "command": args.command,
            "wall_seconds": args.wall_seconds, "code_version": card.get("code_version"),
            "gain_top1": round(rounds[-1]["test_top1"] - rounds[0]["test_top1"], 2) if rounds else None}
+    if args.phases:
+        data = json.loads((Path(card["parents"]["data_dir"]) / "manifest.json").read_text()) if card.get(
+            "parents", {}).get("data_dir") else {}
+        out["prepare_seconds"] = data.get("seconds")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))

@@ -71,13 +71,18 @@ class Cnn32(nn.Module):
 
     Stock ImageNet stems downsample by 4 before the first block; at 32 px that leaves 8x8 maps and
     most of the image's detail gone. The design follows the small-CIFAR nets of the speed-run
-    literature (patch stem, conv-pool-BN-GELU groups, scaled logits)."""
+    literature (patch stem, conv-pool-BN-GELU groups, scaled logits).
+
+    ``flip_tta``: in eval mode the logits are the mean of the image's and its mirror image's, part
+    of the model so evaluation, pseudo-labeling, predict and the ONNX graph all see the same
+    function (at twice the inference cost; training steps are unchanged)."""
 
     def __init__(self, widths: tuple[int, ...] = (32, 128, 128), depth: int = 2, stem_width: int = 24,
                  num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 logit_scale: float = 1 / 9, **_ignored):
+                 logit_scale: float = 1 / 9, flip_tta: bool = True, **_ignored):
         super().__init__()
         self.num_classes, self.drop_rate, self.logit_scale = num_classes, drop_rate, logit_scale
+        self.flip_tta = flip_tta
         self.stem = nn.Sequential(nn.Conv2d(in_chans, stem_width, 2, bias=False), nn.BatchNorm2d(stem_width), nn.GELU())
         groups, cin = [], stem_width
         for w in widths:
@@ -104,6 +109,9 @@ class Cnn32(nn.Module):
         return x if pre_logits else self.fc(x) * self.logit_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.flip_tta and not self.training:
+            both = self.forward_head(self.forward_features(torch.cat([x, x.flip(3)])))
+            return (both[: len(x)] + both[len(x):]) / 2
         return self.forward_head(self.forward_features(x))
 
 

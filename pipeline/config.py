@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -160,6 +161,9 @@ class Config:
     name: str = ""  # experiment name; default: the config file's stem
     seed: int = 0
     runs_dir: str = "runs"
+    # `make iterate BUDGET=60m`: plan each round's epochs from its measured img/s so the run ends within
+    # this time (60m, 1.5h, 900s); null: the fixed schedules of the config (reproducible)
+    budget: str | float | None = None
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TrainConfig = field(default_factory=TrainConfig)
@@ -177,7 +181,7 @@ class Config:
 RUNTIME_KEYS = {"runs_dir", "pseudo_label.batch_size", "pseudo_label.workers", "teacher.workers",
                 "student.workers", "data.root", "data.download", "data.max_bad_share",
                 "pseudo_label.mixed_precision", "pseudo_label.channels_last", "pseudo_label.compile",
-                "teacher.compile", "student.compile"}
+                "teacher.compile", "student.compile", "budget"}
 COMPILE_KEYS = ("teacher.compile", "student.compile", "pseudo_label.compile", "distill.compile")
 
 
@@ -339,6 +343,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     cfg = _build(Config, raw)
     if not cfg.name:
         cfg.name = stem
+    if cfg.budget is not None:
+        parse_duration(cfg.budget)
     if "/" in cfg.name or cfg.name.startswith("."):
         raise ConfigError(f"name: '{cfg.name}' must be a plain directory name")
     for key in COMPILE_KEYS:
@@ -349,6 +355,20 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
 
             check_compile(value, key)
     return cfg
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str | float, key: str = "budget") -> float:
+    """``"60m"``, ``"1.5h"``, ``"900s"`` or a number of seconds -> seconds (> 0)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", str(text))
+    if not m or isinstance(text, bool):
+        raise ConfigError(f"{key}: expected a duration like 60m, 1.5h or 900s, got {text!r}")
+    seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"]
+    if seconds <= 0:
+        raise ConfigError(f"{key}: must be a positive duration, got {text!r}")
+    return seconds
 
 
 def per_round(value, round_index: int):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import evaluation, models, noise, pseudo_labels
+from . import budget, evaluation, models, noise, pseudo_labels
 from .artifacts import code_version, files_match, read_json, sha256_file, write_json_atomic
 from .config import RUNTIME_KEYS, Config, ConfigError, _build, flatten, for_round, per_round, to_dict
 from .loaders import StreamSpec
@@ -200,6 +200,11 @@ def train_round(cfg: Config, k: int, progress: bool = True) -> dict:
         added = models.grow_from(model, load_file(str(round_dir(cfg, k - 1) / models.WEIGHTS)))
         parents["init"] = {"from": "teacher", "sha256": parents["teacher_sha256"], "new_tensors": added}
     state_root = out / "state"
+    planned = None
+    if cfg.budget is not None:
+        planned = budget.round_epochs(cfg, k, job, model, state_root, accelerator, manifest,
+                                      pl_manifest.get("stats", {}).get("seconds") or 0.0)
+        job.epochs = int(planned["epochs"])
     stats = [train(model, job, state_root, progress)]
     if k >= 1 and cfg.student.finetune_epochs:
         ft = Job(phase="finetune", cfg=tcfg, epochs=cfg.student.finetune_epochs, lr=cfg.student.finetune_lr,
@@ -226,7 +231,7 @@ def train_round(cfg: Config, k: int, progress: bool = True) -> dict:
         write_json_atomic(out / "metrics.json", metrics)
         result = {"round": k, "role": "teacher" if k == 0 else "student", "arch": arch, "files": files,
                   "metrics": metrics, "train": stats, "noise": noise.describe(tcfg), "selection": selection,
-                  "parents": parents, "config": to_dict(cfg), "code_version": code_version(),
+                  "parents": parents, "config": to_dict(cfg), "budget": planned, "code_version": code_version(),
                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         write_json_atomic(out / models.CARD, result)
         shutil.rmtree(state_root, ignore_errors=True)
@@ -247,6 +252,8 @@ def iterate(cfg: Config, last_round: int, progress: bool = True) -> list[dict]:
             check_unchanged(cfg, k, done)
     accelerator = make_accelerator()
     if accelerator.is_main_process:
+        if cfg.budget is not None:
+            budget.start(cfg, last_round)
         prepare(cfg, progress=progress)
     accelerator.wait_for_everyone()
     ddir, manifest = require_data(cfg)

@@ -88,11 +88,17 @@ def steps_per_epoch(job: Job, world: int) -> int:
     return max(1, n // job.cfg.grad_accum)
 
 
-def train(model: torch.nn.Module, job: Job, state_root: Path, progress: bool = True) -> dict:
+PROBE_WARMUP = 2  # first steps of a probe left out of its rate (allocation, first-call costs)
+
+
+def train(model: torch.nn.Module, job: Job, state_root: Path, progress: bool = True, probe: int = 0) -> dict:
     """Run ``job`` on ``model`` (resuming from ``state_root`` if a checkpoint exists); returns stats.
 
     On return the unwrapped ``model`` holds the final weights (the EMA weights when enabled).
     A fresh Accelerator per phase keeps its checkpoint contents to this phase's objects.
+    ``probe``: run only that many steps of the first epoch, save and resume nothing, and return
+    ``{"img_s": ...}`` measured after the first ``PROBE_WARMUP`` steps (the budget's rate; pass a copy
+    of the model, since it is trained).
     """
     from timm.utils import ModelEmaV3
 
@@ -117,7 +123,7 @@ def train(model: torch.nn.Module, job: Job, state_root: Path, progress: bool = T
     std = torch.tensor(job.prep["std"], device=device)
 
     start_epoch, elapsed = 0, 0.0
-    latest, info = _latest_state(state_root, job.phase)
+    latest, info = _latest_state(state_root, job.phase) if not probe else (None, {})
     if latest is not None:
         accelerator.load_state(str(latest))
         scheduler.load_state_dict(info["scheduler"])
@@ -148,6 +154,9 @@ def train(model: torch.nn.Module, job: Job, state_root: Path, progress: bool = T
             unl = None
         loss_sum = torch.zeros((), device=device)
         for step in range(spe):
+            if probe and step == min(PROBE_WARMUP, probe - 1):
+                t_probe = time.time()
+                probed = step
             for micro in range(cfg.grad_accum):
                 xl, yl = next(lab)
                 x, n_l = xl, len(xl)
@@ -185,6 +194,9 @@ def train(model: torch.nn.Module, job: Job, state_root: Path, progress: bool = T
             if ema is not None:
                 ema.update(accelerator.unwrap_model(wrapped), step=epoch * spe + step)
             failpoints.hit("train_step")
+            if probe and step + 1 >= min(probe, spe):
+                bar.close()
+                return {"img_s": (step + 1 - probed) * per_step / max(time.time() - t_probe, 1e-9)}
             if (step + 1) % 10 == 0 or step + 1 == spe:
                 rate = (step + 1) * per_step / max(time.time() - t0, 1e-9)
                 bar.set_postfix(epoch=f"{epoch + 1}/{job.epochs}", loss=f"{loss.item():.3f}",

@@ -223,3 +223,13 @@ def test_evaluate_given_models_and_test_set(experiment, tiny_data, tmp_path):
     assert "round-0" in r.stdout and "round-1" in r.stdout and (tmp_path / "rep" / "report.md").is_file()
     r = _evaluate(experiment, f"models={tmp_path}", check=False)
     assert r.returncode == 2 and "not a model directory" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_recipe_search_never_scores_the_test_set(tiny_data, tmp_path):
+    """evaluate.test=false: a round is scored on the validation split only; no test-set result exists."""
+    ov = tiny_overrides(tiny_data, tmp_path / "runs", name="search")
+    r = stage("iterate.py", "round=0", *ov, "data.val_per_class=5", "evaluate.test=false", "teacher.epochs=5")
+    metrics = json.loads((tmp_path / "runs" / "search" / "round-0" / "metrics.json").read_text())
+    assert metrics["test_top1"] is None and 0 <= metrics["val_top1"] <= 100
+    assert not list((tmp_path / "runs" / "search" / "round-0").glob("eval/clean-*.json"))
+    assert "| 0 | resnet10t | - | " in r.stdout and "val top-1" in r.stdout

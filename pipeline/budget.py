@@ -1,0 +1,158 @@
+"""A time budget for ``make iterate``: each training phase's length is planned from the throughput
+measured in its own first steps, so the whole run ends within the budget on whatever machine runs
+it (an AVX2-only CPU trains ~4x slower per step than one with AVX-512).
+
+The budget is shared out in proportion to the fixed schedule's work (images trained per round),
+after setting aside what is not training (pseudo-labeling, evaluation, estimated from the same
+rate). Each phase is planned when it starts, from what is really left, so a slow phase shortens
+the later ones. The plan is written to ``<run dir>/budget.json``; a resumed run keeps the plan
+of every phase already planned (same epochs, same learning-rate schedule).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .artifacts import read_json, write_json_atomic
+from .config import ConfigError, parse_duration  # noqa: F401  (re-exported)
+
+PLAN_FILE = "budget.json"
+# an inference image (pseudo-labeling, evaluation) costs about this share of a training image
+INFERENCE_COST = 0.35
+
+@dataclass
+class Phase:
+    """One training phase as the fixed schedule has it."""
+
+    round: int
+    epochs: int  # the config's epochs
+    images_per_epoch: int  # training images per epoch (labeled + pseudo-labeled)
+    inference_images: int = 0  # images it labels or scores besides training (pseudo-labeling, evaluation)
+
+    @property
+    def work(self) -> float:
+        return float(self.epochs * self.images_per_epoch)
+
+
+def plan_epochs(budget_s: float, spent_s: float, phase: Phase, later: list[Phase], img_s: float) -> dict:
+    """Epochs for ``phase`` so that it and the ``later`` phases fit in what is left of the budget.
+
+    What is left, less the inference of this and the later phases at ``INFERENCE_COST`` of the
+    measured training rate ``img_s``, is shared by the phases' fixed-schedule work; this phase
+    gets its share's worth of epochs at ``img_s`` (at least 1)."""
+    if img_s <= 0:
+        raise ValueError("img_s must be positive")
+    phases = [phase, *later]
+    inference_s = sum(p.inference_images for p in phases) * INFERENCE_COST / img_s
+    left = max(0.0, budget_s - spent_s - inference_s)
+    share = left * phase.work / max(sum(p.work for p in phases), 1.0)
+    epochs = max(1, int(share * img_s // phase.images_per_epoch))
+    return {"round": phase.round, "epochs": epochs, "fixed_epochs": phase.epochs, "img_s": round(img_s, 1),
+            "share_s": round(share, 1), "spent_s": round(spent_s, 1), "planned_s": round(
+                epochs * phase.images_per_epoch / img_s, 1)}
+
+
+class BudgetPlan:
+    """``<run dir>/budget.json``: the budget and each planned phase, kept across resumes."""
+
+    def __init__(self, run_dir: Path, budget_s: float):
+        self.path = Path(run_dir) / PLAN_FILE
+        self.data = read_json(self.path) if self.path.is_file() else {"budget_s": budget_s, "phases": {}}
+        if self.data["budget_s"] != budget_s:
+            raise ConfigError(f"budget: this run was planned for {self.data['budget_s']:.0f} s "
+                              f"({self.path}); give the same budget to resume it, or a new name=...")
+
+    @property
+    def budget_s(self) -> float:
+        return float(self.data["budget_s"])
+
+    def get(self, k: int) -> dict | None:
+        return self.data["phases"].get(str(k))
+
+    def record(self, k: int, entry: dict) -> None:
+        self.data["phases"][str(k)] = entry
+        self.record_meta()
+
+    def record_meta(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.path, self.data)
+
+
+PROBE_STEPS = 12  # training steps measured (on a copy of the model) before a phase is planned
+
+
+def spent_seconds(run_dir: Path, data_manifest: dict, k: int, pseudo_label_s: float = 0.0) -> float:
+    """Seconds the run has used before round ``k`` trains: prepare, finished rounds, this round's labelling."""
+    spent = float(data_manifest.get("seconds") or 0.0) + pseudo_label_s
+    for j in range(k):
+        metrics = Path(run_dir) / f"round-{j}" / "metrics.json"
+        if metrics.is_file():
+            spent += float(read_json(metrics).get("seconds") or 0.0)
+    return spent
+
+
+def phases(cfg, k: int, last_round: int, images_per_epoch: int, data_manifest: dict, infer_factor: int) -> tuple[
+        Phase, list[Phase]]:
+    """Round ``k``'s phase (its real epoch size) and the later rounds' (estimated from the pool)."""
+    from .config import per_round
+
+    splits = data_manifest["splits"]
+    pool = splits.get("unlabeled", {}).get("count", 0)
+    scored = splits.get("val", {}).get("count", 0) + (splits.get("test", {}).get("count", 0) if cfg.evaluate.test else 0)
+    labelling = pool * infer_factor * (2 if cfg.pseudo_label.tta else 1)
+
+    def inference(j: int) -> int:
+        return scored * infer_factor + (labelling if j < last_round else 0)
+
+    epochs = per_round(cfg.teacher.epochs, 1) if k == 0 else per_round(cfg.student.epochs, k)
+    this = Phase(k, int(epochs), images_per_epoch, inference(k))
+    student_epoch = int(pool * (1 + 1 / cfg.student.unlabeled_ratio))
+    later = [Phase(j, int(per_round(cfg.student.epochs, j)), student_epoch, inference(j))
+             for j in range(k + 1, last_round + 1)]
+    return this, later
+
+
+def round_epochs(cfg, k: int, job, model, state_root: Path, accelerator, data_manifest: dict,
+                 pseudo_label_s: float = 0.0) -> dict:
+    """Round ``k``'s plan under ``cfg.budget`` (``epochs`` and how they were planned): the recorded
+    one, else measured and planned now."""
+    import copy
+
+    from .trainer import steps_per_epoch, train
+
+    budget_s = parse_duration(cfg.budget)
+    plan = BudgetPlan(cfg.run_dir, budget_s)
+    entry = plan.get(k)
+    if entry is None:
+        img_s = train(copy.deepcopy(model), job, state_root / "probe", progress=False, probe=PROBE_STEPS)["img_s"]
+        if accelerator.is_main_process:
+            world = accelerator.num_processes
+            per_step = (job.cfg.batch_size * (1 + (job.unlabeled_ratio if job.unlabeled is not None else 0))
+                        * job.cfg.grad_accum * world)
+            this, later = phases(cfg, k, max(k, plan.data.get("last_round", k)), steps_per_epoch(job, world) * per_step,
+                                 data_manifest, 2 if getattr(model, "flip_tta", False) else 1)
+            entry = plan_epochs(budget_s, spent_seconds(cfg.run_dir, data_manifest, k, pseudo_label_s), this, later,
+                                img_s * world)
+            plan.record(k, entry)
+            accelerator.print(f"budget: round {k} gets {entry['share_s']:.0f} of the {budget_s:.0f} s left after "
+                              f"{entry['spent_s']:.0f} s: {entry['epochs']} epochs at {entry['img_s']:.0f} img/s "
+                              f"(fixed schedule: {entry['fixed_epochs']}) -> {plan.path}")
+        accelerator.wait_for_everyone()
+        entry = BudgetPlan(cfg.run_dir, budget_s).get(k)
+    else:
+        accelerator.print(f"budget: round {k} keeps its planned {entry['epochs']} epochs ({plan.path})")
+    return entry
+
+
+def start(cfg, last_round: int) -> None:
+    """Record the rounds a budgeted ``iterate`` covers (kept by a resumed run) and say what it plans."""
+    plan = BudgetPlan(cfg.run_dir, parse_duration(cfg.budget))
+    if plan.data.get("last_round", last_round) < last_round and plan.data["phases"]:
+        raise ConfigError(f"budget: this run was planned for rounds 0..{plan.data['last_round']} ({plan.path}); "
+                          f"continue it without budget=..., or start a new name=...")
+    if "last_round" not in plan.data:
+        plan.data["last_round"] = last_round
+        plan.record_meta()
+    print(f"budget {plan.budget_s:.0f} s for rounds 0..{plan.data['last_round']}: each round's epochs are planned "
+          f"from the img/s of its first {PROBE_STEPS} steps ({plan.path})")
