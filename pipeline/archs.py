@@ -115,7 +115,10 @@ class Cnn32(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-_CNN32 = {"cnn32_s": (32, 128, 128), "cnn32_m": (48, 192, 192), "cnn32_l": (64, 256, 256)}
+# name -> (widths, depth); cnn32_s3 is cnn32_s one residual unit deeper per group: a larger student
+# that starts as its cnn32_s teacher (models.grow_from)
+_CNN32 = {"cnn32_s": ((32, 128, 128), 2), "cnn32_s3": ((32, 128, 128), 3), "cnn32_m": ((48, 192, 192), 2),
+          "cnn32_l": ((64, 256, 256), 2)}
 
 default_cfgs.update(generate_default_cfgs({
     name: {"num_classes": 10, "input_size": (3, 32, 32), "pool_size": (3, 3), "crop_pct": 1.0,
@@ -125,7 +128,8 @@ default_cfgs.update(generate_default_cfgs({
 
 
 def _cnn32(name: str, pretrained: bool, **kwargs) -> Cnn32:
-    kwargs.setdefault("widths", _CNN32[name])
+    kwargs.setdefault("widths", _CNN32[name][0])
+    kwargs.setdefault("depth", _CNN32[name][1])
     kwargs["widths"] = tuple(kwargs["widths"])
     return build_model_with_cfg(Cnn32, name, pretrained, **kwargs)
 
@@ -134,6 +138,12 @@ def _cnn32(name: str, pretrained: bool, **kwargs) -> Cnn32:
 def cnn32_s(pretrained: bool = False, **kwargs) -> Cnn32:
     """widths (32, 128, 128): 0.5M parameters at depth 2."""
     return _cnn32("cnn32_s", pretrained, **kwargs)
+
+
+@register_model
+def cnn32_s3(pretrained: bool = False, **kwargs) -> Cnn32:
+    """cnn32_s with 3 conv layers per group: 0.80M parameters; grows from a cnn32_s."""
+    return _cnn32("cnn32_s3", pretrained, **kwargs)
 
 
 @register_model

@@ -89,6 +89,9 @@ class TrainConfig:
     drop_path_rate: float = field(default=0.0, metadata=_range(0, 1))
     randaugment: RandAugmentConfig = field(default_factory=lambda: RandAugmentConfig(enabled=False))
     erasing: float = field(default=0.0, metadata=_range(0, 1))  # probability of erasing one random box (Cutout)
+    # true: crop_pad, hflip and erasing run on each uint8 batch (tensor ops, an own draw per image)
+    # instead of per image on PIL; images are decoded straight to tensors (no PIL) unless RandAugment is on
+    batch_augment: bool = False
 
 
 @dataclass

@@ -27,7 +27,7 @@ from .config import TrainConfig
 from .loaders import StreamSpec, endless_batches, epoch_batches
 from .losses import soft_cross_entropy
 from .runtime import make_accelerator
-from .transforms import normalize
+from .transforms import batch_augment, normalize
 
 
 @dataclass
@@ -119,6 +119,7 @@ def train(model: torch.nn.Module, job: Job, state_root: Path, progress: bool = T
     # Accelerate, whose custom checkpoints are pickles it loads with weights_only=False
     dtype = precision.resolve(cfg.mixed_precision, device)
     autocast, scaler = precision.autocast(dtype, device), precision.grad_scaler(dtype)
+    augment = batch_augment(cfg)  # None: the stream's per-image transform did it
     mean = torch.tensor(job.prep["mean"], device=device)
     std = torch.tensor(job.prep["std"], device=device)
 
@@ -163,7 +164,8 @@ def train(model: torch.nn.Module, job: Job, state_root: Path, progress: bool = T
                 if unl is not None:
                     xu, tu = next(unl)
                     x = torch.cat([xl, xu])
-                x = normalize(x.to(device, non_blocking=True), mean, std, cfg.channels_last)
+                x = x.to(device, non_blocking=True)
+                x = normalize(augment(x) if augment is not None else x, mean, std, cfg.channels_last)
                 sync = micro == cfg.grad_accum - 1
                 ctx = contextlib.nullcontext() if sync else accelerator.no_sync(wrapped)
                 with ctx:

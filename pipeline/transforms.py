@@ -71,13 +71,18 @@ class RandomShift:
 
 
 def train_transform(size: int, cfg: TrainConfig) -> Callable[[Image.Image], torch.Tensor]:
-    """Random crop with padding and flips, then RandAugment and random erasing, each when the config enables it."""
+    """Random crop with padding and flips, then RandAugment and random erasing, each when the config enables it.
+
+    With ``cfg.batch_augment`` only RandAugment stays per image (crop, flip and erasing are
+    ``BatchAugment``'s); without RandAugment the image is then decoded straight to a tensor."""
+    ra = randaugment(cfg)
+    if cfg.batch_augment:
+        return eval_transform(size) if ra is None else T.Compose([_resize_if_needed(size), ra, T.PILToTensor()])
     ops: list = [_resize_if_needed(size)]
     if cfg.crop_pad:
         ops.append(RandomShift(cfg.crop_pad))
     if cfg.hflip:
         ops.append(T.RandomHorizontalFlip())
-    ra = randaugment(cfg)
     if ra is not None:
         ops.append(ra)
     ops.append(T.PILToTensor())
@@ -85,6 +90,52 @@ def train_transform(size: int, cfg: TrainConfig) -> Callable[[Image.Image], torc
     if er is not None:
         ops.append(er)
     return T.Compose(ops)
+
+
+class BatchAugment:
+    """Random translate (crop of a zero-padded image), horizontal flip and random erasing of a uint8
+    NCHW batch, each image with its own draw: what the per-image PIL ops do, in a few tensor ops
+    per batch (at 32 px the PIL path cost ~90 us an image, a sixth of a training step's time)."""
+
+    ERASE_SCALE, ERASE_RATIO = (0.02, 0.25), (0.3, 3.3)  # as torchvision's RandomErasing
+
+    def __init__(self, pad: int, hflip: bool, erasing: float):
+        self.pad, self.hflip, self.erasing = pad, hflip, erasing
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        dev = x.device
+        if self.pad:
+            p = self.pad
+            padded = torch.nn.functional.pad(x, (p, p, p, p))
+            dy = torch.randint(0, 2 * p + 1, (n, 1, 1, 1), device=dev)
+            dx = torch.randint(0, 2 * p + 1, (n, 1, 1, 1), device=dev)
+            rows = dy + torch.arange(h, device=dev).view(1, 1, h, 1)
+            cols = dx + torch.arange(w, device=dev).view(1, 1, 1, w)
+            x = padded[torch.arange(n, device=dev).view(n, 1, 1, 1), torch.arange(c, device=dev).view(1, c, 1, 1),
+                       rows, cols]
+        if self.hflip:
+            x = torch.where((torch.rand(n, device=dev) < 0.5).view(n, 1, 1, 1), x.flip(3), x)
+        if self.erasing:
+            area = h * w * torch.empty(n, device=dev).uniform_(*self.ERASE_SCALE)
+            log_r = torch.empty(n, device=dev).uniform_(*torch.tensor(self.ERASE_RATIO).log().tolist())
+            eh = (area * log_r.exp()).sqrt().round().clamp(1, h).long()
+            ew = (area / log_r.exp()).sqrt().round().clamp(1, w).long()
+            top = (torch.rand(n, device=dev) * (h - eh + 1)).long()
+            left = (torch.rand(n, device=dev) * (w - ew + 1)).long()
+            on = torch.rand(n, device=dev) < self.erasing
+            ys, xs = torch.arange(h, device=dev).view(1, h, 1), torch.arange(w, device=dev).view(1, 1, w)
+            box = ((ys >= top.view(n, 1, 1)) & (ys < (top + eh).view(n, 1, 1)) & (xs >= left.view(n, 1, 1))
+                   & (xs < (left + ew).view(n, 1, 1)) & on.view(n, 1, 1))
+            x = x.masked_fill(box.unsqueeze(1), 0)
+        return x
+
+
+def batch_augment(cfg: TrainConfig) -> BatchAugment | None:
+    """The batch augmentation of ``cfg`` (``cfg.batch_augment``), or None when it is off."""
+    if not cfg.batch_augment or not (cfg.crop_pad or cfg.hflip or cfg.erasing):
+        return None
+    return BatchAugment(cfg.crop_pad, cfg.hflip, cfg.erasing)
 
 
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channels_last: bool = False) -> torch.Tensor:

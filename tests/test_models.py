@@ -142,3 +142,5 @@ def test_cnn32_rebuilds_and_grows_deeper(tmp_path):
     with torch.no_grad():
         assert torch.equal(back(x), deeper(x))
     assert models.num_params(create_model("cnn32_m", 10, 3)) > 2 * models.num_params(small)
+    named = create_model("cnn32_s3", 10, 3)  # the registered deeper student: the same shapes as depth=3
+    assert {k: v.shape for k, v in named.state_dict().items()} == {k: v.shape for k, v in deeper.state_dict().items()}
