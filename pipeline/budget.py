@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .artifacts import read_json, write_json_atomic
-from .config import ConfigError, parse_duration  # noqa: F401  (re-exported)
+from .config import ConfigError, parse_duration
 
 PLAN_FILE = "budget.json"
 # an inference image (pseudo-labeling, evaluation) costs about this share of a training image
 INFERENCE_COST = 0.35
+
 
 @dataclass
 class Phase:
@@ -135,8 +136,8 @@ def round_epochs(cfg, k: int, job, model, state_root: Path, accelerator, data_ma
             entry = plan_epochs(budget_s, spent_seconds(cfg.run_dir, data_manifest, k, pseudo_label_s), this, later,
                                 img_s * world)
             plan.record(k, entry)
-            accelerator.print(f"budget: round {k} gets {entry['share_s']:.0f} of the {budget_s:.0f} s left after "
-                              f"{entry['spent_s']:.0f} s: {entry['epochs']} epochs at {entry['img_s']:.0f} img/s "
+            accelerator.print(f"budget: round {k} gets {entry['share_s']:.0f} s of the {budget_s:.0f} s budget "
+                              f"({entry['spent_s']:.0f} s spent): {entry['epochs']} epochs at {entry['img_s']:.0f} img/s "
                               f"(fixed schedule: {entry['fixed_epochs']}) -> {plan.path}")
         accelerator.wait_for_everyone()
         entry = BudgetPlan(cfg.run_dir, budget_s).get(k)
