@@ -155,9 +155,8 @@ def train(model: torch.nn.Module, job: Job, state_root: Path, progress: bool = T
             unl = None
         loss_sum = torch.zeros((), device=device)
         for step in range(spe):
-            if probe and step == min(PROBE_WARMUP, probe - 1):
-                t_probe = time.time()
-                probed = step
+            if probe and step == min(PROBE_WARMUP, min(probe, spe) - 1):  # the steps measured start here
+                t_probe, probed = time.time(), step
             for micro in range(cfg.grad_accum):
                 xl, yl = next(lab)
                 x, n_l = xl, len(xl)

@@ -61,6 +61,6 @@ def test_config_switch_moves_the_ops_out_of_the_per_image_transform():
 
 def test_a_teacher_trains_with_batch_augmentation(tiny_data, tmp_path):
     ov = tiny_overrides(tiny_data, tmp_path / "runs", name="batchaug")
-    stage("train.py", "role=teacher", *ov, "teacher.batch_augment=true", "teacher.crop_pad=2", "teacher.hflip=true",
+    stage("iterate.py", "round=0", *ov, "teacher.batch_augment=true", "teacher.crop_pad=2", "teacher.hflip=true",
           "teacher.erasing=0.5", "teacher.epochs=3")
     assert (tmp_path / "runs" / "batchaug" / "round-0" / "card.json").is_file()
