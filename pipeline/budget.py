@@ -120,7 +120,7 @@ def round_epochs(cfg, k: int, job, model, state_root: Path, accelerator, data_ma
     one, else measured and planned now."""
     import copy
 
-    from .trainer import steps_per_epoch, train
+    from .trainer import images_per_step, steps_per_epoch, train
 
     budget_s = parse_duration(cfg.budget)
     plan = BudgetPlan(cfg.run_dir, budget_s)
@@ -129,9 +129,8 @@ def round_epochs(cfg, k: int, job, model, state_root: Path, accelerator, data_ma
         img_s = train(copy.deepcopy(model), job, state_root / "probe", progress=False, probe=PROBE_STEPS)["img_s"]
         if accelerator.is_main_process:
             world = accelerator.num_processes
-            per_step = (job.cfg.batch_size * (1 + (job.unlabeled_ratio if job.unlabeled is not None else 0))
-                        * job.cfg.grad_accum * world)
-            this, later = phases(cfg, k, max(k, plan.data.get("last_round", k)), steps_per_epoch(job, world) * per_step,
+            per_epoch = steps_per_epoch(job, world) * images_per_step(job, world)
+            this, later = phases(cfg, k, max(k, plan.data.get("last_round", k)), per_epoch,
                                  data_manifest, 2 if getattr(model, "flip_tta", False) else 1)
             entry = plan_epochs(budget_s, spent_seconds(cfg.run_dir, data_manifest, k, pseudo_label_s), this, later,
                                 img_s * world)

@@ -91,6 +91,12 @@ def steps_per_epoch(job: Job, world: int) -> int:
 PROBE_WARMUP = 2  # first steps of a probe left out of its rate (allocation, first-call costs)
 
 
+def images_per_step(job: Job, world: int) -> int:
+    """Training images of one optimizer step over all ranks (labeled + pseudo-labeled, accumulation included)."""
+    unlabeled = job.unlabeled_ratio if job.unlabeled is not None else 0
+    return job.cfg.batch_size * (1 + unlabeled) * job.cfg.grad_accum * world
+
+
 def train(model: torch.nn.Module, job: Job, state_root: Path, progress: bool = True, probe: int = 0) -> dict:
     """Run ``job`` on ``model`` (resuming from ``state_root`` if a checkpoint exists); returns stats.
 
@@ -137,7 +143,7 @@ def train(model: torch.nn.Module, job: Job, state_root: Path, progress: bool = T
 
     bs_l = cfg.batch_size
     bs_u = bs_l * job.unlabeled_ratio if job.unlabeled is not None else 0
-    per_step = (bs_l + bs_u) * cfg.grad_accum * world
+    per_step = images_per_step(job, world)
     bar = tqdm(total=total, initial=start_epoch * spe, desc=f"{job.phase}", unit="step",
                disable=not (progress and accelerator.is_main_process), smoothing=0.05)
     history = list(info.get("history", []))
