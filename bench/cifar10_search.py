@@ -116,6 +116,7 @@ def main() -> None:
     p.add_argument("--widths", default="32,128,128")
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--plain", action="store_true", help="groups without the residual connection")
+    p.add_argument("--res-one", action="store_true", help="residual units' BN weight starts at 1, not 0")
     p.add_argument("--epochs", type=float, default=40, help="teacher: passes over the labels; student: over the pool")
     p.add_argument("--bs", type=int, default=128, help="labeled images per step")
     p.add_argument("--lr", type=float, default=0.1)
@@ -183,6 +184,10 @@ def main() -> None:
         if a.init:
             spec = {**spec, "plain": tspec.get("plain", False)}
     model = build(spec)
+    if a.res_one:
+        for mod in model.modules():
+            if hasattr(mod, "bn") and hasattr(mod, "conv"):
+                torch.nn.init.ones_(mod.bn.weight)
     if a.teacher and a.init:
         model.load_state_dict(teacher.state_dict(), strict=False)
     decay = [q for q in model.parameters() if q.ndim > 1]

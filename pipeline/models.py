@@ -117,10 +117,11 @@ def num_params(model: torch.nn.Module) -> int:
 def grow_from(student: torch.nn.Module, teacher_state: dict[str, torch.Tensor]) -> int:
     """Start ``student`` from a teacher's weights; returns how many student tensors had no source.
 
-    The same architecture: an exact copy. A deeper one of the same family (resnet10t -> resnet18t):
-    every teacher tensor must exist in the student with its shape; the extra residual blocks keep
-    their initialisation, whose last BatchNorm is zero, so the student starts as the teacher's
-    function and spends its compute on the pseudo-labeled pool rather than on relearning it.
+    The same architecture: an exact copy. A deeper one of the same family (resnet10t -> resnet18t,
+    cnn32_s -> cnn32_s3): every teacher tensor must exist in the student with its shape; each extra
+    residual block has its last BatchNorm zeroed (timm's ``zero_init_last``), so the student starts
+    as the teacher's function and spends its compute on the pseudo-labeled pool rather than on
+    relearning it.
     """
     own = student.state_dict()
     absent = [k for k in teacher_state if k not in own]
@@ -130,5 +131,8 @@ def grow_from(student: torch.nn.Module, teacher_state: dict[str, torch.Tensor]) 
         raise ConfigError(f"student.init_from_teacher: the student does not contain the teacher's layers "
                           f"({'no' if absent else 'another shape for'} {k}); use the teacher's architecture or a "
                           f"deeper one of its family (model.ladder=resnet_t: resnet10t -> resnet18t -> resnet34t)")
+    for name, module in student.named_modules():
+        if hasattr(module, "zero_init_last") and not any(f"{name}.{k}" in teacher_state for k in module.state_dict()):
+            module.zero_init_last()
     student.load_state_dict(teacher_state, strict=False)
     return len(own) - len(teacher_state)
