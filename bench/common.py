@@ -21,11 +21,14 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 
 
-def synthetic_images(n: int, size: int, seed: int = 0, num_classes: int = 10) -> tuple[list[bytes], np.ndarray]:
-    """``n`` grayscale PNGs of ``size`` px (noise plus a class-dependent bar) and their labels."""
+def synthetic_images(n: int, size: int, seed: int = 0, num_classes: int = 10, mode: str = "L"
+                     ) -> tuple[list[bytes], np.ndarray]:
+    """``n`` images of ``size`` px (noise plus a class-dependent bar) and their labels: grayscale PNGs
+    (``mode="L"``, as Fashion-MNIST's shards hold) or RGB JPEGs (``"RGB"``, as CIFAR-10's archives)."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, num_classes, n)
-    out = [_png(_image(rng, y, size, num_classes)) for y in labels.tolist()]
+    encode = _png if mode == "L" else _jpg
+    out = [encode(_image(rng, y, size, num_classes, mode)) for y in labels.tolist()]
     return out, labels
 
 
@@ -39,7 +42,8 @@ def write_shards(directory: Path, prefix: str, images: list[bytes], labels: np.n
         path = directory / f"{prefix}-{s // shard_size:06d}.tar"
         samples = []
         for i in range(s, min(s + shard_size, len(images))):
-            sample = {"__key__": f"{prefix}_{i:08d}", "png": images[i]}
+            ext = "jpg" if images[i][:2] == b"\xff\xd8" else "png"
+            sample = {"__key__": f"{prefix}_{i:08d}", ext: images[i]}
             if labels is not None:
                 sample["cls"] = str(int(labels[i]))
             samples.append(sample)
@@ -54,8 +58,18 @@ def _png(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _image(rng: np.random.Generator, y: int, size: int, num_classes: int = 10) -> np.ndarray:
-    a = rng.integers(0, 80, (size, size), dtype=np.uint8)
+def _jpg(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a, "RGB").save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _image(rng: np.random.Generator, y: int, size: int, num_classes: int = 10, mode: str = "L") -> np.ndarray:
+    if mode == "RGB":  # smooth colour noise (a natural image's JPEG size, ~1 KB at 32 px), not pixel noise
+        coarse = rng.integers(0, 200, (max(1, size // 4), max(1, size // 4), 3), dtype=np.uint8)
+        a = np.asarray(Image.fromarray(coarse, "RGB").resize((size, size), Image.BILINEAR)).copy()
+    else:
+        a = rng.integers(0, 80, (size, size), dtype=np.uint8)
     row = (y * size) // num_classes
     a[row:row + max(1, size // 8), :] = 230  # a class-dependent bar, so a teacher learns something
     return a

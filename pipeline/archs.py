@@ -83,7 +83,7 @@ class Cnn32(nn.Module):
 
     def __init__(self, widths: tuple[int, ...] = (32, 128, 128), depth: int = 2, stem_width: int = 24,
                  num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 logit_scale: float = 1 / 9, flip_tta: bool = True, **_ignored):
+                 logit_scale: float = 1 / 9, flip_tta: bool = True):
         super().__init__()
         self.num_classes, self.drop_rate, self.logit_scale = num_classes, drop_rate, logit_scale
         self.flip_tta = flip_tta
@@ -132,6 +132,8 @@ default_cfgs.update(generate_default_cfgs({
 
 
 def _cnn32(name: str, pretrained: bool, **kwargs) -> Cnn32:
+    if "channels" in kwargs:  # timm ResNets' name for stage widths (distill.channels): the same thing here
+        kwargs["widths"] = kwargs.pop("channels")
     kwargs.setdefault("widths", _CNN32[name][0])
     kwargs.setdefault("depth", _CNN32[name][1])
     kwargs["widths"] = tuple(kwargs["widths"])

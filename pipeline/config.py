@@ -120,7 +120,7 @@ class DistillConfig(TrainConfig):
     name: str = "small"  # output: <experiment>/distilled/<name>/
     teacher: str | None = None  # a model directory; default: the experiment's last finished round
     arch: str = "resnet10t"  # the student: any timm model name
-    channels: list[int] | None = None  # ResNet-family students: stage widths (timm's ``channels``), e.g. thinner
+    channels: list[int] | None = None  # ResNet-family and cnn32 students: stage widths, e.g. thinner
     mode: Literal["online", "offline"] = "online"
     temperature: float = field(default=4.0, metadata=_range(0, lo_open=True))
     alpha: float = field(default=0.9, metadata=_range(0, 1))  # labeled: alpha KD + (1 - alpha) CE

@@ -142,5 +142,9 @@ def test_cnn32_rebuilds_and_grows_deeper(tmp_path):
     with torch.no_grad():
         assert torch.equal(back(x), deeper(x))
     assert models.num_params(create_model("cnn32_m", 10, 3)) > 2 * models.num_params(small)
+    thin = create_model("cnn32_s", 10, 3, channels=(16, 64, 64))  # distill.channels: the group widths
+    assert [g[0].out_channels for g in thin.groups] == [16, 64, 64]
+    with pytest.raises(ConfigError, match="does not accept"):  # an unknown option is an error, not ignored
+        create_model("cnn32_s", 10, 3, widht=(16, 64, 64))
     named = create_model("cnn32_s3", 10, 3)  # the registered deeper student: the same shapes as depth=3
     assert {k: v.shape for k, v in named.state_dict().items()} == {k: v.shape for k, v in deeper.state_dict().items()}
