@@ -13,14 +13,10 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 
-from .config import ConfigError
+from .errors import DataError
 
 MAX_WARNINGS = 20  # warning lines per log; the rest are counted (the metrics list examples)
 MAX_EXAMPLES = 100
-
-
-class DataError(ConfigError):
-    """The input data, not a config, is at fault: printed as one line by the stage entry points."""
 
 
 @dataclass(frozen=True)

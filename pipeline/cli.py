@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .config import Config, ConfigError, load_config, parse_override
+from .errors import UserError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "fashion_mnist.yaml"
 
@@ -45,11 +46,11 @@ def parse_args(argv: list[str], extras: dict[str, Callable[[str], object]] | Non
 
 
 def run(main: Callable[[list[str]], int | None]) -> None:
-    """Call ``main(sys.argv[1:])``; a ConfigError prints one line and exits 2, not a traceback."""
+    """Call ``main(sys.argv[1:])``; a UserError prints one line and exits 2, not a traceback."""
     code = 0
     try:
         code = main(sys.argv[1:]) or 0
-    except ConfigError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:

@@ -1,7 +1,7 @@
 """Experiment configuration: typed sections, YAML loading, ``key=value`` overrides, validation.
 
 One config describes a whole experiment; every stage reads the sections it needs. Errors are
-``ConfigError`` with a message naming the offending key, so entry points can print one line.
+``ConfigError`` (``errors.py``) with a message naming the offending key, so entry points print one line.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from .errors import ConfigError
 
-class ConfigError(ValueError):
-    """A user error in a config, an override or a path the config names."""
+__all__ = ["ConfigError"]  # re-exported: config errors are raised where configs are read
 
 
 def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> dict:

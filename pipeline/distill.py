@@ -26,6 +26,7 @@ from . import evaluation, models, noise, pseudo_labels
 from .artifacts import code_version, read_json, sha256_file, write_json_atomic
 from .config import Config, ConfigError, DistillConfig, per_round, to_dict
 from .loaders import StreamSpec
+from .objectives import Batch, Objective
 from .prepare import MANIFEST as DATA_MANIFEST
 from .prepare import require_data, shard_paths, shard_rows
 from .rounds import card, round_dir
@@ -53,7 +54,7 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, 
     return torch.where(labeled, alpha * kl + (1 - alpha) * ce, kl).mean()
 
 
-class OnlineKD:
+class OnlineKD(Objective):
     """The teacher labels the exact (augmented, mixed) batch the student is about to see."""
 
     def __init__(self, teacher: torch.nn.Module, temperature: float, alpha: float, mixup: float = 0.0):
@@ -65,32 +66,29 @@ class OnlineKD:
         self.labels_b: torch.Tensor | None = None
         self.lam = 1.0
 
-    def prepare(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def inputs(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
         self.labels_b, self.lam = None, 1.0
         if self.mixup > 0:
             self.lam = float(torch.distributions.Beta(self.mixup, self.mixup).sample())
             perm = torch.randperm(len(x), device=x.device)
             x = self.lam * x + (1 - self.lam) * x[perm]
-            self.labels_b = labels[perm]
+            self.labels_b = batch.labels[perm]
         with torch.no_grad():
             self.teacher_logits = self.teacher(x).float()
-        return x, labels
+        return x
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return kd_loss(logits, self.teacher_logits, labels, self.temperature, self.alpha, self.labels_b, self.lam)
+    def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return kd_loss(logits, self.teacher_logits, batch.labels, self.temperature, self.alpha, self.labels_b, self.lam)
 
 
-class OfflineKD:
+class OfflineKD(Objective):
     """Targets read from the teacher's cached Parquet: (probabilities, label or -1) per sample."""
 
     def __init__(self, temperature: float, alpha: float):
         self.temperature, self.alpha = temperature, alpha
 
-    def prepare(self, x: torch.Tensor, target):
-        return x, target
-
-    def __call__(self, logits: torch.Tensor, target) -> torch.Tensor:
-        probs, labels = target
+    def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        probs, labels = batch.labels
         # log p = logits - logsumexp: the same softmax at any temperature, so probabilities suffice
         return kd_loss(logits, probs.float().clamp_min(1e-12).log(), labels, self.temperature, self.alpha)
 
@@ -236,22 +234,22 @@ def distill(cfg: Config, progress: bool = True) -> dict:
         if dcfg.mode == "offline":
             tdir = _offline_targets(cfg, out, teacher, teacher_sha, shards, rows, names, prep, ddir, accelerator,
                                     progress)
-            criterion, targets = OfflineKD(dcfg.temperature, dcfg.alpha), TeacherTargets(tdir)
+            objective, targets = OfflineKD(dcfg.temperature, dcfg.alpha), TeacherTargets(tdir)
         else:
-            criterion, targets = OnlineKD(teacher, dcfg.temperature, dcfg.alpha, dcfg.mixup), None
+            objective, targets = OnlineKD(teacher, dcfg.temperature, dcfg.alpha, dcfg.mixup), None
         spec = StreamSpec(shards=[str(s) for s in shards], mode=prep["mode"],
                           transform=train_transform(prep["size"], dcfg), rank=accelerator.process_index,
                           world=world, seed=cfg.seed + 104729, buffer=5000, targets=targets, missing_label=-1,
                           with_label=targets is not None, rows=rows)
         job = Job(phase="distill", cfg=dcfg, epochs=epochs, lr=dcfg.lr, labeled=spec, labeled_total=total,
-                  prep=prep, criterion=criterion, max_bad_share=cfg.data.max_bad_share)
+                  prep=prep, objective=objective, max_bad_share=cfg.data.max_bad_share)
         accelerator.print(f"distill: {teacher_dir} ({teacher_params} params) -> {dcfg.arch} "
                           f"({models.num_params(student)} params), {dcfg.mode}, T={dcfg.temperature}, "
                           f"alpha={dcfg.alpha}, {epochs} epochs over {total} images")
         results["student"] = _train_and_save(out, student, job, dcfg.arch, {
             "parents": parents, "distill": _relevant(dcfg), "mode": dcfg.mode}, names, prep, test_shards,
             accelerator, progress)
-        del criterion
+        del objective
     if dcfg.labels_only:
         # the same architecture, optimizer and number of steps x batch size, on the labeled images alone
         lo_out = cfg.run_dir / "distilled" / f"{dcfg.name}-labels-only"

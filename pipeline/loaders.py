@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
-from .bad_samples import DataError, Skip, SkipLog
+from .bad_samples import Skip, SkipLog
+from .errors import DataError
 from .shards import BadImage, ShardError, assign, decode_image, image_bytes, iter_samples, sample_label
 
 # shard path -> {key: (repeat count, target)}; None means "every sample once, target = its label"

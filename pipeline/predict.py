@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from . import failpoints
 from .artifacts import atomic_path, read_json, sha256_file
-from .bad_samples import DataError
 from .config import ConfigError
+from .errors import DataError
 from .models import TIMM_CONFIG, WEIGHTS, load_model_dir, preprocessing
 from .shards import expand_shards
 from .sources import (

@@ -33,8 +33,9 @@ from .artifacts import (
     short_hash,
     write_json_atomic,
 )
-from .bad_samples import DataError, Skip, SkipLog
+from .bad_samples import Skip, SkipLog
 from .config import Config, ConfigError, DataConfig, to_dict
+from .errors import DataError
 from .shards import BadImage, decode_image, iter_samples, write_shard
 from .sources import Source, is_torchvision_name, labeled_source, unlabeled_source
 

@@ -19,6 +19,7 @@ from . import budget, evaluation, models, noise, pseudo_labels
 from .artifacts import code_version, files_match, read_json, sha256_file, write_json_atomic
 from .config import RUNTIME_KEYS, Config, ConfigError, _build, flatten, for_round, per_round, to_dict
 from .loaders import StreamSpec
+from .objectives import NoisyStudent
 from .prepare import MANIFEST as DATA_MANIFEST
 from .prepare import TRUTH, data_dir, prepare, require_data, shard_paths, shard_rows, split_keys
 from .runtime import make_accelerator
@@ -185,7 +186,7 @@ def train_round(cfg: Config, k: int, progress: bool = True) -> dict:
                                    targets=targets, rows=rows)
         job.unlabeled_total = targets.total
         job.unlabeled_ratio = cfg.student.unlabeled_ratio
-        job.unlabeled_weight = cfg.student.unlabeled_weight
+        job.objective = NoisyStudent(tcfg.label_smoothing, cfg.student.unlabeled_weight)
         parents.update({"teacher_dir": str(teacher_dir), "teacher_sha256": teacher_sha,
                         "pseudo_labels_manifest_sha256": sha256_file(pl_dir / pseudo_labels.MANIFEST)})
         accelerator.print(f"round {k}: student {arch}, {selection['samples']} pseudo-labeled samples per epoch "

@@ -1,10 +1,11 @@
-"""The one training loop (teacher, student, fine-tune): Accelerate, resumable per epoch.
+"""The one training loop (teacher, student, distillation, fine-tune): Accelerate, resumable per epoch.
 
-Each step takes a labeled batch and, for a student, an unlabeled batch ``unlabeled_ratio`` times
-larger; both go through one forward pass. Loss = CE(labeled, label smoothing)
-+ unlabeled_weight x soft CE(pseudo-labeled). After every epoch ``accelerator.save_state`` writes
-``state/<phase>-eNNNN`` (to a temporary name, then renamed), so a killed run resumes at the last
-finished epoch with the same data order (the order is a function of seed and epoch).
+What the loss is belongs to the job's objective (``objectives.py``); the loop only moves batches:
+each step takes a labeled batch and, when the job has an unlabeled stream (a student), an
+unlabeled batch ``unlabeled_ratio`` times larger, both through one forward pass. After every
+epoch ``accelerator.save_state`` writes ``state/<phase>-eNNNN`` (to a temporary name, then
+renamed), so a killed run resumes at the last finished epoch with the same data order (the order
+is a function of seed and epoch).
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import contextlib
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import failpoints, precision
@@ -25,16 +26,16 @@ from .artifacts import TMP_PREFIX, read_json, write_json_atomic
 from .bad_samples import SkipLog
 from .config import TrainConfig
 from .loaders import StreamSpec, endless_batches, epoch_batches
-from .losses import soft_cross_entropy
+from .objectives import Batch, Objective, Supervised
 from .runtime import make_accelerator
 from .transforms import batch_augment, normalize
 
 
 @dataclass
 class Job:
-    """What one training phase needs besides the model."""
+    """What one training phase needs besides the model: data, schedule and objective."""
 
-    phase: str  # "train" or "finetune": names the checkpoints
+    phase: str  # "train", "finetune", "distill", ...: names the checkpoints
     cfg: TrainConfig
     epochs: int
     lr: float
@@ -44,10 +45,7 @@ class Job:
     unlabeled: StreamSpec | None = None
     unlabeled_total: int = 0
     unlabeled_ratio: int = 0
-    unlabeled_weight: float = 1.0
-    # a loss of its own (distillation): ``prepare(x, target) -> (x, target)`` before the forward pass
-    # (a teacher sees the same batch there), then ``criterion(logits, target) -> loss``
-    criterion: object | None = None
+    objective: Objective | None = None  # default: supervised CE with cfg.label_smoothing
     max_bad_share: float = 0.01  # data.max_bad_share: skipped share of samples that stops the run
 
 
@@ -97,6 +95,30 @@ def images_per_step(job: Job, world: int) -> int:
     return job.cfg.batch_size * (1 + unlabeled) * job.cfg.grad_accum * world
 
 
+@dataclass
+class _Run:
+    """One phase's training as ``_setup`` made it: what each step and the finish use."""
+
+    job: Job
+    accelerator: object
+    wrapped: torch.nn.Module  # the model as Accelerate prepared it
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: object | None
+    objective: Objective
+    dtype: str
+    autocast: object
+    scaler: object | None
+    augment: object | None
+    mean: torch.Tensor
+    std: torch.Tensor
+    steps_per_epoch: int
+    images_per_step: int
+    start_epoch: int = 0
+    elapsed: float = 0.0
+    history: list = field(default_factory=list)
+
+
 def train(model: torch.nn.Module, job: Job, state_root: Path, progress: bool = True, probe: int = 0) -> dict:
     """Run ``job`` on ``model`` (resuming from ``state_root`` if a checkpoint exists); returns stats.
 
@@ -106,140 +128,156 @@ def train(model: torch.nn.Module, job: Job, state_root: Path, progress: bool = T
     ``{"img_s": ...}`` measured after the first ``PROBE_WARMUP`` steps (the budget's rate; pass a copy
     of the model, since it is trained).
     """
+    run = _setup(model, job)
+    if not probe:
+        _resume(run, state_root)
+    acc, spe = run.accelerator, run.steps_per_epoch
+    bar = tqdm(total=spe * job.epochs, initial=run.start_epoch * spe, desc=job.phase, unit="step",
+               disable=not (progress and acc.is_main_process), smoothing=0.05)
+    world = acc.num_processes
+    skips = SkipLog(job.phase + (f" (rank {acc.process_index})" if world > 1 else ""), job.max_bad_share,
+                    quiet=not acc.is_main_process and world > 1)
+    for epoch in range(run.start_epoch, job.epochs):
+        t0 = time.time()
+        run.wrapped.train()
+        batches = _batches(job, epoch, spe * job.cfg.grad_accum, skips)
+        loss_sum = torch.zeros((), device=acc.device)
+        for step in range(spe):
+            if probe and step == min(PROBE_WARMUP, min(probe, spe) - 1):  # the steps measured start here
+                t_probe, probed = time.time(), step
+            summed, last = _step(run, batches, epoch * spe + step)
+            loss_sum += summed
+            if probe and step + 1 >= min(probe, spe):
+                bar.close()
+                return {"img_s": (step + 1 - probed) * run.images_per_step / max(time.time() - t_probe, 1e-9)}
+            if (step + 1) % 10 == 0 or step + 1 == spe:
+                rate = (step + 1) * run.images_per_step / max(time.time() - t0, 1e-9)
+                bar.set_postfix(epoch=f"{epoch + 1}/{job.epochs}", loss=f"{last.item():.3f}", img_s=f"{rate:.0f}",
+                                lr=f"{run.scheduler.get_last_lr()[0]:.2e}")
+            bar.update(1)
+        skips.check()
+        _end_epoch(run, epoch, loss_sum, time.time() - t0, state_root)
+    bar.close()
+    return _finish(model, run, skips)
+
+
+def _setup(model: torch.nn.Module, job: Job) -> _Run:
+    """Accelerator, optimizer, cosine schedule, EMA, precision and batch augmentation for ``job``."""
     from timm.utils import ModelEmaV3
 
     accelerator = make_accelerator()
-
     cfg, device = job.cfg, accelerator.device
     world = accelerator.num_processes
     spe = steps_per_epoch(job, world)
-    total = spe * job.epochs
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = _optimizer(model, cfg, job.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(total, int(cfg.warmup_epochs * spe)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(spe * job.epochs, int(cfg.warmup_epochs * spe)))
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None
     precision.compile_model(model, cfg.compile)  # after the EMA's copy: it stays uncompiled
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     # the scheduler's and the EMA's state are saved by us (JSON, safetensors), not registered with
     # Accelerate, whose custom checkpoints are pickles it loads with weights_only=False
     dtype = precision.resolve(cfg.mixed_precision, device)
-    autocast, scaler = precision.autocast(dtype, device), precision.grad_scaler(dtype)
-    augment = batch_augment(cfg)  # None: the stream's per-image transform did it
-    mean = torch.tensor(job.prep["mean"], device=device)
-    std = torch.tensor(job.prep["std"], device=device)
+    return _Run(job=job, accelerator=accelerator, wrapped=wrapped, optimizer=optimizer, scheduler=scheduler, ema=ema,
+                objective=job.objective or Supervised(cfg.label_smoothing), dtype=dtype,
+                autocast=precision.autocast(dtype, device), scaler=precision.grad_scaler(dtype),
+                augment=batch_augment(cfg),  # None: the stream's per-image transform did it
+                mean=torch.tensor(job.prep["mean"], device=device), std=torch.tensor(job.prep["std"], device=device),
+                steps_per_epoch=spe, images_per_step=images_per_step(job, world))
 
-    start_epoch, elapsed = 0, 0.0
-    latest, info = _latest_state(state_root, job.phase) if not probe else (None, {})
-    if latest is not None:
-        accelerator.load_state(str(latest))
-        scheduler.load_state_dict(info["scheduler"])
-        if ema is not None:
-            from safetensors.torch import load_file
 
-            ema.module.load_state_dict(load_file(str(latest / EMA_FILE)))
-        start_epoch, elapsed = info["epoch"] + 1, info["seconds"]
-        accelerator.print(f"resuming {job.phase} from {latest.name} (epoch {start_epoch}/{job.epochs})")
+def _resume(run: _Run, state_root: Path) -> None:
+    """Load the last finished epoch's checkpoint of this phase, if there is one."""
+    latest, info = _latest_state(state_root, run.job.phase)
+    if latest is None:
+        return
+    run.accelerator.load_state(str(latest))
+    run.scheduler.load_state_dict(info["scheduler"])
+    if run.ema is not None:
+        from safetensors.torch import load_file
 
-    bs_l = cfg.batch_size
-    bs_u = bs_l * job.unlabeled_ratio if job.unlabeled is not None else 0
-    per_step = images_per_step(job, world)
-    bar = tqdm(total=total, initial=start_epoch * spe, desc=f"{job.phase}", unit="step",
-               disable=not (progress and accelerator.is_main_process), smoothing=0.05)
-    history = list(info.get("history", []))
-    skips = SkipLog(job.phase + (f" (rank {accelerator.process_index})" if world > 1 else ""), job.max_bad_share,
-                    quiet=not accelerator.is_main_process and world > 1)
-    for epoch in range(start_epoch, job.epochs):
-        t0 = time.time()
-        wrapped.train()
-        n_micro = spe * cfg.grad_accum
-        if job.unlabeled is not None:
-            lab = endless_batches(job.labeled, epoch, bs_l, cfg.workers, skips)
-            unl = epoch_batches(job.unlabeled, epoch, n_micro, bs_u, cfg.workers, skips)
-        else:
-            lab = epoch_batches(job.labeled, epoch, n_micro, bs_l, cfg.workers, skips)
-            unl = None
-        loss_sum = torch.zeros((), device=device)
-        for step in range(spe):
-            if probe and step == min(PROBE_WARMUP, min(probe, spe) - 1):  # the steps measured start here
-                t_probe, probed = time.time(), step
-            for micro in range(cfg.grad_accum):
-                xl, yl = next(lab)
-                x, n_l = xl, len(xl)
-                if unl is not None:
-                    xu, tu = next(unl)
-                    x = torch.cat([xl, xu])
-                x = x.to(device, non_blocking=True)
-                x = normalize(augment(x) if augment is not None else x, mean, std, cfg.channels_last)
-                sync = micro == cfg.grad_accum - 1
-                ctx = contextlib.nullcontext() if sync else accelerator.no_sync(wrapped)
-                with ctx:
-                    if job.criterion is not None:
-                        yl = _to(yl, device)
-                        with autocast:
-                            x, yl = job.criterion.prepare(x, yl)
-                    with autocast:
-                        logits = wrapped(x).float()
-                    if job.criterion is not None:
-                        loss = job.criterion(logits, yl)
-                    else:
-                        loss = F.cross_entropy(logits[:n_l], yl.to(device), label_smoothing=cfg.label_smoothing)
-                    if unl is not None:
-                        loss = loss + job.unlabeled_weight * soft_cross_entropy(logits[n_l:], tu.to(device))
-                    scaled = loss / cfg.grad_accum
-                    if scaler is not None:
-                        scaled = scaler.scale(scaled)
-                    accelerator.backward(scaled)
-                loss_sum += loss.detach()
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            if ema is not None:
-                ema.update(accelerator.unwrap_model(wrapped), step=epoch * spe + step)
-            failpoints.hit("train_step")
-            if probe and step + 1 >= min(probe, spe):
-                bar.close()
-                return {"img_s": (step + 1 - probed) * per_step / max(time.time() - t_probe, 1e-9)}
-            if (step + 1) % 10 == 0 or step + 1 == spe:
-                rate = (step + 1) * per_step / max(time.time() - t0, 1e-9)
-                bar.set_postfix(epoch=f"{epoch + 1}/{job.epochs}", loss=f"{loss.item():.3f}",
-                                img_s=f"{rate:.0f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            bar.update(1)
-        skips.check()
-        epoch_loss = accelerator.reduce(loss_sum, "mean").item() / (spe * cfg.grad_accum)
-        dt = time.time() - t0
-        elapsed += dt
-        history.append({"epoch": epoch, "loss": round(epoch_loss, 5), "seconds": round(dt, 2),
-                        "img_s": round(spe * per_step / dt, 1)})
-        _save(accelerator, state_root, job.phase, epoch, {"epoch": epoch, "seconds": elapsed, "history": history,
-                                                          "scheduler": scheduler.state_dict()}, ema)
-        failpoints.hit("epoch_end")
-    bar.close()
-    final = ema.module if ema is not None else accelerator.unwrap_model(wrapped)
+        run.ema.module.load_state_dict(load_file(str(latest / EMA_FILE)))
+    run.start_epoch, run.elapsed, run.history = info["epoch"] + 1, info["seconds"], list(info.get("history", []))
+    run.accelerator.print(f"resuming {run.job.phase} from {latest.name} (epoch {run.start_epoch}/{run.job.epochs})")
+
+
+def _batches(job: Job, epoch: int, n: int, skips: SkipLog) -> Iterator[Batch]:
+    """The epoch's ``n`` batches: labeled, or labeled + pseudo-labeled (a student's) in one tensor."""
+    cfg = job.cfg
+    if job.unlabeled is None:
+        for x, y in epoch_batches(job.labeled, epoch, n, cfg.batch_size, cfg.workers, skips):
+            yield Batch(x, y, len(x))
+        return
+    lab = endless_batches(job.labeled, epoch, cfg.batch_size, cfg.workers, skips)
+    unl = epoch_batches(job.unlabeled, epoch, n, cfg.batch_size * job.unlabeled_ratio, cfg.workers, skips)
+    for _ in range(n):  # labeled first: both draw from the global RNG (augmentation), in this order
+        xl, yl = next(lab)
+        xu, soft = next(unl)
+        yield Batch(torch.cat([xl, xu]), yl, len(xl), soft)
+
+
+def _step(run: _Run, batches: Iterator[Batch], global_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over ``grad_accum`` batches: (summed loss, last batch's loss), detached."""
+    acc, cfg = run.accelerator, run.job.cfg
+    summed = torch.zeros((), device=acc.device)
+    for micro in range(cfg.grad_accum):
+        batch = next(batches).to(acc.device)
+        x = normalize(run.augment(batch.x) if run.augment is not None else batch.x, run.mean, run.std,
+                      cfg.channels_last)
+        sync = micro == cfg.grad_accum - 1
+        with contextlib.nullcontext() if sync else acc.no_sync(run.wrapped):
+            with run.autocast:
+                x = run.objective.inputs(x, batch)
+                logits = run.wrapped(x).float()
+            loss = run.objective.loss(logits, batch)
+            scaled = loss / cfg.grad_accum
+            acc.backward(run.scaler.scale(scaled) if run.scaler is not None else scaled)
+        summed += loss.detach()
+    if run.scaler is not None:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    if run.ema is not None:
+        run.ema.update(acc.unwrap_model(run.wrapped), step=global_step)
+    failpoints.hit("train_step")
+    return summed, loss.detach()
+
+
+def _end_epoch(run: _Run, epoch: int, loss_sum: torch.Tensor, seconds: float, state_root: Path) -> None:
+    """Record the epoch and checkpoint it (the point a killed run resumes from)."""
+    acc, cfg = run.accelerator, run.job.cfg
+    epoch_loss = acc.reduce(loss_sum, "mean").item() / (run.steps_per_epoch * cfg.grad_accum)
+    run.elapsed += seconds
+    run.history.append({"epoch": epoch, "loss": round(epoch_loss, 5), "seconds": round(seconds, 2),
+                        "img_s": round(run.steps_per_epoch * run.images_per_step / seconds, 1)})
+    _save(acc, state_root, run.job.phase, epoch, {"epoch": epoch, "seconds": run.elapsed, "history": run.history,
+                                                  "scheduler": run.scheduler.state_dict()}, run.ema)
+    failpoints.hit("epoch_end")
+
+
+def _finish(model: torch.nn.Module, run: _Run, skips: SkipLog) -> dict:
+    """Put the final (or EMA) weights into ``model`` and return the phase's stats, counted over all ranks."""
+    acc, job = run.accelerator, run.job
+    final = run.ema.module if run.ema is not None else acc.unwrap_model(run.wrapped)
     if final is not model:
         model.load_state_dict(final.state_dict())
     model.to(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors only
-    if device.type == "cuda":  # on CPU it is only a full gc.collect (0.2 s)
-        accelerator.free_memory()
-    samples = spe * per_step * job.epochs
+    if acc.device.type == "cuda":  # on CPU it is only a full gc.collect (0.2 s)
+        acc.free_memory()
+    samples = run.steps_per_epoch * run.images_per_step * job.epochs
     bad = skips.metrics()
-    counts = accelerator.reduce(torch.tensor([bad["skipped"], bad["used"]], device=device), "sum").tolist()
+    counts = acc.reduce(torch.tensor([bad["skipped"], bad["used"]], device=acc.device), "sum").tolist()
     bad.update(skipped=int(counts[0]), used=int(counts[1]),
                skipped_share=round(counts[0] / max(counts[0] + counts[1], 1), 6))
-    return {"phase": job.phase, "epochs": job.epochs, "steps": total, "seconds": round(elapsed, 1),
-            "precision": dtype, "compile": precision.compile_backend(cfg.compile),
-            "img_s": round(samples / max(elapsed, 1e-9), 1), "history": history,
+    history = run.history
+    return {"phase": job.phase, "epochs": job.epochs, "steps": run.steps_per_epoch * job.epochs,
+            "seconds": round(run.elapsed, 1), "precision": run.dtype, "compile": precision.compile_backend(job.cfg.compile),
+            "img_s": round(samples / max(run.elapsed, 1e-9), 1), "history": history,
             "final_loss": history[-1]["loss"] if history else None, "bad_samples": bad}
-
-
-def _to(target, device):
-    if isinstance(target, (list, tuple)):
-        return type(target)(_to(t, device) for t in target)
-    return target.to(device, non_blocking=True)
 
 
 EMA_FILE = "ema.safetensors"

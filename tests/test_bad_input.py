@@ -19,8 +19,9 @@ from conftest import NUM_CLASSES, make_folder, make_image, stage, tiny_overrides
 from PIL import Image
 
 from pipeline import pseudo_labels as pl
-from pipeline.bad_samples import DataError, Skip, SkipLog
+from pipeline.bad_samples import Skip, SkipLog
 from pipeline.config import ConfigError
+from pipeline.errors import DataError
 from pipeline.loaders import StreamSpec, epoch_batches, eval_batches
 from pipeline.shards import BadImage, ShardError, decode_image, iter_samples, write_shard
 from pipeline.transforms import eval_transform

@@ -8,6 +8,7 @@ import torch
 from conftest import stage, tiny_overrides
 
 from pipeline.distill import OnlineKD, kd_loss
+from pipeline.objectives import Batch
 
 
 def test_kd_loss_hand_computed():
@@ -55,15 +56,16 @@ class _Recorder(torch.nn.Module):
 
 
 def test_online_teacher_sees_the_students_batch():
-    """prepare() runs the teacher on exactly the tensor the student is then given, mixup included."""
+    """inputs() runs the teacher on exactly the tensor the student is then given, mixup included."""
     teacher, student = _Recorder(), _Recorder()
     kd = OnlineKD(teacher, 2.0, 0.5, mixup=0.4)
     torch.manual_seed(0)
     for _ in range(3):
         x = torch.randn(6, 1, 16, 16)
         y = torch.tensor([0, 1, -1, -1, 2, 3])
-        xm, ym = kd.prepare(x, y)
-        loss = kd(student(xm), ym)
+        batch = Batch(x, y, len(x))
+        xm = kd.inputs(x, batch)
+        loss = kd.loss(student(xm), batch)
         loss.backward()
         assert torch.equal(teacher.seen[-1], student.seen[-1])
         assert not torch.equal(xm, x)  # mixup changed the batch, for both models alike

@@ -5,7 +5,7 @@ import torch
 
 from pipeline import pseudo_labels as pl
 from pipeline.config import ConfigError, StudentConfig
-from pipeline.losses import soft_cross_entropy
+from pipeline.objectives import soft_cross_entropy
 
 NAMES = ["a", "b", "c"]
 
