@@ -15,21 +15,21 @@ Two modes:
 from __future__ import annotations
 
 import math
-import shutil
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from . import evaluation, models, noise, pseudo_labels
-from .artifacts import code_version, read_json, sha256_file, write_json_atomic
+from .artifacts import sha256_file
 from .config import Config, ConfigError, DistillConfig, per_round, to_dict
+from .finish import card, finish
 from .loaders import StreamSpec
 from .objectives import Batch, Objective
 from .prepare import MANIFEST as DATA_MANIFEST
 from .prepare import require_data, shard_paths, shard_rows
-from .rounds import card, round_dir
+from .rounds import round_dir
 from .runtime import make_accelerator
 from .trainer import Job, train
 from .transforms import train_transform
@@ -150,24 +150,15 @@ def _relevant(dcfg: DistillConfig) -> dict:
     return d
 
 
-def _train_and_save(out: Path, student: torch.nn.Module, job: Job, arch: str, extra: dict, names: list[str],
-                    prep: dict, test_shards: list[Path], accelerator, progress: bool) -> dict:
-    """Train (resumable), measure test top-1, write the model directory and its card."""
+def _train_and_save(out: Path, student: torch.nn.Module, job: Job, arch: str, card_fields: dict, ctx: _Context,
+                    cfg: Config, progress: bool) -> dict:
+    """Train (resumable), then write the model directory, its test score and its card (``finish``)."""
     stats = [train(student, job, out / "state", progress)]
-    metrics = evaluation.top1(student, test_shards, prep, accelerator, progress=progress, desc=f"test {out.name}")
-    metrics.update({"model": arch, "params": models.num_params(student), "train_seconds": stats[0]["seconds"],
-                    "train_img_s": stats[0]["img_s"]})
-    result: dict = {}
-    if accelerator.is_main_process:
-        in_chans = 1 if prep["mode"] == "L" else 3
-        files = models.save_model_dir(student, out, names, prep["mean"], prep["std"], prep["size"], in_chans)
-        write_json_atomic(out / "metrics.json", metrics)
-        result = {"role": "distilled", "arch": arch, "files": files, "metrics": metrics, "train": stats, **extra,
-                  "code_version": code_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        write_json_atomic(out / models.CARD, result)
-        shutil.rmtree(out / "state", ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return result or read_json(out / models.CARD)
+    metrics = {"test_top1": None, "model": arch, "params": models.num_params(student),
+               "train_seconds": stats[0]["seconds"], "train_img_s": stats[0]["img_s"]}
+    return finish(out, student, ctx.names, ctx.prep, {"test": evaluation.test_set(ctx.ddir, ctx.manifest)},
+                  cfg.evaluate, ctx.accelerator, metrics, {"role": "distilled", "arch": arch, "train": stats,
+                                                           **card_fields}, progress, cfg.data.max_bad_share)
 
 
 def _student(dcfg: DistillConfig, num_classes: int, in_chans: int) -> torch.nn.Module:
@@ -180,6 +171,29 @@ def _steps(samples: int, world: int, dcfg: DistillConfig) -> int:
     return max(1, samples // (world * dcfg.batch_size) // dcfg.grad_accum)
 
 
+@dataclass
+class _Context:
+    """What both distillation jobs read: the data, the teacher and what identifies them."""
+
+    accelerator: object
+    ddir: Path
+    manifest: dict
+    teacher_dir: Path
+    teacher: torch.nn.Module
+    teacher_sha: str
+    prep: dict
+    names: list[str]
+
+    @property
+    def in_chans(self) -> int:
+        return 1 if self.prep["mode"] == "L" else 3
+
+    @property
+    def parents(self) -> dict:
+        return {"teacher_dir": str(self.teacher_dir), "teacher_sha256": self.teacher_sha,
+                "data_manifest_sha256": sha256_file(self.ddir / DATA_MANIFEST)}
+
+
 def distill(cfg: Config, progress: bool = True) -> dict:
     """Train ``distill.arch`` from the teacher into ``<experiment>/distilled/<name>/`` (resumable);
     with ``distill.labels_only`` also the same architecture on the labels alone, same budget."""
@@ -190,88 +204,96 @@ def distill(cfg: Config, progress: bool = True) -> dict:
     teacher_sha = sha256_file(teacher_dir / models.WEIGHTS)
     out = cfg.run_dir / "distilled" / dcfg.name
     results = {}
-    done = card(out)
+    done = _finished(out, dcfg, teacher_sha)
     if done is not None:
-        old = done.get("distill", {})
-        if done["parents"]["teacher_sha256"] != teacher_sha or old != _relevant(dcfg):
-            key = next((k for k in sorted(set(old) | set(_relevant(dcfg))) if old.get(k) != _relevant(dcfg).get(k)),
-                       "teacher")
-            what = (f"distill.{key}={old.get(key)!r}, this run asks {_relevant(dcfg).get(key)!r}" if key != "teacher"
-                    else "another teacher")
-            raise ConfigError(f"distilled/{dcfg.name} was made with {what}; give a new distill.name=...")
         results["student"] = done
-    accelerator = make_accelerator()
-    from accelerate.utils import set_seed
-
     ddir, manifest = require_data(cfg)
     teacher, tconf = models.load_model_dir(teacher_dir)
-    prep = models.preprocessing(tconf)
-    names = list(tconf.get("label_names") or manifest["class_names"])
-    if names != manifest["class_names"]:
-        raise ConfigError(f"teacher {teacher_dir} predicts {names[:4]}..., the data has "
+    ctx = _Context(make_accelerator(), ddir, manifest, teacher_dir, teacher, teacher_sha,
+                   models.preprocessing(tconf), list(tconf.get("label_names") or manifest["class_names"]))
+    if ctx.names != manifest["class_names"]:
+        raise ConfigError(f"teacher {teacher_dir} predicts {ctx.names[:4]}..., the data has "
                           f"{manifest['class_names'][:4]}...")
-    in_chans = 1 if prep["mode"] == "L" else 3
-    teacher_params = models.num_params(teacher)
     models.check_arch(dcfg.arch, "distill.arch")
-    labeled, unlabeled = shard_paths(ddir, manifest, "labeled"), shard_paths(ddir, manifest, "unlabeled")
-    test_shards = shard_paths(ddir, manifest, "test")
-    shards = labeled + unlabeled
-    rows = {**shard_rows(manifest, "labeled"), **shard_rows(manifest, "unlabeled")}
-    total = sum(rows.values())
-    parents = {"teacher_dir": str(teacher_dir), "teacher_sha256": teacher_sha,
-               "data_manifest_sha256": sha256_file(ddir / DATA_MANIFEST)}
-    epochs = per_round(dcfg.epochs, 1)
-    world = accelerator.num_processes
     if "student" not in results:
-        set_seed(cfg.seed)
-        student = _student(dcfg, len(names), in_chans)
-        if models.num_params(student) >= teacher_params:
-            raise ConfigError(f"distill.arch={dcfg.arch} has {models.num_params(student)} parameters, not fewer "
-                              f"than the teacher's {teacher_params}")
-        teacher = teacher.to(accelerator.device)
-        if dcfg.channels_last:
-            teacher = teacher.to(memory_format=torch.channels_last)
-        if dcfg.mode == "offline":
-            tdir = _offline_targets(cfg, out, teacher, teacher_sha, shards, rows, names, prep, ddir, accelerator,
-                                    progress)
-            objective, targets = OfflineKD(dcfg.temperature, dcfg.alpha), TeacherTargets(tdir)
-        else:
-            objective, targets = OnlineKD(teacher, dcfg.temperature, dcfg.alpha, dcfg.mixup), None
-        spec = StreamSpec(shards=[str(s) for s in shards], mode=prep["mode"],
-                          transform=train_transform(prep["size"], dcfg), rank=accelerator.process_index,
-                          world=world, seed=cfg.seed + 104729, buffer=5000, targets=targets, missing_label=-1,
-                          with_label=targets is not None, rows=rows)
-        job = Job(phase="distill", cfg=dcfg, epochs=epochs, lr=dcfg.lr, labeled=spec, labeled_total=total,
-                  prep=prep, objective=objective, max_bad_share=cfg.data.max_bad_share)
-        accelerator.print(f"distill: {teacher_dir} ({teacher_params} params) -> {dcfg.arch} "
-                          f"({models.num_params(student)} params), {dcfg.mode}, T={dcfg.temperature}, "
-                          f"alpha={dcfg.alpha}, {epochs} epochs over {total} images")
-        results["student"] = _train_and_save(out, student, job, dcfg.arch, {
-            "parents": parents, "distill": _relevant(dcfg), "mode": dcfg.mode}, names, prep, test_shards,
-            accelerator, progress)
-        del objective
+        results["student"] = _distill_student(cfg, ctx, out, progress)
     if dcfg.labels_only:
-        # the same architecture, optimizer and number of steps x batch size, on the labeled images alone
-        lo_out = cfg.run_dir / "distilled" / f"{dcfg.name}-labels-only"
-        done = card(lo_out)
-        if done is not None and done.get("distill") == _relevant(dcfg):
-            results["labels_only"] = done
-        else:
-            set_seed(cfg.seed)
-            student = _student(dcfg, len(names), in_chans)
-            steps = _steps(total, world, dcfg) * epochs
-            labeled_total = sum(shard_rows(manifest, "labeled").values())
-            per_epoch = _steps(labeled_total, world, dcfg)
-            lo_spec = StreamSpec(shards=[str(s) for s in labeled], mode=prep["mode"],
-                                 transform=train_transform(prep["size"], dcfg), rank=accelerator.process_index,
-                                 world=world, seed=cfg.seed + 130363, buffer=2000,
-                                 rows=shard_rows(manifest, "labeled"))
-            job = Job(phase="labels-only", cfg=dcfg, epochs=math.ceil(steps / per_epoch), lr=dcfg.lr,
-                      labeled=lo_spec, labeled_total=labeled_total, prep=prep, max_bad_share=cfg.data.max_bad_share)
-            accelerator.print(f"labels only: {dcfg.arch} on {labeled_total} labeled images, {job.epochs} epochs "
-                              f"(~{steps} steps, the distillation's budget)")
-            results["labels_only"] = _train_and_save(lo_out, student, job, dcfg.arch, {
-                "parents": {"data_manifest_sha256": parents["data_manifest_sha256"]}, "distill": _relevant(dcfg),
-                "mode": "labels-only"}, names, prep, test_shards, accelerator, progress)
+        results["labels_only"] = _labels_only(cfg, ctx, progress)
     results["teacher_dir"] = str(teacher_dir)
     return results
+
+
+def _finished(out: Path, dcfg: DistillConfig, teacher_sha: str) -> dict | None:
+    """The card of a finished distillation into ``out``; one made otherwise is refused, never reused."""
+    done = card(out)
+    if done is None:
+        return None
+    old, new = done.get("distill", {}), _relevant(dcfg)
+    if done["parents"]["teacher_sha256"] != teacher_sha or old != new:
+        key = next((k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)), "teacher")
+        what = f"distill.{key}={old.get(key)!r}, this run asks {new.get(key)!r}" if key != "teacher" else "another teacher"
+        raise ConfigError(f"distilled/{dcfg.name} was made with {what}; give a new distill.name=...")
+    return done
+
+
+def _distill_student(cfg: Config, ctx: _Context, out: Path, progress: bool) -> dict:
+    """The student on labeled + unlabeled images against the teacher (online or from cached targets)."""
+    from accelerate.utils import set_seed
+
+    dcfg, acc, manifest = cfg.distill, ctx.accelerator, ctx.manifest
+    shards = shard_paths(ctx.ddir, manifest, "labeled") + shard_paths(ctx.ddir, manifest, "unlabeled")
+    rows = {**shard_rows(manifest, "labeled"), **shard_rows(manifest, "unlabeled")}
+    total, epochs = sum(rows.values()), per_round(dcfg.epochs, 1)
+    set_seed(cfg.seed)
+    student, teacher_params = _student(dcfg, len(ctx.names), ctx.in_chans), models.num_params(ctx.teacher)
+    if models.num_params(student) >= teacher_params:
+        raise ConfigError(f"distill.arch={dcfg.arch} has {models.num_params(student)} parameters, not fewer "
+                          f"than the teacher's {teacher_params}")
+    teacher = ctx.teacher.to(acc.device)
+    if dcfg.channels_last:
+        teacher = teacher.to(memory_format=torch.channels_last)
+    if dcfg.mode == "offline":
+        tdir = _offline_targets(cfg, out, teacher, ctx.teacher_sha, shards, rows, ctx.names, ctx.prep, ctx.ddir, acc,
+                                progress)
+        objective, targets = OfflineKD(dcfg.temperature, dcfg.alpha), TeacherTargets(tdir)
+    else:
+        objective, targets = OnlineKD(teacher, dcfg.temperature, dcfg.alpha, dcfg.mixup), None
+    spec = StreamSpec(shards=[str(s) for s in shards], mode=ctx.prep["mode"],
+                      transform=train_transform(ctx.prep["size"], dcfg), rank=acc.process_index,
+                      world=acc.num_processes, seed=cfg.seed + 104729, buffer=5000, targets=targets, missing_label=-1,
+                      with_label=targets is not None, rows=rows)
+    job = Job(phase="distill", cfg=dcfg, epochs=epochs, lr=dcfg.lr, labeled=spec, labeled_total=total,
+              prep=ctx.prep, objective=objective, max_bad_share=cfg.data.max_bad_share)
+    acc.print(f"distill: {ctx.teacher_dir} ({teacher_params} params) -> {dcfg.arch} "
+              f"({models.num_params(student)} params), {dcfg.mode}, T={dcfg.temperature}, "
+              f"alpha={dcfg.alpha}, {epochs} epochs over {total} images")
+    return _train_and_save(out, student, job, dcfg.arch, {"parents": ctx.parents, "distill": _relevant(dcfg),
+                                                          "mode": dcfg.mode}, ctx, cfg, progress)
+
+
+def _labels_only(cfg: Config, ctx: _Context, progress: bool) -> dict:
+    """The same architecture, optimizer and number of steps x batch size, on the labeled images alone."""
+    from accelerate.utils import set_seed
+
+    dcfg, acc, manifest = cfg.distill, ctx.accelerator, ctx.manifest
+    lo_out = cfg.run_dir / "distilled" / f"{dcfg.name}-labels-only"
+    done = card(lo_out)
+    if done is not None and done.get("distill") == _relevant(dcfg):
+        return done
+    set_seed(cfg.seed)
+    student = _student(dcfg, len(ctx.names), ctx.in_chans)
+    total = sum(shard_rows(manifest, "labeled").values()) + sum(shard_rows(manifest, "unlabeled").values())
+    steps = _steps(total, acc.num_processes, dcfg) * per_round(dcfg.epochs, 1)
+    labeled_total = sum(shard_rows(manifest, "labeled").values())
+    per_epoch = _steps(labeled_total, acc.num_processes, dcfg)
+    spec = StreamSpec(shards=[str(s) for s in shard_paths(ctx.ddir, manifest, "labeled")], mode=ctx.prep["mode"],
+                      transform=train_transform(ctx.prep["size"], dcfg), rank=acc.process_index,
+                      world=acc.num_processes, seed=cfg.seed + 130363, buffer=2000,
+                      rows=shard_rows(manifest, "labeled"))
+    job = Job(phase="labels-only", cfg=dcfg, epochs=math.ceil(steps / per_epoch), lr=dcfg.lr, labeled=spec,
+              labeled_total=labeled_total, prep=ctx.prep, max_bad_share=cfg.data.max_bad_share)
+    acc.print(f"labels only: {dcfg.arch} on {labeled_total} labeled images, {job.epochs} epochs "
+              f"(~{steps} steps, the distillation's budget)")
+    parents = {"data_manifest_sha256": ctx.parents["data_manifest_sha256"]}
+    return _train_and_save(lo_out, student, job, dcfg.arch, {"parents": parents, "distill": _relevant(dcfg),
+                                                             "mode": "labels-only"}, ctx, cfg, progress)

@@ -9,15 +9,16 @@ means the round is finished), ``pseudo_labels/`` for k >= 1, and ``state/`` whil
 
 from __future__ import annotations
 
-import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import budget, evaluation, models, noise, pseudo_labels
-from .artifacts import code_version, files_match, read_json, sha256_file, write_json_atomic
+from .artifacts import read_json, sha256_file
 from .config import RUNTIME_KEYS, Config, ConfigError, _build, flatten, for_round, per_round, to_dict
+from .finish import card, finish
 from .loaders import StreamSpec
 from .objectives import NoisyStudent
 from .prepare import MANIFEST as DATA_MANIFEST
@@ -29,15 +30,6 @@ from .transforms import train_transform
 
 def round_dir(cfg: Config, k: int) -> Path:
     return cfg.run_dir / f"round-{k}"
-
-
-def card(directory: Path) -> dict | None:
-    """The card of a finished model directory (its weights and config match), else None."""
-    path = directory / models.CARD
-    if not path.is_file():
-        return None
-    c = read_json(path)
-    return c if files_match(directory, c.get("files", {})) else None
 
 
 PER_ROUND_KEYS = ("student.epochs", "student.drop_rate", "student.drop_path_rate", "student.randaugment.m")
@@ -151,96 +143,134 @@ def train_round(cfg: Config, k: int, progress: bool = True) -> dict:
     if done is not None:
         check_unchanged(cfg, k, done)
         return done
-    accelerator = make_accelerator()
     from accelerate.utils import set_seed
 
+    accelerator = make_accelerator()
     set_seed(cfg.seed + k)
     t0 = time.time()
-    ddir, manifest = require_data(cfg)
-    prep = prep_for(cfg, manifest)
-    names = manifest["class_names"]
-    in_chans = 1 if prep["mode"] == "L" else 3
-    arch = arch_of(cfg, k)
+    data = _Data.of(cfg)
     tcfg = for_round(cfg.teacher, 1) if k == 0 else for_round(cfg.student, k)
-    parents: dict = {"data_manifest_sha256": sha256_file(ddir / DATA_MANIFEST), "data_dir": str(ddir)}
-    labeled_total = manifest["splits"]["labeled"]["count"]
     job = Job(phase="train", cfg=tcfg, epochs=per_round(tcfg.epochs, 1), lr=tcfg.lr,
-              labeled=_labeled_spec(cfg, ddir, manifest, prep, tcfg, accelerator),
-              labeled_total=labeled_total, prep=prep, max_bad_share=cfg.data.max_bad_share)
-    selection: dict = {}
-    pl_manifest: dict = {}
-    if k >= 1:
-        teacher_dir = round_dir(cfg, k - 1)
-        if card(teacher_dir) is None:
-            raise ConfigError(f"round {k} needs the finished round {k - 1} model in {teacher_dir}")
-        teacher_sha = sha256_file(teacher_dir / models.WEIGHTS)
-        pl_dir = out / "pseudo_labels"
-        shards = shard_paths(ddir, manifest, "unlabeled")
-        rows = shard_rows(manifest, "unlabeled")
-        pl_manifest = pseudo_labels.check(pl_dir, rows, teacher_sha, names, cfg.pseudo_label.tta,
-                                          split_keys(ddir, manifest, "unlabeled"))
-        targets, selection = pseudo_labels.student_targets(pl_dir, shards, cfg.student, len(names))
-        job.unlabeled = StreamSpec(shards=[str(s) for s in shards], mode=prep["mode"],
-                                   transform=train_transform(prep["size"], tcfg), rank=accelerator.process_index,
-                                   world=accelerator.num_processes, seed=cfg.seed + 7919 * k, buffer=5000,
-                                   targets=targets, rows=rows)
-        job.unlabeled_total = targets.total
-        job.unlabeled_ratio = cfg.student.unlabeled_ratio
-        job.objective = NoisyStudent(tcfg.label_smoothing, cfg.student.unlabeled_weight)
-        parents.update({"teacher_dir": str(teacher_dir), "teacher_sha256": teacher_sha,
-                        "pseudo_labels_manifest_sha256": sha256_file(pl_dir / pseudo_labels.MANIFEST)})
-        accelerator.print(f"round {k}: student {arch}, {selection['samples']} pseudo-labeled samples per epoch "
-                          f"({selection['kept']} kept at threshold {cfg.student.threshold})")
-    else:
-        accelerator.print(f"round 0: teacher {arch} on {labeled_total} labeled images")
-    model = models.create_model(arch, len(names), in_chans, cfg.model.pretrained if k == 0 else False,
+              labeled=_labeled_spec(cfg, data.dir, data.manifest, data.prep, tcfg, accelerator),
+              labeled_total=data.manifest["splits"]["labeled"]["count"], prep=data.prep,
+              max_bad_share=cfg.data.max_bad_share)
+    parents: dict = {"data_manifest_sha256": sha256_file(data.dir / DATA_MANIFEST), "data_dir": str(data.dir)}
+    pl_manifest, selection = _select_pseudo_labels(cfg, k, data, job, parents, accelerator) if k else ({}, {})
+    model = _create_or_grow(cfg, k, data, tcfg, parents, accelerator)
+    planned = _plan(cfg, k, job, model, out, accelerator, data, pl_manifest)
+    stats = _train(cfg, k, model, job, out, progress)
+    return _finish(cfg, k, out, model, data, accelerator, progress, t0, stats, pl_manifest, {
+        "round": k, "role": "teacher" if k == 0 else "student", "arch": arch_of(cfg, k), "train": stats,
+        "noise": noise.describe(tcfg), "selection": selection, "parents": parents, "config": to_dict(cfg),
+        "budget": planned})
+
+
+@dataclass
+class _Data:
+    """The prepared data a round reads: directory, manifest, the model's preprocessing, class names."""
+
+    dir: Path
+    manifest: dict
+    prep: dict
+    names: list[str]
+
+    @classmethod
+    def of(cls, cfg: Config) -> _Data:
+        ddir, manifest = require_data(cfg)
+        return cls(ddir, manifest, prep_for(cfg, manifest), manifest["class_names"])
+
+    @property
+    def in_chans(self) -> int:
+        return 1 if self.prep["mode"] == "L" else 3
+
+
+def _select_pseudo_labels(cfg: Config, k: int, data: _Data, job: Job, parents: dict, accelerator
+                          ) -> tuple[dict, dict]:
+    """Round k's student data: the teacher's pseudo labels, selected (threshold, balance, sharpening)
+    into the job's second stream, and the Noisy Student objective. Returns (pseudo-label manifest, selection)."""
+    teacher_dir = round_dir(cfg, k - 1)
+    if card(teacher_dir) is None:
+        raise ConfigError(f"round {k} needs the finished round {k - 1} model in {teacher_dir}")
+    teacher_sha = sha256_file(teacher_dir / models.WEIGHTS)
+    pl_dir = round_dir(cfg, k) / "pseudo_labels"
+    shards = shard_paths(data.dir, data.manifest, "unlabeled")
+    rows = shard_rows(data.manifest, "unlabeled")
+    pl_manifest = pseudo_labels.check(pl_dir, rows, teacher_sha, data.names, cfg.pseudo_label.tta,
+                                      split_keys(data.dir, data.manifest, "unlabeled"))
+    targets, selection = pseudo_labels.student_targets(pl_dir, shards, cfg.student, len(data.names))
+    job.unlabeled = StreamSpec(shards=[str(s) for s in shards], mode=data.prep["mode"],
+                               transform=train_transform(data.prep["size"], job.cfg), rank=accelerator.process_index,
+                               world=accelerator.num_processes, seed=cfg.seed + 7919 * k, buffer=5000,
+                               targets=targets, rows=rows)
+    job.unlabeled_total = targets.total
+    job.unlabeled_ratio = cfg.student.unlabeled_ratio
+    job.objective = NoisyStudent(job.cfg.label_smoothing, cfg.student.unlabeled_weight)
+    parents.update({"teacher_dir": str(teacher_dir), "teacher_sha256": teacher_sha,
+                    "pseudo_labels_manifest_sha256": sha256_file(pl_dir / pseudo_labels.MANIFEST)})
+    accelerator.print(f"round {k}: student {arch_of(cfg, k)}, {selection['samples']} pseudo-labeled samples per "
+                      f"epoch ({selection['kept']} kept at threshold {cfg.student.threshold})")
+    return pl_manifest, selection
+
+
+def _create_or_grow(cfg: Config, k: int, data: _Data, tcfg, parents: dict, accelerator) -> torch.nn.Module:
+    """Round k's model with its noise; a student with ``init_from_teacher`` starts from (grows from) its teacher."""
+    arch = arch_of(cfg, k)
+    if k == 0:
+        accelerator.print(f"round 0: teacher {arch} on {data.manifest['splits']['labeled']['count']} labeled images")
+    model = models.create_model(arch, len(data.names), data.in_chans, cfg.model.pretrained if k == 0 else False,
                                 **noise.model_noise(tcfg))
     if k >= 1 and cfg.student.init_from_teacher:
         from safetensors.torch import load_file
 
         added = models.grow_from(model, load_file(str(round_dir(cfg, k - 1) / models.WEIGHTS)))
         parents["init"] = {"from": "teacher", "sha256": parents["teacher_sha256"], "new_tensors": added}
-    state_root = out / "state"
-    planned = None
-    if cfg.budget is not None:
-        planned = budget.round_epochs(cfg, k, job, model, state_root, accelerator, manifest,
-                                      pl_manifest.get("stats", {}).get("seconds") or 0.0)
-        job.epochs = int(planned["epochs"])
-    stats = [train(model, job, state_root, progress)]
+    return model
+
+
+def _plan(cfg: Config, k: int, job: Job, model: torch.nn.Module, out: Path, accelerator, data: _Data,
+          pl_manifest: dict) -> dict | None:
+    """Under ``cfg.budget``, set the job's epochs from the round's plan (``budget.py``); returns the plan."""
+    if cfg.budget is None:
+        return None
+    planned = budget.round_epochs(cfg, k, job, model, out / "state", accelerator, data.manifest,
+                                  pl_manifest.get("stats", {}).get("seconds") or 0.0)
+    job.epochs = int(planned["epochs"])
+    return planned
+
+
+def _train(cfg: Config, k: int, model: torch.nn.Module, job: Job, out: Path, progress: bool) -> list[dict]:
+    """The round's training, then (students with ``finetune_epochs``) a fine-tune on the labels alone."""
+    stats = [train(model, job, out / "state", progress)]
     if k >= 1 and cfg.student.finetune_epochs:
-        ft = Job(phase="finetune", cfg=tcfg, epochs=cfg.student.finetune_epochs, lr=cfg.student.finetune_lr,
-                 labeled=job.labeled, labeled_total=labeled_total, prep=prep,
+        ft = Job(phase="finetune", cfg=job.cfg, epochs=cfg.student.finetune_epochs, lr=cfg.student.finetune_lr,
+                 labeled=job.labeled, labeled_total=job.labeled_total, prep=job.prep,
                  max_bad_share=cfg.data.max_bad_share)
-        stats.append(train(model, ft, state_root, progress))
-    metrics = {"test_top1": None}
+        stats.append(train(model, ft, out / "state", progress))
+    return stats
+
+
+def _finish(cfg: Config, k: int, out: Path, model: torch.nn.Module, data: _Data, accelerator, progress: bool,
+            t0: float, stats: list[dict], pl_manifest: dict, card_fields: dict) -> dict:
+    """Score the round (test unless ``evaluate.test`` is off, and val) and write its model directory and card."""
+    pl_stats = pl_manifest.get("stats", {})
+    metrics = {"test_top1": None, "round": k, "model": card_fields["arch"], "params": models.num_params(model),
+               "pseudo_label_acc": pl_stats.get("accuracy") if k else None,
+               "pseudo_label_seconds": pl_stats.get("seconds") if k else None,
+               "train_seconds": round(sum(s["seconds"] for s in stats), 1), "train_img_s": stats[0]["img_s"]}
+    scored = {}
     if cfg.evaluate.test:
-        metrics = evaluation.top1(model, shard_paths(ddir, manifest, "test"), prep, accelerator, progress=progress,
-                                  desc=f"test round {k}", max_bad_share=cfg.data.max_bad_share)
-    if manifest["splits"].get("val", {}).get("count"):
-        val = evaluation.top1(model, shard_paths(ddir, manifest, "val"), prep, accelerator, progress=progress, desc="val")
-        metrics["val_top1"] = val["test_top1"]
-    metrics.update({"round": k, "model": arch, "params": models.num_params(model),
-                    "pseudo_label_acc": pl_manifest.get("stats", {}).get("accuracy") if k else None,
-                    "pseudo_label_seconds": pl_manifest.get("stats", {}).get("seconds") if k else None,
-                    "train_seconds": round(sum(s["seconds"] for s in stats), 1),
-                    "train_img_s": stats[0]["img_s"]})
-    # the round's wall time: its pseudo-labeling (a separate stage) plus this training stage
-    metrics["seconds"] = round((metrics["pseudo_label_seconds"] or 0) + time.time() - t0, 1)
-    result: dict = {}
+        scored["test"] = evaluation.test_set(data.dir, data.manifest)
+    if data.manifest["splits"].get("val", {}).get("count"):
+        scored["val"] = evaluation.test_set(data.dir, data.manifest, "val")
+    result = finish(out, model, data.names, data.prep, scored, cfg.evaluate, accelerator, metrics, card_fields,
+                    progress, cfg.data.max_bad_share, started=t0, earlier_s=metrics["pseudo_label_seconds"] or 0)
     if accelerator.is_main_process:
-        files = models.save_model_dir(model, out, names, prep["mean"], prep["std"], prep["size"], in_chans)
-        write_json_atomic(out / "metrics.json", metrics)
-        result = {"round": k, "role": "teacher" if k == 0 else "student", "arch": arch, "files": files,
-                  "metrics": metrics, "train": stats, "noise": noise.describe(tcfg), "selection": selection,
-                  "parents": parents, "config": to_dict(cfg), "budget": planned, "code_version": code_version(),
-                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        write_json_atomic(out / models.CARD, result)
-        shutil.rmtree(state_root, ignore_errors=True)
-        scores = ", ".join(f"{split} top-1 {metrics[f'{split}_top1']:.2f}%" for split in ("test", "val")
-                           if metrics.get(f"{split}_top1") is not None)
-        accelerator.print(f"round {k}: {arch} {scores or 'not scored (evaluate.test=false, no val split)'} -> {out}")
-    accelerator.wait_for_everyone()
-    return result or read_json(out / models.CARD)
+        m = result["metrics"]
+        scores = ", ".join(f"{split} top-1 {m[f'{split}_top1']:.2f}%" for split in ("test", "val")
+                           if m.get(f"{split}_top1") is not None)
+        accelerator.print(f"round {k}: {m['model']} {scores or 'not scored (evaluate.test=false, no val split)'} "
+                          f"-> {out}")
+    return result
 
 
 def iterate(cfg: Config, last_round: int, progress: bool = True) -> list[dict]:
