@@ -15,6 +15,7 @@ the dtype of ``probs`` (a float32 ``0.2`` is on the float32 edge ``0.2``).
 from __future__ import annotations
 
 import torch
+from timm.utils import accuracy
 
 
 def _check(probs: torch.Tensor, labels: torch.Tensor) -> None:
@@ -84,9 +85,7 @@ def topk_accuracy(probs: torch.Tensor, labels: torch.Tensor, k: int) -> float:
     _check(probs, labels)
     if not 1 <= k <= probs.shape[1]:
         raise ValueError(f"k must lie in [1, {probs.shape[1]}] (the number of classes), got {k}")
-    top = probs.detach().topk(k, dim=1).indices
-    hit = (top == labels.long().view(-1, 1)).any(dim=1)
-    return 100.0 * float(hit.double().mean())
+    return float(accuracy(probs.detach(), labels.long(), topk=(k,))[0])
 
 
 def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import send_to_device
 
 
 @dataclass
@@ -31,8 +32,6 @@ class Batch:
     soft: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> Batch:
-        from accelerate.utils import send_to_device
-
         return Batch(send_to_device(self.x, device, non_blocking=True),
                      send_to_device(self.labels, device, non_blocking=True), self.n_labeled,
                      None if self.soft is None else send_to_device(self.soft, device, non_blocking=True))

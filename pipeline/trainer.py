@@ -19,12 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from timm.optim import create_optimizer_v2
+from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 from . import failpoints, precision
 from .artifacts import TMP_PREFIX, read_json, write_json_atomic
 from .bad_samples import SkipLog
 from .config import TrainConfig
+from .errors import ConfigError
 from .loaders import StreamSpec, endless_batches, epoch_batches
 from .objectives import Batch, Objective, Supervised
 from .runtime import make_accelerator
@@ -50,14 +53,9 @@ class Job:
 
 
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=True)
-    return torch.optim.AdamW(groups, lr=lr)
+    """timm's factory: SGD with Nesterov momentum or AdamW; no weight decay on 1-d parameters (biases, norms)."""
+    extra = {"momentum": cfg.momentum} if cfg.optimizer == "sgd" else {}
+    return create_optimizer_v2(model, cfg.optimizer, lr=lr, weight_decay=cfg.weight_decay, **extra)
 
 
 def _cosine(total: int, warmup: int):
@@ -163,8 +161,6 @@ def train(model: torch.nn.Module, job: Job, state_root: Path, progress: bool = T
 
 def _setup(model: torch.nn.Module, job: Job) -> _Run:
     """Accelerator, optimizer, cosine schedule, EMA, precision and batch augmentation for ``job``."""
-    from timm.utils import ModelEmaV3
-
     accelerator = make_accelerator()
     cfg, device = job.cfg, accelerator.device
     world = accelerator.num_processes
@@ -192,8 +188,12 @@ def _resume(run: _Run, state_root: Path) -> None:
     latest, info = _latest_state(state_root, run.job.phase)
     if latest is None:
         return
-    run.accelerator.load_state(str(latest))
-    run.scheduler.load_state_dict(info["scheduler"])
+    try:
+        run.accelerator.load_state(str(latest))
+        run.scheduler.load_state_dict(info["scheduler"])
+    except (ValueError, KeyError, RuntimeError) as e:  # another version's optimizer groups or model layout
+        raise ConfigError(f"{latest} was written by another version of this tool and cannot be resumed "
+                          f"({str(e).splitlines()[0][:120]}); start a new experiment name=...") from None
     if run.ema is not None:
         from safetensors.torch import load_file
 
