@@ -43,9 +43,9 @@ def main() -> None:
 
     from pipeline import models, noise, precision, pseudo_labels
     from pipeline.config import for_round, load_config
+    from pipeline.images import decode_image
     from pipeline.loaders import StreamSpec
     from pipeline.objectives import soft_cross_entropy
-    from pipeline.shards import decode_image
     from pipeline.trainer import Job, _optimizer, steps_per_epoch, train
     from pipeline.transforms import batch_augment, normalize, to_input, train_transform
 

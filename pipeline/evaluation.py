@@ -22,8 +22,9 @@ from . import calibration, corruptions, failpoints, models, perturbations
 from .artifacts import read_json, sha256_file, short_hash, write_json_atomic
 from .bad_samples import SkipLog
 from .config import ConfigError, EvaluateConfig
+from .images import BadImage
 from .loaders import eval_batches
-from .shards import BadImage, image_bytes, iter_samples, sample_label
+from .shards import image_bytes, iter_samples, sample_label
 from .transforms import eval_transform, normalize, to_input
 
 EVAL_DIR = "eval"

@@ -17,8 +17,9 @@ import pyarrow.parquet as pq
 from . import plots, pseudo_labels
 from .artifacts import read_json, sha256_file, short_hash, write_json_atomic
 from .config import Config
+from .images import BadImage, decode_image
 from .prepare import TRUTH, require_data, shard_paths
-from .shards import BadImage, decode_image, image_bytes, iter_samples
+from .shards import image_bytes, iter_samples
 
 BINS = 20
 THRESHOLDS = [round(0.05 * i, 2) for i in range(20)]

@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 
 from .bad_samples import Skip, SkipLog
 from .errors import DataError
-from .shards import BadImage, ShardError, assign, decode_image, image_bytes, iter_samples, sample_label
+from .images import BadImage, decode_image
+from .shards import ShardError, assign, image_bytes, iter_samples, sample_label
 
 # shard path -> {key: (repeat count, target)}; None means "every sample once, target = its label"
 TargetFn = Callable[[str], dict]

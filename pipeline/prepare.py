@@ -36,7 +36,8 @@ from .artifacts import (
 from .bad_samples import Skip, SkipLog
 from .config import Config, ConfigError, DataConfig, to_dict
 from .errors import DataError
-from .shards import BadImage, decode_image, iter_samples, write_shard
+from .images import BadImage, decode_image
+from .shards import iter_samples, write_shard
 from .sources import Source, is_torchvision_name, labeled_source, unlabeled_source
 
 SPLITS = ("labeled", "val", "unlabeled", "test")

@@ -27,7 +27,8 @@ from . import failpoints, precision
 from .artifacts import atomic_path, clean_tmp, code_version, read_json, sha256_file, write_json_atomic
 from .bad_samples import Skip, SkipLog
 from .config import ConfigError, StudentConfig
-from .shards import BadImage, ShardError, image_bytes, iter_samples
+from .images import BadImage
+from .shards import ShardError, image_bytes, iter_samples
 from .transforms import to_input
 
 MANIFEST = "manifest.json"

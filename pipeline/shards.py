@@ -4,9 +4,7 @@ A sample is the group of tar members sharing a key: ``<key>.png`` (or the origin
 ``<key>.cls`` (the label as ASCII digits). Shards are
 written with fixed member metadata, so the same input gives byte-identical shards.
 Reading groups tar members by key itself and decodes nothing by pickle: images are decoded by
-``decode_image`` and labels by ``int()``. Remote shards are fetched by a fixed command per URL
-scheme with the URL as one argument (never a shell, never a user-given command: ``pipe:`` URLs
-are refused).
+``images.decode_image`` and labels by ``int()``. Remote shards are fetched by ``remote.open_url``.
 """
 
 from __future__ import annotations
@@ -14,21 +12,16 @@ from __future__ import annotations
 import gzip
 import io
 import os
-import subprocess
 import tarfile
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import numpy as np
-import torch
-import torchvision.io as tvio
 import webdataset as wds
-from PIL import Image, UnidentifiedImageError
 
 from . import failpoints
 from .artifacts import atomic_path, sha256_file
-from .config import ConfigError
+from .remote import open_url
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
 
@@ -84,66 +77,6 @@ class ShardError(ValueError):
         self.url, self.after, self.reason = str(url), after, reason
         where = f"after sample {after}" if after else "before its first sample"
         super().__init__(f"shard {url} is damaged {where}: {reason}")
-
-
-# URL scheme -> command that writes the object to stdout; the URL is appended as the last argument
-FETCHERS = {
-    "http": ["curl", "--fail", "--silent", "--show-error", "--location", "--retry", "3", "--"],
-    "https": ["curl", "--fail", "--silent", "--show-error", "--location", "--retry", "3", "--"],
-    "s3": ["aws", "s3", "cp", "--only-show-errors", "--", None, "-"],
-    "gs": ["gcloud", "storage", "cat", "--"],
-}
-
-
-class _Fetched:
-    """stdout of a fetch command as a readable stream; at end of data a failed command raises OSError
-    with its exit code and last stderr line (instead of looking like a truncated shard)."""
-
-    def __init__(self, argv: list[str], url: str):
-        self.url = url
-        try:
-            self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        except FileNotFoundError:
-            raise ConfigError(f"cannot fetch {url}: the command '{argv[0]}' is not installed") from None
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.proc.stdout.read(n)
-        if not data and self.proc.wait() != 0:  # the fetch failed: say why instead of "truncated"
-            err = self.proc.stderr.read().decode(errors="replace").strip().splitlines()
-            raise OSError(f"{self.proc.args[0]} exited with {self.proc.returncode}" + (f": {err[-1][:200]}" if err else ""))
-        return data
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdout.close()
-            self.proc.kill()
-        self.proc.wait()
-        self.proc.stdout.close()
-        self.proc.stderr.close()
-
-
-def fetch_command(url: str) -> list[str] | None:
-    """The argv that streams ``url`` to stdout (no shell involved), or None for a local path."""
-    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-    if url.startswith("pipe:") or scheme == "pipe":
-        raise ConfigError(f"shard URL {url[:80]!r}: 'pipe:' commands are refused; give a path or an "
-                          f"http(s)://, s3:// or gs:// URL")
-    if not scheme or scheme == "file":
-        return None
-    template = FETCHERS.get(scheme)
-    if template is None:
-        raise ConfigError(f"shard URL {url[:80]!r}: unsupported scheme '{scheme}' (known: file, "
-                          f"{', '.join(sorted(FETCHERS))})")
-    return [url if part is None else part for part in template] + ([url] if None not in template else [])
-
-
-def open_url(url: str | Path):
-    """A binary stream of a local shard or a remote one (see ``FETCHERS``)."""
-    url = str(url)
-    argv = fetch_command(url)
-    if argv is None:
-        return open(url.removeprefix("file://"), "rb")
-    return _Fetched(argv, url)
 
 
 def iter_samples(url: str | Path) -> Iterator[dict]:
@@ -376,58 +309,6 @@ def image_bytes(sample: dict) -> bytes | None:
         if k in sample:
             return sample[k]
     return None
-
-
-class BadImage(ValueError):
-    """Image bytes that cannot become a picture of the model's input mode."""
-
-
-_READ_MODE = {"L": tvio.ImageReadMode.GRAY.value, "RGB": tvio.ImageReadMode.RGB.value}
-
-
-def decode_tensor(data: bytes, mode: str) -> torch.Tensor | None:
-    """8-bit PNG/JPEG bytes as a uint8 CHW tensor in ``mode`` through torchvision's decoder, or None
-    for what it cannot read that way (other formats, 16-bit, empty): ``decode_image`` handles those.
-
-    Calls torchvision's decoding op itself: its Python wrapper costs more than the decoding of a
-    28 px PNG (a deprecation warning per call since torchvision 0.29: 22 against 8 us).
-    """
-    x = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    try:
-        t = torch.ops.image.decode_image(x, _READ_MODE[mode], False)
-    except (RuntimeError, ValueError, TypeError, AttributeError):
-        return None
-    return t if t.dtype == torch.uint8 and t.numel() else None
-
-
-def decode_image(data: bytes, mode: str) -> Image.Image:
-    """Decode encoded image bytes as ``mode`` ("L" or "RGB"), or raise BadImage saying why.
-
-    torchvision's decoder (libpng/libjpeg) is several times faster than PIL's for small images;
-    formats it does not read (BMP, TIFF, ...) go through PIL. Other channel counts are converted
-    and 16-bit grayscale is scaled to 8 bits.
-    """
-    if not data:
-        raise BadImage("empty image bytes")
-    t = decode_tensor(data, mode)
-    if t is not None:
-        h, w = t.shape[-2:]
-        arr = t[0].numpy() if mode == "L" else t.permute(1, 2, 0).contiguous().numpy()
-        return Image.frombuffer(mode, (w, h), arr, "raw", mode, 0, 1)  # no copy (fromarray: 2x slower)
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-        if img.mode == "I" or img.mode.startswith("I;16"):
-            img = Image.fromarray((np.asarray(img).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8), "L")
-        img = img if img.mode == mode else img.convert(mode)
-    except UnidentifiedImageError:
-        raise BadImage("not a recognised image format") from None
-    except (OSError, ValueError, TypeError, SyntaxError, Image.DecompressionBombError) as e:
-        text = str(e).strip().splitlines()
-        raise BadImage(f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__) from None
-    if img.width == 0 or img.height == 0:
-        raise BadImage("zero-size image")
-    return img
 
 
 def sample_label(sample: dict) -> int | None:

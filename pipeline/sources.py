@@ -268,7 +268,8 @@ def _local_copy(url: str, cache_dir: Path, n: int) -> Path:
     import gzip
     import shutil
 
-    from .shards import _Prefixed, open_url
+    from .remote import open_url
+    from .shards import _Prefixed
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     dest = cache_dir / f"{n:06d}.tar"
@@ -298,7 +299,8 @@ def shard_pool_source(spec: str, cache_dir: Path) -> Source:
     import numpy as np
 
     from .bad_samples import Skip
-    from .shards import ShardError, expand_shards, fetch_command, index_images, read_member, split_name
+    from .remote import fetch_command
+    from .shards import ShardError, expand_shards, index_images, read_member, split_name
 
     paths: list[Path] = []
     names: list[str] = []

@@ -14,8 +14,8 @@ from PIL import Image
 from torchvision import transforms as T
 
 from .config import TrainConfig
+from .images import decode_image, decode_tensor
 from .noise import erasing, randaugment
-from .shards import decode_image, decode_tensor
 
 
 class EvalTransform:
@@ -44,7 +44,7 @@ def eval_transform(size: int) -> EvalTransform:
 
 
 def to_input(data: bytes, mode: str, transform: Callable) -> torch.Tensor:
-    """Encoded image bytes -> the transform's uint8 tensor (raises ``shards.BadImage``)."""
+    """Encoded image bytes -> the transform's uint8 tensor (raises ``images.BadImage``)."""
     fast = getattr(transform, "from_bytes", None)
     return fast(data, mode) if fast is not None else transform(decode_image(data, mode))
 

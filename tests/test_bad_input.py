@@ -22,8 +22,9 @@ from pipeline import pseudo_labels as pl
 from pipeline.bad_samples import Skip, SkipLog
 from pipeline.config import ConfigError
 from pipeline.errors import DataError
+from pipeline.images import BadImage, decode_image
 from pipeline.loaders import StreamSpec, epoch_batches, eval_batches
-from pipeline.shards import BadImage, ShardError, decode_image, iter_samples, write_shard
+from pipeline.shards import ShardError, iter_samples, write_shard
 from pipeline.transforms import eval_transform
 
 

@@ -19,7 +19,8 @@ from conftest import ROOT, make_image, stage
 
 from pipeline.config import ConfigError
 from pipeline.loaders import StreamSpec, eval_batches
-from pipeline.shards import ShardError, fetch_command, iter_samples, write_shard
+from pipeline.remote import fetch_command
+from pipeline.shards import ShardError, iter_samples, write_shard
 from pipeline.transforms import eval_transform
 
 
