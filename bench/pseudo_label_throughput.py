@@ -47,7 +47,7 @@ def main() -> None:
     import torch
     from accelerate import Accelerator
 
-    from pipeline import models, precision, pseudo_labels
+    from pipeline import labeling, models, precision
     from pipeline.shards import image_bytes, iter_samples
     from pipeline.transforms import eval_transform, normalize, to_input
 
@@ -93,7 +93,7 @@ def main() -> None:
         def stage() -> int:
             run[0] += 1
             out = tmp / f"pl-{run[0]}"
-            res = pseudo_labels.label_shards(model, shards, out, shard_rows=rows, teacher_sha256="0" * 64,
+            res = labeling.label_shards(model, shards, out, shard_rows=rows, teacher_sha256="0" * 64,
                                              class_names=names, prep=prep, batch_size=args.batch_size,
                                              workers=args.workers, accelerator=accelerator, progress=False,
                                              **opts)

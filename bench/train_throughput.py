@@ -41,7 +41,7 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
-    from pipeline import models, noise, precision, pseudo_labels
+    from pipeline import models, noise, precision, pseudo_labels, selection
     from pipeline.config import for_round, load_config
     from pipeline.images import decode_image
     from pipeline.loaders import StreamSpec
@@ -71,7 +71,7 @@ def main() -> None:
             probs = rng.dirichlet(np.ones(10) * 0.3, len(keys)).astype(np.float32)
             pseudo_labels.write_parquet(pl_dir / pseudo_labels.parquet_name(p), p.name, keys, probs, "0" * 64,
                                         [str(c) for c in range(10)])
-        targets, _ = pseudo_labels.student_targets(pl_dir, pool_shards, dataclasses.replace(scfg, balance=False), 10)
+        targets, _ = selection.student_targets(pl_dir, pool_shards, dataclasses.replace(scfg, balance=False), 10)
         prep = {"mode": mode, "size": size, "mean": [0.286] * chans, "std": [0.353] * chans}
         transform = train_transform(size, scfg)
         augment = batch_augment(scfg)

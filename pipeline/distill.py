@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import evaluation, models, noise, pseudo_labels
+from . import evaluation, labeling, models, noise, pseudo_labels
 from .artifacts import sha256_file
 from .config import Config, ConfigError, DistillConfig, per_round, to_dict
 from .finish import card, finish
@@ -130,7 +130,7 @@ def _offline_targets(cfg: Config, out: Path, teacher: torch.nn.Module, teacher_s
         if (tdir / pseudo_labels.MANIFEST).is_file():
             raise  # made for another teacher or other classes: never mixed in silently
         del e
-    pseudo_labels.label_shards(teacher, shards, tdir, shard_rows=rows, teacher_sha256=teacher_sha,
+    labeling.label_shards(teacher, shards, tdir, shard_rows=rows, teacher_sha256=teacher_sha,
                                class_names=names, prep=prep, batch_size=cfg.pseudo_label.batch_size,
                                workers=cfg.pseudo_label.workers, accelerator=accelerator, progress=progress,
                                max_bad_share=cfg.data.max_bad_share)

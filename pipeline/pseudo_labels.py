@@ -1,35 +1,26 @@
-"""Pseudo labels: the un-noised teacher labels unlabeled shards, one Parquet file per shard.
+"""Pseudo labels as stored: one Parquet file per unlabeled shard and a manifest (written by
+``labeling.label_shards``, read by ``selection.student_targets``).
 
 ``unlabeled-000042.tar`` gets ``pseudo_labels/unlabeled-000042.parquet`` with that shard's rows in
 the shard's order (key, shard, label, confidence, probs) and file metadata naming the teacher
 (sha256 of its weights) and the class names. Ranks split the work by shard and a finished shard
 is a finished file, so a killed job resumes by skipping files that validate.
-
-The student side reads only the small columns across all files to filter and balance, producing
-per-shard repeat counts; each shard's probabilities are read when its shard is streamed.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from tqdm import tqdm
 
-from . import failpoints, precision
-from .artifacts import atomic_path, clean_tmp, code_version, read_json, sha256_file, write_json_atomic
-from .bad_samples import Skip, SkipLog
-from .config import ConfigError, StudentConfig
-from .images import BadImage
-from .shards import ShardError, image_bytes, iter_samples
-from .transforms import to_input
+from . import failpoints
+from .artifacts import atomic_path, code_version, read_json, sha256_file, write_json_atomic
+from .bad_samples import Skip
+from .config import ConfigError
 
 MANIFEST = "manifest.json"
 
@@ -92,130 +83,6 @@ def validates(path: Path, rows: int, teacher_sha256: str, class_names: list[str]
         return False
     return (meta["rows"] + meta["skipped_count"] == rows and meta["teacher_sha256"] == teacher_sha256
             and meta["class_names"] == class_names and meta["tta"] == tta)
-
-
-class _ShardBatches(IterableDataset):
-    """Batches of one shard at a time, tagged (shard index, keys, images, is last batch, skips).
-
-    A bad sample (no image, undecodable, a damaged shard's lost tail) is not labeled; it travels
-    as a ``Skip`` with the batch so the writer can record it in the shard's file and count it.
-    """
-
-    def __init__(self, shards: list[str], mode: str, transform, batch_size: int, rows: dict[str, int]):
-        self.shards, self.mode, self.transform, self.batch_size = shards, mode, transform, batch_size
-        self.rows = rows
-
-    def __iter__(self):
-        info = get_worker_info()
-        wid, n = (info.id, info.num_workers) if info else (0, 1)
-        indices = list(range(len(self.shards)))[wid::n]
-        for si in indices:
-            name = Path(self.shards[si]).name
-            raw: list[tuple[str, bytes]] = []
-            skips: list[Skip] = []
-            pos = 0
-            try:
-                for sample in iter_samples(self.shards[si]):
-                    pos += 1
-                    data = image_bytes(sample)
-                    if data is None:
-                        skips.append(Skip(name, sample["__key__"], "no image member"))
-                        continue
-                    raw.append((sample["__key__"], data))
-                    if len(raw) == self.batch_size:
-                        keys, imgs = self._decode(raw, name, skips)
-                        if keys:
-                            yield si, keys, torch.stack(imgs), False, skips
-                            skips = []
-                        raw = []
-            except ShardError as e:
-                skips.append(Skip(name, f"after {e.after}" if e.after else "-", f"damaged tar: {e.reason}",
-                                  max(1, self.rows.get(name, pos) - pos)))
-            else:
-                if pos < self.rows.get(name, pos):
-                    skips.append(Skip(name, "-", f"shard ends early ({pos} of {self.rows[name]} samples)",
-                                      self.rows[name] - pos))
-            keys, imgs = self._decode(raw, name, skips)
-            yield si, keys, torch.stack(imgs) if imgs else torch.zeros(0, dtype=torch.uint8), True, skips
-
-    def _decode(self, raw: list[tuple[str, bytes]], name: str, skips: list[Skip]) -> tuple[list[str], list]:
-        """Decode a batch read beforehand: reading and decoding in separate loops is faster than
-        alternating them (each keeps its code and data in cache)."""
-        keys, imgs = [], []
-        for key, data in raw:
-            try:
-                imgs.append(to_input(data, self.mode, self.transform))
-            except (BadImage, OSError, ValueError) as e:
-                skips.append(Skip(name, key, str(e)))
-                continue
-            keys.append(key)
-        return keys, imgs
-
-
-def label_shards(model: torch.nn.Module, shards: list[Path], out_dir: Path, *, shard_rows: dict[str, int],
-                 teacher_sha256: str, class_names: list[str], prep: dict, batch_size: int, workers: int,
-                 accelerator, progress: bool = True, tta: bool = False, max_bad_share: float = 0.01,
-                 mixed_precision: str = "auto", channels_last: bool = False, compile: bool | str = False) -> dict:
-    """Label this rank's unfinished shards; returns this rank's {"samples", "seconds", "precision"}.
-
-    ``tta``: average the softmax of each image and its mirror image (flip test-time augmentation,
-    no noise): on Fashion-MNIST it made the round-0 teacher's test top-1 +0.5 points better.
-    ``mixed_precision`` (``precision.resolve``), ``channels_last`` and ``compile`` change speed;
-    the precision used is recorded in each file.
-    """
-    from .transforms import eval_transform, normalize
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if accelerator.is_main_process:
-        clean_tmp(out_dir)
-    accelerator.wait_for_everyone()
-    mine = [s for s in sorted(shards)][accelerator.process_index::accelerator.num_processes]
-    todo = [str(s) for s in mine if not validates(out_dir / parquet_name(s), shard_rows[Path(s).name],
-                                                  teacher_sha256, class_names, tta)]
-    device = accelerator.device
-    model = model.to(device).eval()
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    precision.compile_model(model, compile)
-    dtype = precision.resolve(mixed_precision, device, inference=True)
-    mean = torch.tensor(prep["mean"], device=device)
-    std = torch.tensor(prep["std"], device=device)
-    total = sum(shard_rows[Path(s).name] for s in todo)
-    log = SkipLog("pseudo_label" + (f" (rank {accelerator.process_index})" if accelerator.num_processes > 1 else ""),
-                  max_bad_share, expected=total)
-    done, t0 = 0, time.time()
-    if todo:
-        ds = _ShardBatches(todo, prep["mode"], eval_transform(prep["size"]), batch_size, shard_rows)
-        loader = DataLoader(ds, batch_size=None, num_workers=min(workers, len(todo)),
-                            pin_memory=torch.cuda.is_available())
-        pending: dict[int, tuple[list, list, list]] = {}
-        autocast = precision.autocast(dtype, device)
-        bar = tqdm(total=total, desc=f"pseudo-label rank {accelerator.process_index}", unit="img",
-                   disable=not progress, smoothing=0.1)
-        with torch.inference_mode(), autocast:
-            for si, keys, imgs, last, skips in loader:
-                keys_acc, probs_acc, skips_acc = pending.setdefault(si, ([], [], []))
-                skips_acc.extend(skips)
-                log.extend(skips)
-                if len(keys):
-                    x = normalize(imgs.to(device, non_blocking=True), mean, std, channels_last)
-                    p = torch.softmax(model(x).float(), dim=1)
-                    if tta:
-                        p = (p + torch.softmax(model(x.flip(3)).float(), dim=1)) / 2
-                    probs_acc.append(p.cpu().numpy())
-                    keys_acc.extend(keys)
-                    done += len(keys)
-                    log.use(len(keys))
-                    bar.update(len(keys))
-                    failpoints.hit("pseudo_label_batch")
-                if last:
-                    keys_acc, probs_acc, skips_acc = pending.pop(si)
-                    probs = np.concatenate(probs_acc) if probs_acc else np.zeros((0, len(class_names)), np.float32)
-                    write_parquet(out_dir / parquet_name(todo[si]), todo[si], keys_acc, probs,
-                                  teacher_sha256, class_names, tta, skips_acc, dtype)
-        bar.close()
-    log.check()
-    return {"samples": done, "seconds": time.time() - t0, "bad_samples": log.metrics(), "precision": dtype}
 
 
 def summarize(out_dir: Path, shards: list[Path], num_classes: int, truth_path: Path | None) -> dict:
@@ -331,93 +198,3 @@ def _check_keys(path: Path, shard: str, keys: list[str]) -> None:
     if len(missing) > unnamed or len(have) != len(have_set):
         raise ConfigError(f"pseudo labels for {shard} lack keys of the shard, e.g. {missing[0]!r} "
                           f"({len(missing)} in all)" if missing else f"pseudo labels for {shard} repeat keys")
-
-
-class StudentTargets:
-    """Filtered, class-balanced pseudo-label targets, served per shard to the student's stream.
-
-    Holds one small array of repeat counts per shard, aligned with the rows of its Parquet file
-    (2 bytes per pool image, no keys); a shard's keys and probabilities are read when a
-    DataLoader worker opens that shard. Picklable.
-    """
-
-    def __init__(self, out_dir: Path, repeats: dict[str, np.ndarray], soft: bool, temperature: float,
-                 num_classes: int):
-        self.out_dir, self.repeats = out_dir, repeats
-        self.soft, self.temperature, self.num_classes = soft, temperature, num_classes
-
-    def __call__(self, shard: str) -> dict[str, tuple[int, torch.Tensor]]:
-        want = self.repeats.get(Path(shard).name)
-        if want is None or not want.any():
-            return {}
-        table = pq.read_table(self.out_dir / parquet_name(shard), columns=["key", "probs"])
-        if table.num_rows != len(want):
-            raise ValueError(f"pseudo labels of {shard} changed while training ({table.num_rows} rows, "
-                             f"expected {len(want)})")
-        rows = np.flatnonzero(want)
-        keys = table.column("key").take(pa.array(rows)).to_pylist()
-        probs = np.asarray(table.column("probs").combine_chunks().flatten()).reshape(table.num_rows, -1)[rows]
-        targets = soft_targets(probs, self.temperature) if self.soft else np.eye(
-            self.num_classes, dtype=np.float32)[probs.argmax(1)]
-        return {k: (int(want[r]), torch.from_numpy(targets[j])) for j, (k, r) in enumerate(zip(keys, rows, strict=True))}
-
-    @property
-    def total(self) -> int:
-        return int(sum(int(r.sum()) for r in self.repeats.values()))
-
-
-def soft_targets(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """Re-temper softmax probabilities: p^(1/T), renormalised (T=1 leaves them as they are)."""
-    if temperature == 1.0:
-        return probs.astype(np.float32)
-    logp = np.log(np.clip(probs, 1e-12, None)) / temperature
-    logp -= logp.max(1, keepdims=True)
-    e = np.exp(logp)
-    return (e / e.sum(1, keepdims=True)).astype(np.float32)
-
-
-def select(labels: np.ndarray, confidence: np.ndarray, num_classes: int, threshold: float, balance: bool,
-           per_class: int | None) -> tuple[np.ndarray, dict]:
-    """Repeat count per row: drop below ``threshold``; when balancing, every class gets ``per_class``
-    rows (default: the mean kept count), duplicating short classes and keeping the most
-    confident rows of long ones."""
-    kept = confidence >= threshold
-    repeats = kept.astype(np.int64)
-    counts = np.bincount(labels[kept], minlength=num_classes)
-    info = {"kept": int(kept.sum()), "kept_share": float(kept.mean()) if len(kept) else 0.0,
-            "kept_per_class": counts.tolist()}
-    if balance and kept.any():
-        target = per_class or int(round(counts[counts > 0].mean()))
-        repeats[:] = 0
-        for c in np.flatnonzero(counts):
-            idx = np.flatnonzero(kept & (labels == c))
-            idx = idx[np.argsort(-confidence[idx], kind="stable")]
-            if len(idx) >= target:
-                repeats[idx[:target]] = 1
-            else:
-                repeats[idx] = target // len(idx)
-                repeats[idx[: target % len(idx)]] += 1
-        info["per_class_target"] = target
-        info["empty_classes"] = np.flatnonzero(counts == 0).tolist()
-    info["samples"] = int(repeats.sum())
-    return repeats, info
-
-
-def student_targets(out_dir: Path, shards: list[Path], cfg: StudentConfig, num_classes: int) -> tuple[
-        StudentTargets, dict]:
-    """Select (threshold, balance) over the whole pool's small columns; repeat counts per shard."""
-    names = [Path(s).name for s in sorted(shards)]
-    labels, conf, sizes = [], [], []
-    for name in names:
-        t = pq.read_table(out_dir / parquet_name(name), columns=["label", "confidence"])
-        labels.append(t.column("label").to_numpy())
-        conf.append(t.column("confidence").to_numpy())
-        sizes.append(t.num_rows)
-    labels_all = np.concatenate(labels) if labels else np.zeros(0, np.int32)
-    conf_all = np.concatenate(conf) if conf else np.zeros(0, np.float32)
-    repeats, info = select(labels_all, conf_all, num_classes, cfg.threshold, cfg.balance, cfg.per_class)
-    if info["samples"] == 0:
-        raise ConfigError(f"student.threshold={cfg.threshold} keeps no pseudo-labeled sample")
-    parts = np.split(repeats.astype(np.uint16), np.cumsum(sizes)[:-1]) if sizes else []
-    return StudentTargets(out_dir, dict(zip(names, parts, strict=True)), cfg.soft, cfg.temperature,
-                          num_classes), info

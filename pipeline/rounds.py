@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import budget, evaluation, models, noise, pseudo_labels
+from . import budget, evaluation, labeling, models, noise, pseudo_labels, selection
 from .artifacts import read_json, sha256_file
 from .config import RUNTIME_KEYS, Config, ConfigError, _build, flatten, for_round, per_round, to_dict
 from .finish import card, finish
@@ -110,7 +110,7 @@ def pseudo_label(cfg: Config, k: int, progress: bool = True, teacher_dir: Path |
         pass
     model, mconfig = models.load_model_dir(teacher_dir)
     t0 = time.time()
-    mine = pseudo_labels.label_shards(
+    mine = labeling.label_shards(
         model, shards, out, shard_rows=rows, teacher_sha256=teacher_sha, class_names=names,
         prep=models.preprocessing(mconfig), batch_size=cfg.pseudo_label.batch_size,
         workers=cfg.pseudo_label.workers, accelerator=accelerator, progress=progress, tta=cfg.pseudo_label.tta,
@@ -197,7 +197,7 @@ def _select_pseudo_labels(cfg: Config, k: int, data: _Data, job: Job, parents: d
     rows = shard_rows(data.manifest, "unlabeled")
     pl_manifest = pseudo_labels.check(pl_dir, rows, teacher_sha, data.names, cfg.pseudo_label.tta,
                                       split_keys(data.dir, data.manifest, "unlabeled"))
-    targets, selection = pseudo_labels.student_targets(pl_dir, shards, cfg.student, len(data.names))
+    targets, chosen = selection.student_targets(pl_dir, shards, cfg.student, len(data.names))
     job.unlabeled = StreamSpec(shards=[str(s) for s in shards], mode=data.prep["mode"],
                                transform=train_transform(data.prep["size"], job.cfg), rank=accelerator.process_index,
                                world=accelerator.num_processes, seed=cfg.seed + 7919 * k, buffer=5000,
@@ -207,9 +207,9 @@ def _select_pseudo_labels(cfg: Config, k: int, data: _Data, job: Job, parents: d
     job.objective = NoisyStudent(job.cfg.label_smoothing, cfg.student.unlabeled_weight)
     parents.update({"teacher_dir": str(teacher_dir), "teacher_sha256": teacher_sha,
                     "pseudo_labels_manifest_sha256": sha256_file(pl_dir / pseudo_labels.MANIFEST)})
-    accelerator.print(f"round {k}: student {arch_of(cfg, k)}, {selection['samples']} pseudo-labeled samples per "
-                      f"epoch ({selection['kept']} kept at threshold {cfg.student.threshold})")
-    return pl_manifest, selection
+    accelerator.print(f"round {k}: student {arch_of(cfg, k)}, {chosen['samples']} pseudo-labeled samples per "
+                      f"epoch ({chosen['kept']} kept at threshold {cfg.student.threshold})")
+    return pl_manifest, chosen
 
 
 def _create_or_grow(cfg: Config, k: int, data: _Data, tcfg, parents: dict, accelerator) -> torch.nn.Module:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from pipeline import pseudo_labels as pl
+from pipeline import selection
 from pipeline.config import ConfigError, StudentConfig
 from pipeline.objectives import soft_cross_entropy
 
@@ -41,25 +42,25 @@ def test_parquet_round_trip_and_metadata(tmp_path):
 def test_select_threshold_and_balance_by_hand():
     labels = np.array([0, 0, 0, 0, 1, 1, 2, 2])
     conf = np.array([0.9, 0.8, 0.7, 0.2, 0.95, 0.6, 0.5, 0.1])
-    rep, info = pl.select(labels, conf, 3, threshold=0.3, balance=False, per_class=None)
+    rep, info = selection.select(labels, conf, 3, threshold=0.3, balance=False, per_class=None)
     assert rep.tolist() == [1, 1, 1, 0, 1, 1, 1, 0]
     assert info["kept_per_class"] == [3, 2, 1]
     # balance to the mean kept count (2): class 0 keeps its 2 most confident, class 2 is duplicated
-    rep, info = pl.select(labels, conf, 3, threshold=0.3, balance=True, per_class=None)
+    rep, info = selection.select(labels, conf, 3, threshold=0.3, balance=True, per_class=None)
     assert rep.tolist() == [1, 1, 0, 0, 1, 1, 2, 0]
     assert info["per_class_target"] == 2 and info["samples"] == 6
     # explicit target 5: class 1 (2 kept) -> 3 + 2 copies, the more confident gets the extra
-    rep, _ = pl.select(labels, conf, 3, threshold=0.3, balance=True, per_class=5)
+    rep, _ = selection.select(labels, conf, 3, threshold=0.3, balance=True, per_class=5)
     assert rep.tolist() == [2, 2, 1, 0, 3, 2, 5, 0]
 
 
 def test_soft_targets_temperature():
     p = np.array([[0.6, 0.3, 0.1]], np.float32)
-    assert np.allclose(pl.soft_targets(p, 1.0), p)
-    sharp = pl.soft_targets(p, 0.5)
+    assert np.allclose(selection.soft_targets(p, 1.0), p)
+    sharp = selection.soft_targets(p, 0.5)
     expected = p ** 2 / (p ** 2).sum()
     assert np.allclose(sharp, expected, atol=1e-6)
-    flat = pl.soft_targets(p, 100.0)
+    flat = selection.soft_targets(p, 100.0)
     assert np.allclose(flat, 1 / 3, atol=0.01)
 
 
@@ -68,16 +69,16 @@ def test_student_targets_join_by_key(tmp_path):
     _write(tmp_path, shards[0].name, ["a0", "a1"], [[0.9, 0.05, 0.05], [0.2, 0.5, 0.3]])
     _write(tmp_path, shards[1].name, ["b0", "b1"], [[0.1, 0.1, 0.8], [0.34, 0.33, 0.33]])
     cfg = StudentConfig(threshold=0.4, balance=False, soft=True)
-    targets, info = pl.student_targets(tmp_path, shards, cfg, 3)
+    targets, info = selection.student_targets(tmp_path, shards, cfg, 3)
     assert info["kept"] == 3 and targets.total == 3
     t0 = targets(str(shards[0]))
     assert set(t0) == {"a0", "a1"} and t0["a0"][0] == 1
     assert torch.allclose(t0["a1"][1], torch.tensor([0.2, 0.5, 0.3]))
     assert set(targets(str(shards[1]))) == {"b0"}
-    hard, _ = pl.student_targets(tmp_path, shards, StudentConfig(threshold=0.4, balance=False, soft=False), 3)
+    hard, _ = selection.student_targets(tmp_path, shards, StudentConfig(threshold=0.4, balance=False, soft=False), 3)
     assert hard(str(shards[0]))["a1"][1].tolist() == [0.0, 1.0, 0.0]
     with pytest.raises(ConfigError, match="keeps no pseudo-labeled sample"):
-        pl.student_targets(tmp_path, shards, StudentConfig(threshold=0.99, balance=False), 3)
+        selection.student_targets(tmp_path, shards, StudentConfig(threshold=0.99, balance=False), 3)
 
 
 def test_check_rejects_mismatches(tmp_path):

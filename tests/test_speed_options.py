@@ -12,7 +12,7 @@ import torch
 from conftest import make_image, stage, tiny_overrides
 from safetensors.torch import load_file
 
-from pipeline import precision
+from pipeline import labeling, precision
 from pipeline import pseudo_labels as pl
 from pipeline.config import ConfigError, load_config
 from pipeline.models import create_model
@@ -62,7 +62,7 @@ def test_pseudo_labels_in_bf16_channels_last_and_compiled_match_fp32_and_record_
     got = {}
     for run, opts in {"fp32": {}, "fast": {"mixed_precision": "bf16", "channels_last": True, "compile": "eager"}}.items():
         out = tmp_path / run
-        res = pl.label_shards(model, [shard], out, shard_rows={shard.name: 40}, teacher_sha256="t" * 64,
+        res = labeling.label_shards(model, [shard], out, shard_rows={shard.name: 40}, teacher_sha256="t" * 64,
                               class_names=names, prep=prep, batch_size=16, workers=0,
                               accelerator=Accelerator(cpu=True), progress=False, **opts)
         f = out / pl.parquet_name(shard)
