@@ -48,6 +48,7 @@ def main() -> None:
     from accelerate import Accelerator
 
     from pipeline import labeling, models, precision
+    from pipeline.dataset import Preprocessing
     from pipeline.shards import image_bytes, iter_samples
     from pipeline.transforms import eval_transform, normalize, to_input
 
@@ -58,7 +59,7 @@ def main() -> None:
         rows = {p.name: min(5000, args.images - 5000 * i) for i, p in enumerate(shards)}
         names = [str(i) for i in range(10)]
         model = models.create_model(args.arch, 10, chans).eval()
-        prep = {"mode": mode, "size": args.size, "mean": [0.286] * chans, "std": [0.353] * chans}
+        prep = Preprocessing.of(mode, args.size, [0.286] * chans, [0.353] * chans)
         tf = eval_transform(args.size)
         accelerator = Accelerator(cpu=True)
 
@@ -71,7 +72,7 @@ def main() -> None:
             return n
 
         pre = torch.stack([to_input(b, mode, tf) for b in images])  # uint8, as the stage's workers hand over
-        mean, std = torch.tensor(prep["mean"]), torch.tensor(prep["std"])
+        mean, std = torch.tensor(prep.mean), torch.tensor(prep.std)
         cpu = torch.device("cpu")
         dtype = precision.resolve(args.mixed_precision, cpu, inference=True)
         opts = {"mixed_precision": args.mixed_precision, "channels_last": args.channels_last, "compile": args.compile}

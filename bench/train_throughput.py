@@ -43,6 +43,7 @@ def main() -> None:
 
     from pipeline import models, noise, precision, pseudo_labels, selection
     from pipeline.config import for_round, load_config
+    from pipeline.dataset import Preprocessing
     from pipeline.images import decode_image
     from pipeline.loaders import StreamSpec
     from pipeline.objectives import soft_cross_entropy
@@ -72,7 +73,7 @@ def main() -> None:
             pseudo_labels.write_parquet(pl_dir / pseudo_labels.parquet_name(p), p.name, keys, probs, "0" * 64,
                                         [str(c) for c in range(10)])
         targets, _ = selection.student_targets(pl_dir, pool_shards, dataclasses.replace(scfg, balance=False), 10)
-        prep = {"mode": mode, "size": size, "mean": [0.286] * chans, "std": [0.353] * chans}
+        prep = Preprocessing.of(mode, size, [0.286] * chans, [0.353] * chans)
         transform = train_transform(size, scfg)
         augment = batch_augment(scfg)
         job = Job(phase="train", cfg=scfg, epochs=1, lr=scfg.lr,
@@ -102,7 +103,7 @@ def main() -> None:
             pool_pre = [to_input(b, mode, transform) for b in pool_imgs]
         per_image = transform if augment is None else (lambda t: t)
         soft = torch.from_numpy(rng.dirichlet(np.ones(10) * 0.3, args.pool).astype(np.float32))
-        mean, std = torch.tensor(prep["mean"]), torch.tensor(prep["std"])
+        mean, std = torch.tensor(prep.mean), torch.tensor(prep.std)
 
         def bare_side() -> int:
             model = copy.deepcopy(base).to(memory_format=torch.channels_last).train()

@@ -41,10 +41,10 @@ def speeds(model_dirs: list[Path], repeats: int = 3, runs: int = 30, batches: in
     for d in model_dirs:
         m, conf = models.load_model_dir(d)
         prep = models.preprocessing(conf)
-        c = 1 if prep["mode"] == "L" else 3
+        c = prep.in_chans
         g = torch.Generator().manual_seed(0)
-        x1 = torch.randn(1, c, prep["size"], prep["size"], generator=g)
-        x64 = torch.randn(64, c, prep["size"], prep["size"], generator=g)
+        x1 = torch.randn(1, c, prep.size, prep.size, generator=g)
+        x64 = torch.randn(64, c, prep.size, prep.size, generator=g)
         _latency_ms(m, x1, 3), _img_s(m, x64, 1)  # warm-up
         loaded.append((m, x1, x64))
     lat: list[list[float]] = [[] for _ in loaded]
@@ -65,7 +65,7 @@ def _describe(d: Path, card: dict, speed: dict) -> dict:
     if channels:
         name += f" (channels {'/'.join(map(str, channels))})"
     return {"model": name, "dir": str(d), "params": models.num_params(m),
-            "macs": evaluation.macs(m, 1 if prep["mode"] == "L" else 3, prep["size"]),
+            "macs": evaluation.macs(m, prep.in_chans, prep.size),
             "file_bytes": (d / models.WEIGHTS).stat().st_size, "test_top1": card["metrics"]["test_top1"], **speed}
 
 

@@ -24,11 +24,10 @@ import torch.nn.functional as F
 from . import evaluation, labeling, models, noise, pseudo_labels
 from .artifacts import sha256_file
 from .config import Config, ConfigError, DistillConfig, per_round, to_dict
+from .dataset import PreparedData, Preprocessing
 from .finish import card, finish
 from .loaders import StreamSpec
 from .objectives import Batch, Objective
-from .prepare import MANIFEST as DATA_MANIFEST
-from .prepare import require_data, shard_paths, shard_rows
 from .rounds import round_dir
 from .runtime import make_accelerator
 from .trainer import Job, train
@@ -119,7 +118,7 @@ def default_teacher(cfg: Config) -> Path:
 
 
 def _offline_targets(cfg: Config, out: Path, teacher: torch.nn.Module, teacher_sha: str, shards: list[Path],
-                     rows: dict[str, int], names: list[str], prep: dict, ddir: Path, accelerator,
+                     rows: dict[str, int], names: list[str], prep: Preprocessing, data: PreparedData, accelerator,
                      progress: bool) -> Path:
     """The teacher's probabilities for every labeled and unlabeled sample (cached, resumable per shard)."""
     tdir = out / "targets"
@@ -138,7 +137,7 @@ def _offline_targets(cfg: Config, out: Path, teacher: torch.nn.Module, teacher_s
     if accelerator.is_main_process:
         stats = {"samples": sum(rows.values())}
         pseudo_labels.write_manifest(tdir, shards, Path("teacher"), teacher_sha, names, stats,
-                                     sha256_file(ddir / DATA_MANIFEST))
+                                     data.manifest_sha256)
     accelerator.wait_for_everyone()
     pseudo_labels.check(tdir, rows, teacher_sha, names)
     return tdir
@@ -156,7 +155,7 @@ def _train_and_save(out: Path, student: torch.nn.Module, job: Job, arch: str, ca
     stats = [train(student, job, out / "state", progress)]
     metrics = {"test_top1": None, "model": arch, "params": models.num_params(student),
                "train_seconds": stats[0]["seconds"], "train_img_s": stats[0]["img_s"]}
-    return finish(out, student, ctx.names, ctx.prep, {"test": evaluation.test_set(ctx.ddir, ctx.manifest)},
+    return finish(out, student, ctx.names, ctx.prep, {"test": evaluation.test_set(ctx.data)},
                   cfg.evaluate, ctx.accelerator, metrics, {"role": "distilled", "arch": arch, "train": stats,
                                                            **card_fields}, progress, cfg.data.max_bad_share)
 
@@ -176,22 +175,17 @@ class _Context:
     """What both distillation jobs read: the data, the teacher and what identifies them."""
 
     accelerator: object
-    ddir: Path
-    manifest: dict
+    data: PreparedData
     teacher_dir: Path
     teacher: torch.nn.Module
     teacher_sha: str
-    prep: dict
+    prep: Preprocessing
     names: list[str]
-
-    @property
-    def in_chans(self) -> int:
-        return 1 if self.prep["mode"] == "L" else 3
 
     @property
     def parents(self) -> dict:
         return {"teacher_dir": str(self.teacher_dir), "teacher_sha256": self.teacher_sha,
-                "data_manifest_sha256": sha256_file(self.ddir / DATA_MANIFEST)}
+                "data_manifest_sha256": self.data.manifest_sha256}
 
 
 def distill(cfg: Config, progress: bool = True) -> dict:
@@ -207,13 +201,13 @@ def distill(cfg: Config, progress: bool = True) -> dict:
     done = _finished(out, dcfg, teacher_sha)
     if done is not None:
         results["student"] = done
-    ddir, manifest = require_data(cfg)
+    data = PreparedData.open(cfg)
     teacher, tconf = models.load_model_dir(teacher_dir)
-    ctx = _Context(make_accelerator(), ddir, manifest, teacher_dir, teacher, teacher_sha,
-                   models.preprocessing(tconf), list(tconf.get("label_names") or manifest["class_names"]))
-    if ctx.names != manifest["class_names"]:
+    ctx = _Context(make_accelerator(), data, teacher_dir, teacher, teacher_sha, models.preprocessing(tconf),
+                   list(tconf.get("label_names") or data.class_names))
+    if ctx.names != data.class_names:
         raise ConfigError(f"teacher {teacher_dir} predicts {ctx.names[:4]}..., the data has "
-                          f"{manifest['class_names'][:4]}...")
+                          f"{data.class_names[:4]}...")
     models.check_arch(dcfg.arch, "distill.arch")
     if "student" not in results:
         results["student"] = _distill_student(cfg, ctx, out, progress)
@@ -240,12 +234,12 @@ def _distill_student(cfg: Config, ctx: _Context, out: Path, progress: bool) -> d
     """The student on labeled + unlabeled images against the teacher (online or from cached targets)."""
     from accelerate.utils import set_seed
 
-    dcfg, acc, manifest = cfg.distill, ctx.accelerator, ctx.manifest
-    shards = shard_paths(ctx.ddir, manifest, "labeled") + shard_paths(ctx.ddir, manifest, "unlabeled")
-    rows = {**shard_rows(manifest, "labeled"), **shard_rows(manifest, "unlabeled")}
+    dcfg, acc, data = cfg.distill, ctx.accelerator, ctx.data
+    shards = data.shards("labeled") + data.shards("unlabeled")
+    rows = {**data.rows("labeled"), **data.rows("unlabeled")}
     total, epochs = sum(rows.values()), per_round(dcfg.epochs, 1)
     set_seed(cfg.seed)
-    student, teacher_params = _student(dcfg, len(ctx.names), ctx.in_chans), models.num_params(ctx.teacher)
+    student, teacher_params = _student(dcfg, len(ctx.names), ctx.prep.in_chans), models.num_params(ctx.teacher)
     if models.num_params(student) >= teacher_params:
         raise ConfigError(f"distill.arch={dcfg.arch} has {models.num_params(student)} parameters, not fewer "
                           f"than the teacher's {teacher_params}")
@@ -253,13 +247,13 @@ def _distill_student(cfg: Config, ctx: _Context, out: Path, progress: bool) -> d
     if dcfg.channels_last:
         teacher = teacher.to(memory_format=torch.channels_last)
     if dcfg.mode == "offline":
-        tdir = _offline_targets(cfg, out, teacher, ctx.teacher_sha, shards, rows, ctx.names, ctx.prep, ctx.ddir, acc,
+        tdir = _offline_targets(cfg, out, teacher, ctx.teacher_sha, shards, rows, ctx.names, ctx.prep, data, acc,
                                 progress)
         objective, targets = OfflineKD(dcfg.temperature, dcfg.alpha), TeacherTargets(tdir)
     else:
         objective, targets = OnlineKD(teacher, dcfg.temperature, dcfg.alpha, dcfg.mixup), None
-    spec = StreamSpec(shards=[str(s) for s in shards], mode=ctx.prep["mode"],
-                      transform=train_transform(ctx.prep["size"], dcfg), rank=acc.process_index,
+    spec = StreamSpec(shards=[str(s) for s in shards], mode=ctx.prep.mode,
+                      transform=train_transform(ctx.prep.size, dcfg), rank=acc.process_index,
                       world=acc.num_processes, seed=cfg.seed + 104729, buffer=5000, targets=targets, missing_label=-1,
                       with_label=targets is not None, rows=rows)
     job = Job(phase="distill", cfg=dcfg, epochs=epochs, lr=dcfg.lr, labeled=spec, labeled_total=total,
@@ -275,21 +269,21 @@ def _labels_only(cfg: Config, ctx: _Context, progress: bool) -> dict:
     """The same architecture, optimizer and number of steps x batch size, on the labeled images alone."""
     from accelerate.utils import set_seed
 
-    dcfg, acc, manifest = cfg.distill, ctx.accelerator, ctx.manifest
+    dcfg, acc, data = cfg.distill, ctx.accelerator, ctx.data
     lo_out = cfg.run_dir / "distilled" / f"{dcfg.name}-labels-only"
     done = card(lo_out)
     if done is not None and done.get("distill") == _relevant(dcfg):
         return done
     set_seed(cfg.seed)
-    student = _student(dcfg, len(ctx.names), ctx.in_chans)
-    total = sum(shard_rows(manifest, "labeled").values()) + sum(shard_rows(manifest, "unlabeled").values())
+    student = _student(dcfg, len(ctx.names), ctx.prep.in_chans)
+    total = sum(data.rows("labeled").values()) + sum(data.rows("unlabeled").values())
     steps = _steps(total, acc.num_processes, dcfg) * per_round(dcfg.epochs, 1)
-    labeled_total = sum(shard_rows(manifest, "labeled").values())
+    labeled_total = sum(data.rows("labeled").values())
     per_epoch = _steps(labeled_total, acc.num_processes, dcfg)
-    spec = StreamSpec(shards=[str(s) for s in shard_paths(ctx.ddir, manifest, "labeled")], mode=ctx.prep["mode"],
-                      transform=train_transform(ctx.prep["size"], dcfg), rank=acc.process_index,
+    spec = StreamSpec(shards=[str(s) for s in data.shards("labeled")], mode=ctx.prep.mode,
+                      transform=train_transform(ctx.prep.size, dcfg), rank=acc.process_index,
                       world=acc.num_processes, seed=cfg.seed + 130363, buffer=2000,
-                      rows=shard_rows(manifest, "labeled"))
+                      rows=data.rows("labeled"))
     job = Job(phase="labels-only", cfg=dcfg, epochs=math.ceil(steps / per_epoch), lr=dcfg.lr, labeled=spec,
               labeled_total=labeled_total, prep=ctx.prep, max_bad_share=cfg.data.max_bad_share)
     acc.print(f"labels only: {dcfg.arch} on {labeled_total} labeled images, {job.epochs} epochs "

@@ -22,6 +22,7 @@ from . import calibration, corruptions, failpoints, models, perturbations
 from .artifacts import read_json, sha256_file, short_hash, write_json_atomic
 from .bad_samples import SkipLog
 from .config import ConfigError, EvaluateConfig
+from .dataset import PreparedData, Preprocessing
 from .images import BadImage
 from .loaders import eval_batches
 from .shards import image_bytes, iter_samples, sample_label
@@ -41,12 +42,13 @@ class TestSet:
     sha256: str
 
 
-def test_set(directory: Path, manifest: dict, split: str = "test") -> TestSet:
-    entries = manifest["splits"].get(split, {}).get("shards", [])
+def test_set(data: PreparedData, split: str = "test") -> TestSet:
+    """``split`` of the prepared data as a labeled evaluation set."""
+    entries = data.manifest["splits"].get(split, {}).get("shards", [])
     if not entries:
-        raise ConfigError(f"no '{split}' split in the prepared data {directory}")
-    return TestSet(name=f"{directory.name}/{split}", shards=[directory / s["file"] for s in entries],
-                   rows=[s["samples"] for s in entries], class_names=list(manifest["class_names"]),
+        raise ConfigError(f"no '{split}' split in the prepared data {data.dir}")
+    return TestSet(name=f"{data.dir.name}/{split}", shards=[data.dir / s["file"] for s in entries],
+                   rows=[s["samples"] for s in entries], class_names=data.class_names,
                    sha256=short_hash([s["sha256"] for s in entries], 16))
 
 
@@ -54,7 +56,7 @@ def test_set(directory: Path, manifest: dict, split: str = "test") -> TestSet:
 class LoadedModel:
     directory: Path
     model: torch.nn.Module
-    prep: dict
+    prep: Preprocessing
     class_names: list[str]
     sha256: str
     card: dict | None
@@ -110,8 +112,8 @@ class _Forward:
     def __init__(self, m: LoadedModel, device):
         self.model = m.model.to(device).eval()
         self.device = device
-        self.mean = torch.tensor(m.prep["mean"], device=device)
-        self.std = torch.tensor(m.prep["std"], device=device)
+        self.mean = torch.tensor(m.prep.mean, device=device)
+        self.std = torch.tensor(m.prep.std, device=device)
 
     @torch.inference_mode()
     def probs(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
@@ -131,7 +133,7 @@ def clean(m: LoadedModel, test: TestSet, ecfg: EvaluateConfig, accelerator, prog
     t0 = time.time()
     fwd = _Forward(m, accelerator.device)
     log = SkipLog("evaluate", max_bad_share, quiet=not accelerator.is_main_process)
-    loader = eval_batches([str(s) for s in test.shards], m.prep["mode"], eval_transform(m.prep["size"]),
+    loader = eval_batches([str(s) for s in test.shards], m.prep.mode, eval_transform(m.prep.size),
                           ecfg.batch_size, ecfg.workers, accelerator.process_index, accelerator.num_processes, log,
                           dict(zip((s.name for s in test.shards), test.rows, strict=True)))
     probs, labels = [], []
@@ -158,13 +160,13 @@ def clean(m: LoadedModel, test: TestSet, ecfg: EvaluateConfig, accelerator, prog
     return _save(accelerator, path, result)
 
 
-def load_subset(test: TestSet, prep: dict, n: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def load_subset(test: TestSet, prep: Preprocessing, n: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A seeded subset of ``n`` test images (all when None) as uint8 NCHW at the model's size."""
     total = sum(test.rows)
     chosen = np.arange(total) if n is None or n >= total else np.sort(
         np.random.default_rng(seed).choice(total, n, replace=False))
     want = set(chosen.tolist())
-    tf = eval_transform(prep["size"])
+    tf = eval_transform(prep.size)
     images, labels, pos = [], [], 0
     for shard in test.shards:
         for sample in iter_samples(shard):
@@ -174,7 +176,7 @@ def load_subset(test: TestSet, prep: dict, n: int | None, seed: int) -> tuple[to
                     label = sample_label(sample)
                     if data is None or label is None:
                         raise BadImage("no image or no label")
-                    images.append(to_input(data, prep["mode"], tf))
+                    images.append(to_input(data, prep.mode, tf))
                     labels.append(label)
                 except (BadImage, ValueError):  # the clean pass over the same test set counts and names it
                     continue

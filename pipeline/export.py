@@ -24,6 +24,7 @@ import torch
 
 from .artifacts import atomic_path, clean_tmp, files_match, read_json, sha256_file, write_json_atomic
 from .config import ConfigError
+from .dataset import Preprocessing
 from .models import CARD, TIMM_CONFIG, WEIGHTS, load_model_dir, preprocessing
 
 ONNX_FILE = "model.onnx"
@@ -94,16 +95,16 @@ def _export(model: torch.nn.Module, example: torch.Tensor, path: Path, exporter:
                           f"(try exporter={other})") from None
 
 
-def _random_inputs(prep: dict, batch: int, gen: torch.Generator) -> torch.Tensor:
+def _random_inputs(prep: Preprocessing, batch: int, gen: torch.Generator) -> torch.Tensor:
     """Seeded random uint8 images, normalised like real inputs (so logits are in their usual range)."""
     from .transforms import normalize
 
-    c = 1 if prep["mode"] == "L" else 3
-    x = torch.randint(0, 256, (batch, c, prep["size"], prep["size"]), generator=gen, dtype=torch.uint8)
-    return normalize(x, torch.tensor(prep["mean"]), torch.tensor(prep["std"]))
+    c = prep.in_chans
+    x = torch.randint(0, 256, (batch, c, prep.size, prep.size), generator=gen, dtype=torch.uint8)
+    return normalize(x, torch.tensor(prep.mean), torch.tensor(prep.std))
 
 
-def check_onnx(model: torch.nn.Module, onnx_path: Path, prep: dict,
+def check_onnx(model: torch.nn.Module, onnx_path: Path, prep: Preprocessing,
                batches: tuple[int, ...] = CHECK_BATCHES, seed: int = CHECK_SEED) -> float:
     """Max abs difference of logits between onnxruntime and PyTorch over seeded batches."""
     sess = ort_session(onnx_path)
@@ -191,7 +192,7 @@ def export_model_dir(model_dir: str | Path, out_dir: str | Path | None = None, *
         "opset": next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), None),
         "versions": _versions(),
         "input": {"name": INPUT_NAME, "shape": ["batch", *config["pretrained_cfg"]["input_size"]],
-                  "dtype": "float32", "preprocessing": prep},
+                  "dtype": "float32", "preprocessing": prep.as_dict()},
         "output": {"name": OUTPUT_NAME, "shape": ["batch", int(config["num_classes"])]},
         "check": {"max_abs_diff": diff, "tolerance": tolerance, "batch_sizes": list(CHECK_BATCHES),
                   "seed": CHECK_SEED},

@@ -19,6 +19,7 @@ import torch
 from . import evaluation, models
 from .artifacts import code_version, files_match, read_json, write_json_atomic
 from .config import EvaluateConfig
+from .dataset import Preprocessing
 
 
 def card(directory: Path) -> dict | None:
@@ -30,7 +31,7 @@ def card(directory: Path) -> dict | None:
     return c if files_match(directory, c.get("files", {})) else None
 
 
-def finish(out: Path, model: torch.nn.Module, names: list[str], prep: dict, scored: dict[str, evaluation.TestSet],
+def finish(out: Path, model: torch.nn.Module, names: list[str], prep: Preprocessing, scored: dict[str, evaluation.TestSet],
            ecfg: EvaluateConfig, accelerator, metrics: dict, card_fields: dict, progress: bool = True,
            max_bad_share: float = 0.01, started: float | None = None, earlier_s: float = 0.0) -> dict:
     """Save ``model`` into ``out``, score it on each of ``scored`` (``{"test": ..., "val": ...}``: sets
@@ -39,10 +40,9 @@ def finish(out: Path, model: torch.nn.Module, names: list[str], prep: dict, scor
 
     ``started``: the job's start time; ``metrics["seconds"]`` is then its wall time, scoring
     included, plus ``earlier_s`` (a round's pseudo-labeling, a separate stage)."""
-    in_chans = 1 if prep["mode"] == "L" else 3
     files: dict = {}
     if accelerator.is_main_process:
-        files = models.save_model_dir(model, out, names, prep["mean"], prep["std"], prep["size"], in_chans)
+        files = models.save_model_dir(model, out, names, prep.mean, prep.std, prep.size, prep.in_chans)
     accelerator.wait_for_everyone()
     loaded = evaluation.load(out)
     for split, test in scored.items():

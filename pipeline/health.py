@@ -17,16 +17,15 @@ import pyarrow.parquet as pq
 from . import plots, pseudo_labels
 from .artifacts import read_json, sha256_file, short_hash, write_json_atomic
 from .config import Config
+from .dataset import PreparedData
 from .images import BadImage, decode_image
-from .prepare import TRUTH, require_data, shard_paths
 from .shards import image_bytes, iter_samples
 
 BINS = 20
 THRESHOLDS = [round(0.05 * i, 2) for i in range(20)]
 
 
-def _truth(ddir: Path) -> dict[str, int] | None:
-    path = ddir / TRUTH
+def _truth(path: Path) -> dict[str, int] | None:
     if not path.is_file():
         return None
     t = pq.read_table(path)
@@ -35,7 +34,8 @@ def _truth(ddir: Path) -> dict[str, int] | None:
 
 def pseudo_label_health(cfg: Config, k: int, round_dir: Path, prev_round_dir: Path | None) -> dict:
     """Health stats of round k's pseudo labels (cached in ``round-k/eval/``) and its audit grid."""
-    ddir, manifest = require_data(cfg)
+    data = PreparedData.open(cfg)
+    manifest = data.manifest
     pl_dir = round_dir / "pseudo_labels"
     mpath = pl_dir / pseudo_labels.MANIFEST
     if not mpath.is_file():
@@ -52,7 +52,7 @@ def pseudo_label_health(cfg: Config, k: int, round_dir: Path, prev_round_dir: Pa
         return read_json(out)
     names = manifest["class_names"]
     nc = len(names)
-    truth = _truth(ddir)
+    truth = _truth(data.truth)
     thr = cfg.student.threshold
     conf_hist = np.zeros(BINS, np.int64)
     ent_hist = np.zeros(BINS, np.int64)
@@ -63,7 +63,7 @@ def pseudo_label_health(cfg: Config, k: int, round_dir: Path, prev_round_dir: Pa
     pred_count = np.zeros(nc, np.int64)
     pred_correct = np.zeros(nc, np.int64)
     total = 0
-    shards = shard_paths(ddir, manifest, "unlabeled")
+    shards = data.shards("unlabeled")
     for shard in sorted(shards):
         name = pseudo_labels.parquet_name(shard)
         t = pq.read_table(pl_dir / name, columns=["key", "probs", "label", "confidence"])

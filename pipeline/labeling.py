@@ -15,6 +15,7 @@ from tqdm import tqdm
 from . import failpoints, precision
 from .artifacts import clean_tmp
 from .bad_samples import Skip, SkipLog
+from .dataset import Preprocessing
 from .images import BadImage
 from .pseudo_labels import parquet_name, validates, write_parquet
 from .shards import ShardError, image_bytes, iter_samples
@@ -80,7 +81,7 @@ class _ShardBatches(IterableDataset):
 
 
 def label_shards(model: torch.nn.Module, shards: list[Path], out_dir: Path, *, shard_rows: dict[str, int],
-                 teacher_sha256: str, class_names: list[str], prep: dict, batch_size: int, workers: int,
+                 teacher_sha256: str, class_names: list[str], prep: Preprocessing, batch_size: int, workers: int,
                  accelerator, progress: bool = True, tta: bool = False, max_bad_share: float = 0.01,
                  mixed_precision: str = "auto", channels_last: bool = False, compile: bool | str = False) -> dict:
     """Label this rank's unfinished shards; returns this rank's {"samples", "seconds", "precision"}.
@@ -105,14 +106,14 @@ def label_shards(model: torch.nn.Module, shards: list[Path], out_dir: Path, *, s
         model = model.to(memory_format=torch.channels_last)
     precision.compile_model(model, compile)
     dtype = precision.resolve(mixed_precision, device, inference=True)
-    mean = torch.tensor(prep["mean"], device=device)
-    std = torch.tensor(prep["std"], device=device)
+    mean = torch.tensor(prep.mean, device=device)
+    std = torch.tensor(prep.std, device=device)
     total = sum(shard_rows[Path(s).name] for s in todo)
     log = SkipLog("pseudo_label" + (f" (rank {accelerator.process_index})" if accelerator.num_processes > 1 else ""),
                   max_bad_share, expected=total)
     done, t0 = 0, time.time()
     if todo:
-        ds = _ShardBatches(todo, prep["mode"], eval_transform(prep["size"]), batch_size, shard_rows)
+        ds = _ShardBatches(todo, prep.mode, eval_transform(prep.size), batch_size, shard_rows)
         loader = DataLoader(ds, batch_size=None, num_workers=min(workers, len(todo)),
                             pin_memory=torch.cuda.is_available())
         pending: dict[int, tuple[list, list, list]] = {}

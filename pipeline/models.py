@@ -16,6 +16,7 @@ from timm.models import save_for_hf
 
 from .artifacts import TMP_PREFIX, read_json, sha256_file
 from .config import ConfigError, ModelConfig
+from .dataset import Preprocessing
 
 # Families ordered by size; a student takes the next rung after its teacher (compound scaling).
 LADDERS: dict[str, list[str]] = {
@@ -102,12 +103,10 @@ def load_model_dir(directory: str | Path) -> tuple[torch.nn.Module, dict]:
     return model, read_json(directory / TIMM_CONFIG)
 
 
-def preprocessing(config: dict) -> dict:
+def preprocessing(config: dict) -> Preprocessing:
     """The input spec a model directory was trained with: mode, size, mean, std."""
     pc = config["pretrained_cfg"]
-    in_chans = pc["input_size"][0]
-    return {"mode": "L" if in_chans == 1 else "RGB", "size": int(pc["input_size"][-1]),
-            "mean": list(pc["mean"]), "std": list(pc["std"])}
+    return Preprocessing.of("L" if pc["input_size"][0] == 1 else "RGB", pc["input_size"][-1], pc["mean"], pc["std"])
 
 
 def num_params(model: torch.nn.Module) -> int:

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from . import failpoints
 from .artifacts import atomic_path, read_json, sha256_file
 from .config import ConfigError
+from .dataset import Preprocessing
 from .errors import DataError
 from .models import TIMM_CONFIG, WEIGHTS, load_model_dir, preprocessing
 from .shards import expand_shards
@@ -54,7 +55,7 @@ class Classifier:
     backend: str  # "torch" or "onnx"
     source: str
     sha256: str  # of the weights or the graph, recorded in Parquet metadata
-    prep: dict
+    prep: Preprocessing
     label_names: list[str]
     logits: Callable[[torch.Tensor], np.ndarray]
 
@@ -243,16 +244,16 @@ def _reason(e: Exception) -> str:
     return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
 
 
-def _batches(items: Iterator[Item], prep: dict, batch_size: int,
+def _batches(items: Iterator[Item], prep: Preprocessing, batch_size: int,
              on_bad: Callable[[str, str], None]) -> Iterator[tuple[list[str], torch.Tensor]]:
     """(names, uint8 NCHW batch) of the decodable images; the others go to ``on_bad(name, reason)``."""
-    transform = eval_transform(prep["size"])
+    transform = eval_transform(prep.size)
     names: list[str] = []
     imgs: list[torch.Tensor] = []
     for name, data, err in items:
         if err is None:
             try:
-                imgs.append(to_input(data or b"", prep["mode"], transform))
+                imgs.append(to_input(data or b"", prep.mode, transform))
                 names.append(name)
             except Exception as e:  # noqa: BLE001 - any decoder failure means this one image is bad
                 err = _reason(e)
@@ -294,7 +295,7 @@ def predict(model_spec: str | Path, input_spec: str, out: str | Path, *, topk: i
     items, total = open_input(input_spec)
     names = clf.label_names
     k = min(topk, len(names))
-    mean, std = torch.tensor(clf.prep["mean"]), torch.tensor(clf.prep["std"])
+    mean, std = torch.tensor(clf.prep.mean), torch.tensor(clf.prep.std)
     bad: list[tuple[str, str]] = []
     done, t0 = 0, time.time()
     bar = tqdm(total=total, desc=f"predict ({clf.backend})", unit="img")

@@ -12,13 +12,11 @@ import math
 import re
 import shutil
 import time
-from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
@@ -34,27 +32,14 @@ from .artifacts import (
     write_json_atomic,
 )
 from .bad_samples import Skip, SkipLog
-from .config import Config, ConfigError, DataConfig, to_dict
+from .config import Config, ConfigError
+from .dataset import MANIFEST, ORIGINS, TRUTH, data_dir, data_identity
 from .errors import DataError
 from .images import BadImage, decode_image
 from .shards import iter_samples, write_shard
 from .sources import Source, is_torchvision_name, labeled_source, unlabeled_source
 
 SPLITS = ("labeled", "val", "unlabeled", "test")
-MANIFEST = "manifest.json"
-TRUTH = "unlabeled-truth.parquet"
-ORIGINS = "sources.parquet"  # key, split, where each sample came from (path, archive member, index)
-_DATA_RUNTIME_KEYS = {"root", "download", "max_bad_share"}
-
-
-def data_identity(data: DataConfig) -> dict:
-    return {k: v for k, v in to_dict(data).items() if k not in _DATA_RUNTIME_KEYS}
-
-
-def data_dir(cfg: Config) -> Path:
-    """``<runs_dir>/data/<source>-<hash>``: shared by experiments with the same data config."""
-    slug = re.sub(r"[^A-Za-z0-9]+", "_", Path(cfg.data.source).name.split(".")[0]).strip("_").lower()
-    return Path(cfg.runs_dir) / "data" / f"{slug or 'data'}-{short_hash(data_identity(cfg.data))}"
 
 
 def load_manifest(directory: Path, verify: str = "size") -> dict | None:
@@ -73,33 +58,6 @@ def load_manifest(directory: Path, verify: str = "size") -> dict | None:
     return manifest
 
 
-def require_data(cfg: Config) -> tuple[Path, dict]:
-    """The prepared data of ``cfg`` with every shard checked against its manifest's sha256, or a
-    ConfigError saying what is wrong and how to mend it."""
-    d = data_dir(cfg)
-    mpath = d / MANIFEST
-    if not mpath.is_file():
-        raise ConfigError(f"prepared data not found in {d}: run stages/prepare_data.py with the same config")
-    manifest = read_json(mpath)
-    shards = [(d / sh["file"], sh) for split in manifest["splits"].values() for sh in split["shards"]]
-    stats = [(str(p), sh["sha256"], (st.st_size, st.st_mtime_ns, st.st_ino) if (st := _stat(p)) else None)
-             for p, sh in shards]
-    if _VERIFIED.get(d) != stats:  # hashed once per process while no file changes (iterate asks per stage)
-        for (p, sh), (_, _, st) in zip(shards, stats, strict=True):
-            if st is None or st[0] != sh["bytes"] or sha256_file(p) != sh["sha256"]:
-                raise DataError(f"shard {p} is missing or does not match its manifest (sha256): it was changed or "
-                                f"damaged after prepare; rerun stages/prepare_data.py with the same config to rebuild it")
-        _VERIFIED[d] = stats
-    return d, manifest
-
-
-def _stat(p: Path):
-    return p.stat() if p.is_file() else None
-
-
-_VERIFIED: dict[Path, list] = {}  # data dir -> the shard stats it was last verified with
-
-
 _ORIGINS_SCHEMA = pa.schema([("key", pa.string()), ("split", pa.string()), ("shard", pa.string()),
                              ("origin", pa.string())])
 _TRUTH_SCHEMA = pa.schema([("key", pa.string()), ("label", pa.int32())])
@@ -111,45 +69,6 @@ def _table_writer(stack: ExitStack, path: Path, schema: pa.Schema) -> pq.Parquet
     writer = pq.ParquetWriter(tmp, schema)
     stack.callback(writer.close)  # runs before the rename
     return writer
-
-
-def split_keys(directory: Path, manifest: dict, split: str) -> Iterator[tuple[str, list[str]]] | None:
-    """(shard file name, its keys in order) for each shard of ``split``, streamed from the origins
-    table one shard at a time (its rows are grouped by shard); None for data made without it."""
-    path = directory / ORIGINS
-    entry = manifest.get("origins")
-    if not path.is_file() or entry is None or sha256_file(path) != entry["sha256"]:
-        return None
-    pf = pq.ParquetFile(path)
-    if "shard" not in pf.schema_arrow.names:
-        return None
-
-    def shards() -> Iterator[tuple[str, list[str]]]:
-        current, keys, seen = None, [], set()
-        for batch in pf.iter_batches(batch_size=65536, columns=["key", "split", "shard"]):
-            batch = batch.filter(pc.equal(batch.column("split"), split))
-            for key, shard in zip(batch.column("key").to_pylist(), batch.column("shard").to_pylist(), strict=True):
-                if shard != current:
-                    if current is not None:
-                        yield current, keys
-                    if shard in seen:
-                        raise ConfigError(f"{path}: rows of shard {shard} are not together; rerun prepare")
-                    current, keys = shard, []
-                    seen.add(shard)
-                keys.append(key)
-        if current is not None:
-            yield current, keys
-
-    return shards()
-
-
-def shard_paths(directory: Path, manifest: dict, split: str) -> list[Path]:
-    return [directory / s["file"] for s in manifest["splits"].get(split, {}).get("shards", [])]
-
-
-def shard_rows(manifest: dict, split: str) -> dict[str, int]:
-    """Shard file name -> sample count, as the manifest records it."""
-    return {s["file"]: s["samples"] for s in manifest["splits"].get(split, {}).get("shards", [])}
 
 
 def _stratified(labels: np.ndarray, per_class: int | None, val_per_class: int, rng: np.random.Generator,

@@ -17,7 +17,7 @@ from pathlib import Path
 from . import evaluation, health, models, plots, robustness
 from .artifacts import read_json, write_bytes_atomic, write_json_atomic
 from .config import Config, ConfigError, to_dict
-from .prepare import require_data
+from .dataset import PreparedData
 from .rounds import card, round_dir
 
 
@@ -69,7 +69,7 @@ def evaluate_models(cfg: Config, targets: list[tuple[str, Path, int | None]], te
         m = evaluation.load(directory)
         cfg_json = read_json(directory / models.TIMM_CONFIG)
         e = Entry(label, directory, k, arch=cfg_json.get("architecture", ""), params=models.num_params(m.model),
-                  macs=evaluation.macs(m.model, m.model.default_cfg["input_size"][0], m.prep["size"]), card=m.card)
+                  macs=evaluation.macs(m.model, m.model.default_cfg["input_size"][0], m.prep.size), card=m.card)
         e.clean = evaluation.clean(m, test, ecfg, accelerator, progress, cfg.data.max_bad_share)
         if robust:
             subset = evaluation.load_subset(test, m.prep, ecfg.subset, ecfg.seed)
@@ -307,10 +307,10 @@ def evaluate(cfg: Config, model_dirs: list[str] | None = None, test_spec: str | 
         if accelerator.is_main_process:
             prepare_test(test_spec, cfg, progress)
         accelerator.wait_for_everyone()
-        ddir, manifest = prepare_test(test_spec, cfg, progress=False)
+        data = PreparedData(*prepare_test(test_spec, cfg, progress=False))
     else:
-        ddir, manifest = require_data(cfg)
-    test = evaluation.test_set(ddir, manifest)
+        data = PreparedData.open(cfg)
+    test = evaluation.test_set(data)
     entries = evaluate_models(cfg, targets, test, cfg.evaluate.robustness, accelerator, progress)
     path = None
     if accelerator.is_main_process:

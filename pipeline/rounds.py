@@ -10,7 +10,6 @@ means the round is finished), ``pseudo_labels/`` for k >= 1, and ``state/`` whil
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,11 +17,11 @@ import torch
 from . import budget, evaluation, labeling, models, noise, pseudo_labels, selection
 from .artifacts import read_json, sha256_file
 from .config import RUNTIME_KEYS, Config, ConfigError, _build, flatten, for_round, per_round, to_dict
+from .dataset import PreparedData, Preprocessing, data_dir
 from .finish import card, finish
 from .loaders import StreamSpec
 from .objectives import NoisyStudent
-from .prepare import MANIFEST as DATA_MANIFEST
-from .prepare import TRUTH, data_dir, prepare, require_data, shard_paths, shard_rows, split_keys
+from .prepare import prepare
 from .runtime import make_accelerator
 from .trainer import Job, train
 from .transforms import train_transform
@@ -72,17 +71,10 @@ def check_unchanged(cfg: Config, k: int, made: dict) -> None:
             + "; give a new name=... to start another experiment")
 
 
-def prep_for(cfg: Config, manifest: dict) -> dict:
-    img = manifest["image"]
-    size = cfg.model.image_size or img["size"][0]
-    return {"mode": img["mode"], "size": size, "mean": img["mean"], "std": img["std"]}
-
-
-def _labeled_spec(cfg: Config, ddir: Path, manifest: dict, prep: dict, tcfg, accelerator) -> StreamSpec:
-    return StreamSpec(shards=[str(p) for p in shard_paths(ddir, manifest, "labeled")], mode=prep["mode"],
-                      transform=train_transform(prep["size"], tcfg), rank=accelerator.process_index,
-                      world=accelerator.num_processes, seed=cfg.seed, buffer=2000,
-                      rows=shard_rows(manifest, "labeled"))
+def _labeled_spec(cfg: Config, data: PreparedData, prep: Preprocessing, tcfg, accelerator) -> StreamSpec:
+    return StreamSpec(shards=[str(p) for p in data.shards("labeled")], mode=prep.mode,
+                      transform=train_transform(prep.size, tcfg), rank=accelerator.process_index,
+                      world=accelerator.num_processes, seed=cfg.seed, buffer=2000, rows=data.rows("labeled"))
 
 
 def arch_of(cfg: Config, k: int) -> str:
@@ -95,15 +87,13 @@ def arch_of(cfg: Config, k: int) -> str:
 def pseudo_label(cfg: Config, k: int, progress: bool = True, teacher_dir: Path | None = None) -> dict:
     """Label the unlabeled shards with round k-1's model into round-k/pseudo_labels/ (resumable)."""
     accelerator = make_accelerator()
-    ddir, manifest = require_data(cfg)
+    data = PreparedData.open(cfg)
     teacher_dir = teacher_dir or round_dir(cfg, k - 1)
     if card(teacher_dir) is None:
         raise ConfigError(f"teacher model not found or unfinished: {teacher_dir}")
     teacher_sha = sha256_file(teacher_dir / models.WEIGHTS)
     out = round_dir(cfg, k) / "pseudo_labels"
-    shards = shard_paths(ddir, manifest, "unlabeled")
-    rows = shard_rows(manifest, "unlabeled")
-    names = manifest["class_names"]
+    shards, rows, names = data.shards("unlabeled"), data.rows("unlabeled"), data.class_names
     try:
         return pseudo_labels.check(out, rows, teacher_sha, names, cfg.pseudo_label.tta)
     except ConfigError:
@@ -121,11 +111,11 @@ def pseudo_label(cfg: Config, k: int, progress: bool = True, teacher_dir: Path |
     result = {}
     if accelerator.is_main_process:
         seconds = time.time() - t0
-        stats = pseudo_labels.summarize(out, shards, len(names), ddir / TRUTH)
+        stats = pseudo_labels.summarize(out, shards, len(names), data.truth)
         stats.update({"labeled_now": int(counts), "seconds": round(seconds, 1),
                       "img_s": round(counts / max(seconds, 1e-9), 1)})
         result = pseudo_labels.write_manifest(out, shards, teacher_dir, teacher_sha, names, stats,
-                                              sha256_file(ddir / DATA_MANIFEST), cfg.pseudo_label.tta)
+                                              data.manifest_sha256, cfg.pseudo_label.tta)
         acc = stats.get("accuracy")
         accelerator.print(
             f"pseudo-labeled {stats['samples']} samples ({counts} now on {accelerator.num_processes} process(es), "
@@ -148,43 +138,24 @@ def train_round(cfg: Config, k: int, progress: bool = True) -> dict:
     accelerator = make_accelerator()
     set_seed(cfg.seed + k)
     t0 = time.time()
-    data = _Data.of(cfg)
+    data = PreparedData.open(cfg)
+    prep = data.preprocessing(cfg.model.image_size)
     tcfg = for_round(cfg.teacher, 1) if k == 0 else for_round(cfg.student, k)
     job = Job(phase="train", cfg=tcfg, epochs=per_round(tcfg.epochs, 1), lr=tcfg.lr,
-              labeled=_labeled_spec(cfg, data.dir, data.manifest, data.prep, tcfg, accelerator),
-              labeled_total=data.manifest["splits"]["labeled"]["count"], prep=data.prep,
-              max_bad_share=cfg.data.max_bad_share)
-    parents: dict = {"data_manifest_sha256": sha256_file(data.dir / DATA_MANIFEST), "data_dir": str(data.dir)}
+              labeled=_labeled_spec(cfg, data, prep, tcfg, accelerator), labeled_total=data.count("labeled"),
+              prep=prep, max_bad_share=cfg.data.max_bad_share)
+    parents: dict = {"data_manifest_sha256": data.manifest_sha256, "data_dir": str(data.dir)}
     pl_manifest, selection = _select_pseudo_labels(cfg, k, data, job, parents, accelerator) if k else ({}, {})
-    model = _create_or_grow(cfg, k, data, tcfg, parents, accelerator)
+    model = _create_or_grow(cfg, k, data, prep, tcfg, parents, accelerator)
     planned = _plan(cfg, k, job, model, out, accelerator, data, pl_manifest)
     stats = _train(cfg, k, model, job, out, progress)
-    return _finish(cfg, k, out, model, data, accelerator, progress, t0, stats, pl_manifest, {
+    return _finish(cfg, k, out, model, data, prep, accelerator, progress, t0, stats, pl_manifest, {
         "round": k, "role": "teacher" if k == 0 else "student", "arch": arch_of(cfg, k), "train": stats,
         "noise": noise.describe(tcfg), "selection": selection, "parents": parents, "config": to_dict(cfg),
         "budget": planned})
 
 
-@dataclass
-class _Data:
-    """The prepared data a round reads: directory, manifest, the model's preprocessing, class names."""
-
-    dir: Path
-    manifest: dict
-    prep: dict
-    names: list[str]
-
-    @classmethod
-    def of(cls, cfg: Config) -> _Data:
-        ddir, manifest = require_data(cfg)
-        return cls(ddir, manifest, prep_for(cfg, manifest), manifest["class_names"])
-
-    @property
-    def in_chans(self) -> int:
-        return 1 if self.prep["mode"] == "L" else 3
-
-
-def _select_pseudo_labels(cfg: Config, k: int, data: _Data, job: Job, parents: dict, accelerator
+def _select_pseudo_labels(cfg: Config, k: int, data: PreparedData, job: Job, parents: dict, accelerator
                           ) -> tuple[dict, dict]:
     """Round k's student data: the teacher's pseudo labels, selected (threshold, balance, sharpening)
     into the job's second stream, and the Noisy Student objective. Returns (pseudo-label manifest, selection)."""
@@ -193,13 +164,11 @@ def _select_pseudo_labels(cfg: Config, k: int, data: _Data, job: Job, parents: d
         raise ConfigError(f"round {k} needs the finished round {k - 1} model in {teacher_dir}")
     teacher_sha = sha256_file(teacher_dir / models.WEIGHTS)
     pl_dir = round_dir(cfg, k) / "pseudo_labels"
-    shards = shard_paths(data.dir, data.manifest, "unlabeled")
-    rows = shard_rows(data.manifest, "unlabeled")
-    pl_manifest = pseudo_labels.check(pl_dir, rows, teacher_sha, data.names, cfg.pseudo_label.tta,
-                                      split_keys(data.dir, data.manifest, "unlabeled"))
-    targets, chosen = selection.student_targets(pl_dir, shards, cfg.student, len(data.names))
-    job.unlabeled = StreamSpec(shards=[str(s) for s in shards], mode=data.prep["mode"],
-                               transform=train_transform(data.prep["size"], job.cfg), rank=accelerator.process_index,
+    shards, rows, names = data.shards("unlabeled"), data.rows("unlabeled"), data.class_names
+    pl_manifest = pseudo_labels.check(pl_dir, rows, teacher_sha, names, cfg.pseudo_label.tta, data.keys("unlabeled"))
+    targets, chosen = selection.student_targets(pl_dir, shards, cfg.student, len(names))
+    job.unlabeled = StreamSpec(shards=[str(s) for s in shards], mode=job.prep.mode,
+                               transform=train_transform(job.prep.size, job.cfg), rank=accelerator.process_index,
                                world=accelerator.num_processes, seed=cfg.seed + 7919 * k, buffer=5000,
                                targets=targets, rows=rows)
     job.unlabeled_total = targets.total
@@ -212,12 +181,13 @@ def _select_pseudo_labels(cfg: Config, k: int, data: _Data, job: Job, parents: d
     return pl_manifest, chosen
 
 
-def _create_or_grow(cfg: Config, k: int, data: _Data, tcfg, parents: dict, accelerator) -> torch.nn.Module:
+def _create_or_grow(cfg: Config, k: int, data: PreparedData, prep: Preprocessing, tcfg, parents: dict, accelerator
+                    ) -> torch.nn.Module:
     """Round k's model with its noise; a student with ``init_from_teacher`` starts from (grows from) its teacher."""
     arch = arch_of(cfg, k)
     if k == 0:
-        accelerator.print(f"round 0: teacher {arch} on {data.manifest['splits']['labeled']['count']} labeled images")
-    model = models.create_model(arch, len(data.names), data.in_chans, cfg.model.pretrained if k == 0 else False,
+        accelerator.print(f"round 0: teacher {arch} on {data.count('labeled')} labeled images")
+    model = models.create_model(arch, len(data.class_names), prep.in_chans, cfg.model.pretrained if k == 0 else False,
                                 **noise.model_noise(tcfg))
     if k >= 1 and cfg.student.init_from_teacher:
         from safetensors.torch import load_file
@@ -227,7 +197,7 @@ def _create_or_grow(cfg: Config, k: int, data: _Data, tcfg, parents: dict, accel
     return model
 
 
-def _plan(cfg: Config, k: int, job: Job, model: torch.nn.Module, out: Path, accelerator, data: _Data,
+def _plan(cfg: Config, k: int, job: Job, model: torch.nn.Module, out: Path, accelerator, data: PreparedData,
           pl_manifest: dict) -> dict | None:
     """Under ``cfg.budget``, set the job's epochs from the round's plan (``budget.py``); returns the plan."""
     if cfg.budget is None:
@@ -249,7 +219,8 @@ def _train(cfg: Config, k: int, model: torch.nn.Module, job: Job, out: Path, pro
     return stats
 
 
-def _finish(cfg: Config, k: int, out: Path, model: torch.nn.Module, data: _Data, accelerator, progress: bool,
+def _finish(cfg: Config, k: int, out: Path, model: torch.nn.Module, data: PreparedData, prep: Preprocessing,
+            accelerator, progress: bool,
             t0: float, stats: list[dict], pl_manifest: dict, card_fields: dict) -> dict:
     """Score the round (test unless ``evaluate.test`` is off, and val) and write its model directory and card."""
     pl_stats = pl_manifest.get("stats", {})
@@ -259,10 +230,10 @@ def _finish(cfg: Config, k: int, out: Path, model: torch.nn.Module, data: _Data,
                "train_seconds": round(sum(s["seconds"] for s in stats), 1), "train_img_s": stats[0]["img_s"]}
     scored = {}
     if cfg.evaluate.test:
-        scored["test"] = evaluation.test_set(data.dir, data.manifest)
-    if data.manifest["splits"].get("val", {}).get("count"):
-        scored["val"] = evaluation.test_set(data.dir, data.manifest, "val")
-    result = finish(out, model, data.names, data.prep, scored, cfg.evaluate, accelerator, metrics, card_fields,
+        scored["test"] = evaluation.test_set(data)
+    if data.count("val"):
+        scored["val"] = evaluation.test_set(data, "val")
+    result = finish(out, model, data.class_names, prep, scored, cfg.evaluate, accelerator, metrics, card_fields,
                     progress, cfg.data.max_bad_share, started=t0, earlier_s=metrics["pseudo_label_seconds"] or 0)
     if accelerator.is_main_process:
         m = result["metrics"]
@@ -287,8 +258,7 @@ def iterate(cfg: Config, last_round: int, progress: bool = True) -> list[dict]:
             budget.start(cfg, last_round)
         prepare(cfg, progress=progress)
     accelerator.wait_for_everyone()
-    ddir, manifest = require_data(cfg)
-    test = evaluation.test_set(ddir, manifest)
+    test = evaluation.test_set(PreparedData.open(cfg))
     rows = []
     for k in range(last_round + 1):
         if k >= 1 and card(round_dir(cfg, k)) is None:

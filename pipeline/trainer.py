@@ -27,6 +27,7 @@ from . import failpoints, precision
 from .artifacts import TMP_PREFIX, read_json, write_json_atomic
 from .bad_samples import SkipLog
 from .config import TrainConfig
+from .dataset import Preprocessing
 from .errors import ConfigError
 from .loaders import StreamSpec, endless_batches, epoch_batches
 from .objectives import Batch, Objective, Supervised
@@ -44,7 +45,7 @@ class Job:
     lr: float
     labeled: StreamSpec
     labeled_total: int
-    prep: dict  # mode, size, mean, std
+    prep: Preprocessing  # mode, size, mean, std
     unlabeled: StreamSpec | None = None
     unlabeled_total: int = 0
     unlabeled_ratio: int = 0
@@ -179,7 +180,7 @@ def _setup(model: torch.nn.Module, job: Job) -> _Run:
                 objective=job.objective or Supervised(cfg.label_smoothing), dtype=dtype,
                 autocast=precision.autocast(dtype, device), scaler=precision.grad_scaler(dtype),
                 augment=batch_augment(cfg),  # None: the stream's per-image transform did it
-                mean=torch.tensor(job.prep["mean"], device=device), std=torch.tensor(job.prep["std"], device=device),
+                mean=torch.tensor(job.prep.mean, device=device), std=torch.tensor(job.prep.std, device=device),
                 steps_per_epoch=spe, images_per_step=images_per_step(job, world))
 
 

@@ -22,6 +22,7 @@ from pipeline import labeling
 from pipeline import pseudo_labels as pl
 from pipeline.bad_samples import Skip, SkipLog
 from pipeline.config import ConfigError
+from pipeline.dataset import Preprocessing
 from pipeline.errors import DataError
 from pipeline.images import BadImage, decode_image
 from pipeline.loaders import StreamSpec, epoch_batches, eval_batches
@@ -152,7 +153,7 @@ def test_pseudo_label_skips_bad_samples_and_records_them(bad_shard, tmp_path):
     shutil.copy(bad_shard, unl)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 3))
     out = tmp_path / "pl"
-    prep = {"mode": "L", "size": 16, "mean": [0.5], "std": [0.5]}
+    prep = Preprocessing.of("L", 16, [0.5], [0.5])
     res = labeling.label_shards(model, [unl], out, shard_rows={unl.name: 19}, teacher_sha256="t" * 64,
                           class_names=["a", "b", "c"], prep=prep, batch_size=4, workers=0,
                           accelerator=Accelerator(cpu=True), progress=False, max_bad_share=0.5)

@@ -5,8 +5,9 @@ import torch
 from conftest import tiny_overrides
 
 from pipeline.config import load_config
+from pipeline.dataset import PreparedData
 from pipeline.loaders import ShardStream, StreamSpec, epoch_batches
-from pipeline.prepare import load_manifest, prepare, shard_paths
+from pipeline.prepare import load_manifest, prepare
 from pipeline.shards import assign, write_shard
 from pipeline.transforms import eval_transform
 
@@ -42,7 +43,7 @@ def _keys(spec, epoch, world=1):
 
 def test_stream_is_seeded_per_epoch_and_split_by_rank(prepared):
     out, m = prepared
-    shards = [str(p) for p in shard_paths(out, m, "unlabeled")]
+    shards = [str(p) for p in PreparedData(out, m).shards("unlabeled")]
     labels = {p: None for p in shards}
     spec = StreamSpec(shards=shards, mode="L", transform=eval_transform(16), seed=3,
                       targets=lambda s: _all_targets(s, labels))

@@ -23,7 +23,7 @@ def test_model_dir_rebuilds_through_timm_local_dir(tmp_path):
     ours, _ = models.load_model_dir(tmp_path)
     with torch.no_grad():
         assert torch.equal(m(x), again(x)) and torch.equal(m(x), ours(x))
-    assert models.preprocessing(cfg) == {"mode": "L", "size": 16, "mean": [0.3], "std": [0.2]}
+    assert models.preprocessing(cfg).as_dict() == {"mode": "L", "size": 16, "mean": [0.3], "std": [0.2]}
     assert not list(tmp_path.glob(".tmp-*"))
 
 

@@ -11,7 +11,8 @@ from conftest import make_folder, tiny_overrides
 from PIL import Image
 
 from pipeline.config import ConfigError, load_config
-from pipeline.prepare import data_dir, load_manifest, prepare, shard_paths
+from pipeline.dataset import PreparedData, data_dir
+from pipeline.prepare import load_manifest, prepare
 from pipeline.shards import iter_samples
 
 
@@ -34,7 +35,7 @@ def test_split_is_stratified_and_keys_unique(tiny_data, tmp_path):
     assert m["class_names"] == ["class_0", "class_1", "class_2", "class_3"]
     keys = []
     for split in ("labeled", "val", "unlabeled", "test"):
-        samples = _all_samples(shard_paths(out, m, split))
+        samples = _all_samples(PreparedData(out, m).shards(split))
         assert len(samples) == m["splits"][split]["count"]
         keys += [s["__key__"] for s in samples]
         has_label = all("cls" in s for s in samples)
@@ -54,7 +55,7 @@ def test_original_bytes_kept_for_encoded_sources(tiny_data, tmp_path):
     out = prepare(cfg, progress=False)
     m = load_manifest(out)
     originals = {p.read_bytes() for p in src.rglob("*.jpg")}
-    samples = _all_samples(shard_paths(out, m, "labeled") + shard_paths(out, m, "unlabeled"))
+    samples = _all_samples(PreparedData(out, m).shards("labeled") + PreparedData(out, m).shards("unlabeled"))
     assert samples and all("jpg" in s and s["jpg"] in originals for s in samples)
 
 
@@ -113,7 +114,7 @@ def test_unlabeled_directory_any_layout(tiny_data, tmp_path):
     cfg = _cfg(tiny_data, tmp_path, f"data.unlabeled={tmp_path / 'pool'}")
     out = prepare(cfg, progress=False)
     m = load_manifest(out)
-    samples = _all_samples(shard_paths(out, m, "unlabeled"))
+    samples = _all_samples(PreparedData(out, m).shards("unlabeled"))
     assert len(samples) == 7 and all("cls" not in s for s in samples)
     origins = pq.read_table(out / "sources.parquet").to_pylist()
     pool_origins = sorted(o["origin"] for o in origins if o["split"] == "unlabeled")
@@ -242,7 +243,7 @@ def test_pool_from_shards_is_read_by_offset_not_held_in_memory(tiny_data, tmp_pa
     m = load_manifest(out)
     assert m["splits"]["unlabeled"]["count"] == 15 and m["bad_samples"]["skipped"] == 3
     origins = {o["key"]: o["origin"] for o in pq.read_table(out / "sources.parquet").to_pylist()}
-    got = {origins[s["__key__"]]: s["png"] for s in _all_samples(shard_paths(out, m, "unlabeled"))}
+    got = {origins[s["__key__"]]: s["png"] for s in _all_samples(PreparedData(out, m).shards("unlabeled"))}
     assert got == want
     assert not list(out.glob(".tmp-*"))  # the gzipped shard's copy is gone
 

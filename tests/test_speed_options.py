@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from pipeline import labeling, precision
 from pipeline import pseudo_labels as pl
 from pipeline.config import ConfigError, load_config
+from pipeline.dataset import Preprocessing
 from pipeline.models import create_model
 from pipeline.shards import write_shard
 
@@ -57,7 +58,7 @@ def test_pseudo_labels_in_bf16_channels_last_and_compiled_match_fp32_and_record_
     shard = _pool_shard(tmp_path / "unlabeled-000000.tar")
     torch.manual_seed(0)
     model = create_model("resnet10t", 4, 1).eval()
-    prep = {"mode": "L", "size": 16, "mean": [0.5], "std": [0.5]}
+    prep = Preprocessing.of("L", 16, [0.5], [0.5])
     names = ["a", "b", "c", "d"]
     got = {}
     for run, opts in {"fp32": {}, "fast": {"mixed_precision": "bf16", "channels_last": True, "compile": "eager"}}.items():

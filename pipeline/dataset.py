@@ -1,0 +1,155 @@
+"""The prepared dataset as every stage reads it (``prepare.py`` writes it).
+
+``PreparedData``: a data directory and its manifest, verified against the shards' hashes when
+opened; the shards, row counts and keys of each split; the class names. ``Preprocessing``: what a
+model takes as input (mode, size, normalisation), from the data's statistics or from a model
+directory's config.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .artifacts import read_json, sha256_file, short_hash
+from .config import Config, DataConfig, to_dict
+from .errors import ConfigError, DataError
+
+MANIFEST = "manifest.json"
+TRUTH = "unlabeled-truth.parquet"
+ORIGINS = "sources.parquet"  # key, split, where each sample came from (path, archive member, index)
+_DATA_RUNTIME_KEYS = {"root", "download", "max_bad_share"}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """A model's input: image mode ("L" or "RGB"), square size, per-channel mean and std."""
+
+    mode: str
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def in_chans(self) -> int:
+        return 1 if self.mode == "L" else 3
+
+    def as_dict(self) -> dict:
+        return {"mode": self.mode, "size": self.size, "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def of(cls, mode: str, size: int, mean, std) -> Preprocessing:
+        return cls(mode, int(size), tuple(float(v) for v in mean), tuple(float(v) for v in std))
+
+
+def data_identity(data: DataConfig) -> dict:
+    return {k: v for k, v in to_dict(data).items() if k not in _DATA_RUNTIME_KEYS}
+
+
+def data_dir(cfg: Config) -> Path:
+    """``<runs_dir>/data/<source>-<hash>``: shared by experiments with the same data config."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", Path(cfg.data.source).name.split(".")[0]).strip("_").lower()
+    return Path(cfg.runs_dir) / "data" / f"{slug or 'data'}-{short_hash(data_identity(cfg.data))}"
+
+
+@dataclass
+class PreparedData:
+    """A prepared data directory and its manifest."""
+
+    dir: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, cfg: Config) -> PreparedData:
+        """The prepared data of ``cfg`` with every shard checked against its manifest's sha256, or a
+        UserError saying what is wrong and how to mend it."""
+        d = data_dir(cfg)
+        mpath = d / MANIFEST
+        if not mpath.is_file():
+            raise ConfigError(f"prepared data not found in {d}: run stages/prepare_data.py with the same config")
+        manifest = read_json(mpath)
+        shards = [(d / sh["file"], sh) for split in manifest["splits"].values() for sh in split["shards"]]
+        stats = [(str(p), sh["sha256"], (st.st_size, st.st_mtime_ns, st.st_ino) if (st := _stat(p)) else None)
+                 for p, sh in shards]
+        if _VERIFIED.get(d) != stats:  # hashed once per process while no file changes (iterate asks per stage)
+            for (p, sh), (_, _, st) in zip(shards, stats, strict=True):
+                if st is None or st[0] != sh["bytes"] or sha256_file(p) != sh["sha256"]:
+                    raise DataError(f"shard {p} is missing or does not match its manifest (sha256): it was changed "
+                                    f"or damaged after prepare; rerun stages/prepare_data.py with the same config "
+                                    f"to rebuild it")
+            _VERIFIED[d] = stats
+        return cls(d, manifest)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.manifest["class_names"])
+
+    @property
+    def manifest_sha256(self) -> str:
+        return sha256_file(self.dir / MANIFEST)
+
+    @property
+    def truth(self) -> Path:
+        """The pool's hidden labels (a diagnostic for pseudo-label accuracy), when the source had them."""
+        return self.dir / TRUTH
+
+    def count(self, split: str) -> int:
+        return int(self.manifest["splits"].get(split, {}).get("count", 0) or 0)
+
+    def shards(self, split: str) -> list[Path]:
+        return [self.dir / s["file"] for s in self.manifest["splits"].get(split, {}).get("shards", [])]
+
+    def rows(self, split: str) -> dict[str, int]:
+        """Shard file name -> sample count, as the manifest records it."""
+        return {s["file"]: s["samples"] for s in self.manifest["splits"].get(split, {}).get("shards", [])}
+
+    def keys(self, split: str) -> Iterator[tuple[str, list[str]]] | None:
+        """(shard file name, its keys in order) for each shard of ``split``, streamed from the origins
+        table one shard at a time (its rows are grouped by shard); None for data made without it."""
+        return split_keys(self.dir, self.manifest, split)
+
+    def preprocessing(self, image_size: int | None = None) -> Preprocessing:
+        """The input a model trained on this data takes (``model.image_size`` overrides the size)."""
+        img = self.manifest["image"]
+        return Preprocessing.of(img["mode"], image_size or img["size"][0], img["mean"], img["std"])
+
+
+def _stat(p: Path):
+    return p.stat() if p.is_file() else None
+
+
+_VERIFIED: dict[Path, list] = {}  # data dir -> the shard stats it was last verified with
+
+
+def split_keys(directory: Path, manifest: dict, split: str) -> Iterator[tuple[str, list[str]]] | None:
+    """``PreparedData.keys`` for a directory and manifest (prepare reads them before it is finished)."""
+    path = directory / ORIGINS
+    entry = manifest.get("origins")
+    if not path.is_file() or entry is None or sha256_file(path) != entry["sha256"]:
+        return None
+    pf = pq.ParquetFile(path)
+    if "shard" not in pf.schema_arrow.names:
+        return None
+
+    def shards() -> Iterator[tuple[str, list[str]]]:
+        current, keys, seen = None, [], set()
+        for batch in pf.iter_batches(batch_size=65536, columns=["key", "split", "shard"]):
+            batch = batch.filter(pc.equal(batch.column("split"), split))
+            for key, shard in zip(batch.column("key").to_pylist(), batch.column("shard").to_pylist(), strict=True):
+                if shard != current:
+                    if current is not None:
+                        yield current, keys
+                    if shard in seen:
+                        raise ConfigError(f"{path}: rows of shard {shard} are not together; rerun prepare")
+                    current, keys = shard, []
+                    seen.add(shard)
+                keys.append(key)
+        if current is not None:
+            yield current, keys
+
+    return shards()
