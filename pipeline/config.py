@@ -22,8 +22,14 @@ from .errors import ConfigError
 __all__ = ["ConfigError"]  # re-exported: config errors are raised where configs are read
 
 
-def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> dict:
-    return {"lo": lo, "hi": hi, "lo_open": lo_open}
+def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = False, **flags: bool) -> dict:
+    return {"lo": lo, "hi": hi, "lo_open": lo_open, **flags}
+
+
+# field metadata flags, the one place that says what a key means for what was made:
+#   runtime: changes how fast a stage runs, never what it makes (a finished round ignores it)
+#   per_round: a list gives one value per student round, the last repeating
+RUNTIME = {"runtime": True}
 
 
 @dataclass
@@ -33,8 +39,8 @@ class DataConfig:
     source: str = "FashionMNIST"  # torchvision name, ImageFolder directory, or .tar/.tar.gz of one
     test_source: str | None = None  # for folder/archive sources; torchvision names use their test split
     unlabeled: str = "rest"  # "rest" of source, a directory/archive of images, or a shard brace pattern
-    root: str | None = None  # where torchvision files live; else $NS_DATA_ROOT, ../shared/data, ./data
-    download: bool = True  # let torchvision download when the files are not found
+    root: str | None = field(default=None, metadata=RUNTIME)  # where torchvision files live; else $NS_DATA_ROOT, ../shared/data, ./data
+    download: bool = field(default=True, metadata=RUNTIME)  # let torchvision download when the files are not found
     labeled_per_class: int | None = field(default=100, metadata=_range(1))  # null: every image
     val_per_class: int = field(default=0, metadata=_range(0))
     seed: int = 0
@@ -43,7 +49,7 @@ class DataConfig:
     max_test: int | None = field(default=None, metadata=_range(1))
     # bad samples (undecodable, unlabeled, damaged shards) are skipped and counted; past this share
     # of a stage's samples the stage stops instead
-    max_bad_share: float = field(default=0.01, metadata=_range(0, 1))
+    max_bad_share: float = field(default=0.01, metadata=_range(0, 1, runtime=True))
 
 
 @dataclass
@@ -61,14 +67,14 @@ class ModelConfig:
 class RandAugmentConfig:
     enabled: bool = True
     n: int = field(default=2, metadata=_range(0))
-    m: int | list[int] = field(default=9, metadata=_range(0, 30))  # a list: one value per round
+    m: int | list[int] = field(default=9, metadata=_range(0, 30, per_round=True))
 
 
 @dataclass
 class TrainConfig:
     """One training run (teacher, student or fine-tune): optimisation, augmentation and noise."""
 
-    epochs: int | list[int] = field(default=30, metadata=_range(1))  # a list gives one value per round (students), last repeats
+    epochs: int | list[int] = field(default=30, metadata=_range(1, per_round=True))
     batch_size: int = field(default=128, metadata=_range(1))
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = field(default=2e-3, metadata=_range(0, lo_open=True))
@@ -79,10 +85,11 @@ class TrainConfig:
     grad_accum: int = field(default=1, metadata=_range(1))
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU and bf16-capable CPUs
     channels_last: bool = False
-    compile: bool | str = False  # torch.compile the model: true (inductor) or a backend name; slow first steps
+    # torch.compile the model: true (inductor) or a backend name; slow first steps
+    compile: bool | str = field(default=False, metadata=RUNTIME)
     ema: bool = False
     ema_decay: float = field(default=0.999, metadata=_range(0, 1))
-    workers: int = field(default=1, metadata=_range(0))
+    workers: int = field(default=1, metadata=_range(0, runtime=True))
     crop_pad: int = field(default=2, metadata=_range(0))  # random crop with this padding (0: off)
     hflip: bool = True
     drop_rate: float = field(default=0.0, metadata=_range(0, 1))
@@ -98,8 +105,8 @@ class TrainConfig:
 class StudentConfig(TrainConfig):
     """A noised student: training settings plus how pseudo labels are used."""
 
-    drop_rate: float | list[float] = field(default=0.3, metadata=_range(0, 1))  # list: per round
-    drop_path_rate: float | list[float] = field(default=0.1, metadata=_range(0, 1))
+    drop_rate: float | list[float] = field(default=0.3, metadata=_range(0, 1, per_round=True))
+    drop_path_rate: float | list[float] = field(default=0.1, metadata=_range(0, 1, per_round=True))
     randaugment: RandAugmentConfig = field(default_factory=RandAugmentConfig)
     threshold: float = field(default=0.3, metadata=_range(0, 1))
     balance: bool = True
@@ -132,14 +139,14 @@ class DistillConfig(TrainConfig):
 
 @dataclass
 class PseudoLabelConfig:
-    batch_size: int = field(default=512, metadata=_range(1))
-    workers: int = field(default=1, metadata=_range(0))
+    batch_size: int = field(default=512, metadata=_range(1, runtime=True))
+    workers: int = field(default=1, metadata=_range(0, runtime=True))
     tta: bool = False  # average each image's and its mirror's probabilities (no noise; 2x the cost)
     # auto: bf16 on GPU, fp32 on CPU (exact); bf16 also runs on bf16-capable CPUs. Recorded in each
     # file's metadata; finished files are kept when it changes, like batch size.
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    channels_last: bool = False
-    compile: bool | str = False  # torch.compile the teacher: true (inductor) or a backend name
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = field(default="auto", metadata=RUNTIME)
+    channels_last: bool = field(default=False, metadata=RUNTIME)
+    compile: bool | str = field(default=False, metadata=RUNTIME)  # torch.compile the teacher: true or a backend name
 
 
 @dataclass
@@ -163,10 +170,10 @@ class EvaluateConfig:
 class Config:
     name: str = ""  # experiment name; default: the config file's stem
     seed: int = 0
-    runs_dir: str = "runs"
+    runs_dir: str = field(default="runs", metadata=RUNTIME)
     # `make iterate BUDGET=60m`: plan each round's epochs from its measured img/s so the run ends within
     # this time (60m, 1.5h, 900s); null: the fixed schedules of the config (reproducible)
-    budget: str | float | None = None
+    budget: str | float | None = field(default=None, metadata=RUNTIME)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TrainConfig = field(default_factory=TrainConfig)
@@ -180,11 +187,19 @@ class Config:
         return Path(self.runs_dir) / self.name
 
 
-# keys that change how fast a stage runs, never what it makes
-RUNTIME_KEYS = {"runs_dir", "pseudo_label.batch_size", "pseudo_label.workers", "teacher.workers",
-                "student.workers", "data.root", "data.download", "data.max_bad_share",
-                "pseudo_label.mixed_precision", "pseudo_label.channels_last", "pseudo_label.compile",
-                "teacher.compile", "student.compile", "budget"}
+def flagged(cls: type, flag: str, prefix: str = "") -> set[str]:
+    """Dotted keys of the config dataclass ``cls`` (nested sections included) whose field metadata sets ``flag``."""
+    keys, hints = set(), typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys |= flagged(hints[f.name], flag, f"{prefix}{f.name}.")
+        elif f.metadata.get(flag):
+            keys.add(prefix + f.name)
+    return keys
+
+
+RUNTIME_KEYS = flagged(Config, "runtime")  # how fast, never what: finished work ignores them
+PER_ROUND_KEYS = {k for k in flagged(Config, "per_round") if k.startswith("student.")}
 COMPILE_KEYS = ("teacher.compile", "student.compile", "pseudo_label.compile", "distill.compile")
 
 

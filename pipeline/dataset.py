@@ -17,13 +17,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .artifacts import read_json, sha256_file, short_hash
-from .config import Config, DataConfig, to_dict
+from .config import RUNTIME_KEYS, Config, DataConfig, to_dict
 from .errors import ConfigError, DataError
 
 MANIFEST = "manifest.json"
 TRUTH = "unlabeled-truth.parquet"
 ORIGINS = "sources.parquet"  # key, split, where each sample came from (path, archive member, index)
-_DATA_RUNTIME_KEYS = {"root", "download", "max_bad_share"}
 
 
 @dataclass(frozen=True)
@@ -48,7 +47,9 @@ class Preprocessing:
 
 
 def data_identity(data: DataConfig) -> dict:
-    return {k: v for k, v in to_dict(data).items() if k not in _DATA_RUNTIME_KEYS}
+    """What the prepared data depends on: the data section without its runtime keys."""
+    runtime = {k.split(".", 1)[1] for k in RUNTIME_KEYS if k.startswith("data.")}
+    return {k: v for k, v in to_dict(data).items() if k not in runtime}
 
 
 def data_dir(cfg: Config) -> Path:

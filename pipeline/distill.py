@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from . import evaluation, labeling, models, noise, pseudo_labels
 from .artifacts import sha256_file
-from .config import Config, ConfigError, DistillConfig, per_round, to_dict
+from .config import RUNTIME_KEYS, Config, ConfigError, DistillConfig, per_round, to_dict
 from .dataset import PreparedData, Preprocessing
 from .finish import card, finish
 from .loaders import StreamSpec
@@ -144,9 +144,14 @@ def _offline_targets(cfg: Config, out: Path, teacher: torch.nn.Module, teacher_s
 
 
 def _relevant(dcfg: DistillConfig) -> dict:
-    d = to_dict(dcfg)
-    d.pop("workers", None)
-    return d
+    """What a distilled model depends on: the distill section without its runtime keys."""
+    runtime = {k.split(".", 1)[1] for k in RUNTIME_KEYS if k.startswith("distill.")}
+    return {k: v for k, v in to_dict(dcfg).items() if k not in runtime}
+
+
+def _same(made: dict, now: dict) -> str | None:
+    """The first key whose value differs (keys a card has that are now runtime keys do not count)."""
+    return next((k for k in sorted(now) if made.get(k) != now[k]), None)
 
 
 def _train_and_save(out: Path, student: torch.nn.Module, job: Job, arch: str, card_fields: dict, ctx: _Context,
@@ -223,8 +228,8 @@ def _finished(out: Path, dcfg: DistillConfig, teacher_sha: str) -> dict | None:
     if done is None:
         return None
     old, new = done.get("distill", {}), _relevant(dcfg)
-    if done["parents"]["teacher_sha256"] != teacher_sha or old != new:
-        key = next((k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)), "teacher")
+    key = "teacher" if done["parents"]["teacher_sha256"] != teacher_sha else _same(old, new)
+    if key is not None:
         what = f"distill.{key}={old.get(key)!r}, this run asks {new.get(key)!r}" if key != "teacher" else "another teacher"
         raise ConfigError(f"distilled/{dcfg.name} was made with {what}; give a new distill.name=...")
     return done
@@ -272,7 +277,7 @@ def _labels_only(cfg: Config, ctx: _Context, progress: bool) -> dict:
     dcfg, acc, data = cfg.distill, ctx.accelerator, ctx.data
     lo_out = cfg.run_dir / "distilled" / f"{dcfg.name}-labels-only"
     done = card(lo_out)
-    if done is not None and done.get("distill") == _relevant(dcfg):
+    if done is not None and _same(done.get("distill", {}), _relevant(dcfg)) is None:
         return done
     set_seed(cfg.seed)
     student = _student(dcfg, len(ctx.names), ctx.prep.in_chans)

@@ -16,7 +16,17 @@ import torch
 
 from . import budget, evaluation, labeling, models, noise, pseudo_labels, selection
 from .artifacts import read_json, sha256_file
-from .config import RUNTIME_KEYS, Config, ConfigError, _build, flatten, for_round, per_round, to_dict
+from .config import (
+    PER_ROUND_KEYS,
+    RUNTIME_KEYS,
+    Config,
+    ConfigError,
+    _build,
+    flatten,
+    for_round,
+    per_round,
+    to_dict,
+)
 from .dataset import PreparedData, Preprocessing, data_dir
 from .finish import card, finish
 from .loaders import StreamSpec
@@ -31,7 +41,6 @@ def round_dir(cfg: Config, k: int) -> Path:
     return cfg.run_dir / f"round-{k}"
 
 
-PER_ROUND_KEYS = ("student.epochs", "student.drop_rate", "student.drop_path_rate", "student.randaugment.m")
 
 
 def _relevant(cfg_dict: dict, k: int) -> dict:
