@@ -44,7 +44,7 @@ def resnet34t(pretrained: bool = False, **kwargs) -> ResNet:
 
 class _Residual(nn.Module):
     """``x + drop_path(GELU(BN(conv3x3(x))))``. BN's weight starts at one: a zero start (as timm's
-    ResNets have) trained a 1.4-point worse teacher here (bench/results/cifar10_recipes.json).
+    ResNets have) trained a worse teacher (bench/results/cifar10_recipes.json).
     ``zero_init_last`` makes the unit the identity, which ``models.grow_from`` does to the units a
     deeper student has beyond its teacher, so the student starts as the teacher's function."""
 

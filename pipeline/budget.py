@@ -1,6 +1,6 @@
 """A time budget for ``make iterate``: each training phase's length is planned from the throughput
 measured in its own first steps, so the whole run ends within the budget on whatever machine runs
-it (an AVX2-only CPU trains ~4x slower per step than one with AVX-512).
+it (CPUs differ several-fold per training step: README, "A time budget").
 
 The budget is shared out in proportion to the fixed schedule's work (images trained per round),
 after setting aside what is not training (pseudo-labeling, evaluation, estimated from the same

@@ -157,8 +157,8 @@ def _convert(run: list, mode: str, transform: Callable) -> Iterator[tuple[torch.
     """(input tensor, target) of each raw sample in ``run``, bad ones as ``Skip``, in ``run``'s order.
 
     Decodes the whole run first, then transforms lazily, one sample per request: two tight loops
-    keep each one's code and data in cache, which at 28 px costs ~20 us less per image than
-    alternating decode and transform. Transforms still run one at a time, in order, when the
+    keep each one's code and data in cache, which costs less per image than alternating decode
+    and transform. Transforms still run one at a time, in order, when the
     batch asks for them, so random draws interleave with training exactly as before.
     """
     fast = getattr(transform, "from_bytes", None)  # eval transforms decode straight to the input

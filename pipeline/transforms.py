@@ -95,7 +95,7 @@ def train_transform(size: int, cfg: TrainConfig) -> Callable[[Image.Image], torc
 class BatchAugment:
     """Random translate (crop of a zero-padded image), horizontal flip and random erasing of a uint8
     NCHW batch, each image with its own draw: what the per-image PIL ops do, in a few tensor ops
-    per batch (at 32 px the PIL path cost ~90 us an image, a sixth of a training step's time)."""
+    per batch (at 32 px the per-image PIL path is a sizeable share of a training step: bench/)."""
 
     ERASE_SCALE, ERASE_RATIO = (0.02, 0.25), (0.3, 3.3)  # as torchvision's RandomErasing
 
