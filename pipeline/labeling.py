@@ -18,7 +18,7 @@ from .bad_samples import Skip, SkipLog
 from .dataset import Preprocessing
 from .images import BadImage
 from .pseudo_labels import parquet_name, validates, write_parquet
-from .shards import ShardError, image_bytes, iter_samples
+from .shards import image_bytes, read_shard
 from .transforms import to_input
 
 
@@ -41,28 +41,17 @@ class _ShardBatches(IterableDataset):
             name = Path(self.shards[si]).name
             raw: list[tuple[str, bytes]] = []
             skips: list[Skip] = []
-            pos = 0
-            try:
-                for sample in iter_samples(self.shards[si]):
-                    pos += 1
-                    data = image_bytes(sample)
-                    if data is None:
-                        skips.append(Skip(name, sample["__key__"], "no image member"))
-                        continue
-                    raw.append((sample["__key__"], data))
-                    if len(raw) == self.batch_size:
-                        keys, imgs = self._decode(raw, name, skips)
-                        if keys:
-                            yield si, keys, torch.stack(imgs), False, skips
-                            skips = []
-                        raw = []
-            except ShardError as e:
-                skips.append(Skip(name, f"after {e.after}" if e.after else "-", f"damaged tar: {e.reason}",
-                                  max(1, self.rows.get(name, pos) - pos)))
-            else:
-                if pos < self.rows.get(name, pos):
-                    skips.append(Skip(name, "-", f"shard ends early ({pos} of {self.rows[name]} samples)",
-                                      self.rows[name] - pos))
+            for sample in read_shard(self.shards[si], self.rows.get(name)):
+                if isinstance(sample, Skip):
+                    skips.append(sample)
+                    continue
+                raw.append((sample["__key__"], image_bytes(sample)))
+                if len(raw) == self.batch_size:
+                    keys, imgs = self._decode(raw, name, skips)
+                    if keys:
+                        yield si, keys, torch.stack(imgs), False, skips
+                        skips = []
+                    raw = []
             keys, imgs = self._decode(raw, name, skips)
             yield si, keys, torch.stack(imgs) if imgs else torch.zeros(0, dtype=torch.uint8), True, skips
 

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from .bad_samples import Skip, SkipLog
 from .errors import DataError
 from .images import BadImage, decode_image
-from .shards import ShardError, assign, image_bytes, iter_samples, sample_label
+from .shards import assign, image_bytes, read_shard, sample_label
 
 # shard path -> {key: (repeat count, target)}; None means "every sample once, target = its label"
 TargetFn = Callable[[str], dict]
@@ -68,45 +68,29 @@ class ShardStream(IterableDataset):
         for shard in mine:
             name = Path(shard).name
             table = spec.targets(shard) if spec.targets is not None else None
-            pos = 0
-            try:
-                for pos, sample in enumerate(iter_samples(shard), start=1):
-                    if (pos - 1) % mod != rem:
-                        continue
-                    key = sample["__key__"]
-                    data = image_bytes(sample)
-                    if data is None:
-                        members = ", ".join(sorted(k for k in sample if not k.startswith("__")))
-                        yield Skip(name, key, f"no image member (has: {members or 'nothing'})")
-                        continue
-                    try:
-                        label = sample_label(sample)
-                    except ValueError:
-                        yield Skip(name, key, "label (.cls) is not an integer")
-                        continue
+            for sample in read_shard(shard, (spec.rows or {}).get(name), mod, rem):
+                if isinstance(sample, Skip):
+                    yield sample
+                    continue
+                key, data = sample["__key__"], image_bytes(sample)
+                try:
+                    label = sample_label(sample)
+                except ValueError:
+                    yield Skip(name, key, "label (.cls) is not an integer")
+                    continue
+                if label is None:
+                    label = spec.missing_label
+                if table is None:
                     if label is None:
-                        label = spec.missing_label
-                    if table is None:
-                        if label is None:
-                            yield Skip(name, key, "no label (.cls)")
-                            continue
-                        yield data, label, key, name
+                        yield Skip(name, key, "no label (.cls)")
                         continue
-                    repeat, target = table.get(key, (0, None))
-                    if spec.with_label:
-                        target = (target, -1 if label is None else label)
-                    for _ in range(repeat):
-                        yield data, target, key, name
-            except ShardError as e:
-                yield Skip(name, f"after {e.after}" if e.after else "-", f"damaged tar: {e.reason}",
-                           _lost(spec.rows, name, pos, mod, rem))
-                continue
-            expected = (spec.rows or {}).get(name)
-            if expected is not None and pos < expected:
-                yield Skip(name, "-", f"shard ends early ({pos} of {expected} samples)",
-                           _lost(spec.rows, name, pos, mod, rem))
-            elif pos == 0:
-                yield Skip(name, "-", "empty shard", 0)
+                    yield data, label, key, name
+                    continue
+                repeat, target = table.get(key, (0, None))
+                if spec.with_label:
+                    target = (target, -1 if label is None else label)
+                for _ in range(repeat):
+                    yield data, target, key, name
 
     def _samples(self, salt: int) -> Iterator[tuple[torch.Tensor, object] | Skip]:
         spec = self.spec
@@ -184,14 +168,6 @@ def _convert(run: list, mode: str, transform: Callable) -> Iterator[tuple[torch.
                 yield Skip(shard, key, f"cannot convert: {e}")
                 continue
         yield img, target
-
-
-def _lost(rows: dict | None, name: str, pos: int, mod: int, rem: int) -> int:
-    """Samples of this consumer's share of shard ``name`` after position ``pos`` (1 if unknown)."""
-    expected = (rows or {}).get(name)
-    if expected is None:
-        return 1
-    return sum(1 for p in range(pos, expected) if p % mod == rem)
 
 
 def _buffer_shuffle(items: Iterator, size: int, rng: random.Random) -> Iterator:

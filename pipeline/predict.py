@@ -145,10 +145,12 @@ def _shard_items(pattern: str) -> Iterator[Item]:
     for origin, data, _ in iter_shard_images(pattern, skipped):
         while skipped:
             s = skipped.pop(0)
-            yield f"{s.where}/{s.key}", None, s.reason
+            if s.count:  # an empty shard held no image to count
+                yield f"{s.where}/{s.key}", None, s.reason
         yield origin, data, None
     for s in skipped:
-        yield f"{s.where}/{s.key}", None, s.reason
+        if s.count:
+            yield f"{s.where}/{s.key}", None, s.reason
 
 
 def _folder_items(path: Path) -> tuple[Iterator[Item], int]:

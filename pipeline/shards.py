@@ -21,6 +21,7 @@ import webdataset as wds
 
 from . import failpoints
 from .artifacts import atomic_path, sha256_file
+from .bad_samples import Skip
 from .remote import open_url
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
@@ -309,6 +310,38 @@ def image_bytes(sample: dict) -> bytes | None:
         if k in sample:
             return sample[k]
     return None
+
+
+def read_shard(url: str | Path, expected: int | None = None, mod: int = 1, rem: int = 0) -> Iterator[dict | Skip]:
+    """The one reader every stage uses: each usable sample of one shard, and a ``Skip`` for each
+    thing that is not (a sample without an image member, the lost tail of a damaged tar, a shard
+    that ends before the ``expected`` count its manifest promised, an empty shard).
+
+    ``mod``/``rem``: this consumer's share when several read one shard (``assign``); a lost tail is
+    counted within that share.
+    """
+    name = Path(url).name
+    pos = 0
+
+    def lost() -> int:
+        return 1 if expected is None else sum(1 for p in range(pos, expected) if p % mod == rem)
+
+    try:
+        for pos, sample in enumerate(iter_samples(url), start=1):
+            if (pos - 1) % mod != rem:
+                continue
+            if image_bytes(sample) is None:
+                members = ", ".join(sorted(k for k in sample if not k.startswith("__")))
+                yield Skip(name, sample["__key__"], f"no image member (has: {members or 'nothing'})")
+                continue
+            yield sample
+    except ShardError as e:
+        yield Skip(name, f"after {e.after}" if e.after else "-", f"damaged tar: {e.reason}", lost())
+        return
+    if expected is not None and pos < expected:
+        yield Skip(name, "-", f"shard ends early ({pos} of {expected} samples)", lost())
+    elif pos == 0:
+        yield Skip(name, "-", "empty shard", 0)
 
 
 def sample_label(sample: dict) -> int | None:

@@ -239,28 +239,24 @@ def is_shard_pattern(spec: str) -> bool:
 
 
 def iter_shard_images(pattern: str, skipped: list | None = None) -> Iterator[tuple[str, bytes, str]]:
-    """(origin, image bytes, ext) of each sample in existing webdataset shards.
+    """(origin, image bytes, ext) of each sample in existing webdataset shards (``shards.read_shard``).
 
-    Samples without an image and damaged shards are appended to ``skipped`` as ``Skip`` records
-    (raised as a ConfigError when no list is given).
+    What cannot be used (no image, a damaged shard's lost tail, an empty shard) is appended to
+    ``skipped`` as ``Skip`` records (raised as a ConfigError when no list is given).
     """
     from .bad_samples import Skip
-    from .shards import ShardError, expand_shards, iter_samples
+    from .shards import IMAGE_KEYS, expand_shards, read_shard
 
     for url in expand_shards(pattern):
         name = Path(url).name
-        try:
-            for sample in iter_samples(url):
-                ext = next((k for k in sample if "." + k in IMAGE_EXTS or k == "jpg"), None)
-                if ext is not None:
-                    yield f"{name}/{sample['__key__']}", sample[ext], _ext("x." + ext)
-                elif skipped is not None:
-                    members = ", ".join(sorted(k for k in sample if not k.startswith("__")))
-                    skipped.append(Skip(name, sample["__key__"], f"no image member (has: {members})"))
-        except ShardError as e:
-            if skipped is None:
-                raise ConfigError(str(e)) from None
-            skipped.append(Skip(name, f"after {e.after}" if e.after else "-", f"damaged tar: {e.reason}"))
+        for sample in read_shard(url):
+            if isinstance(sample, Skip):
+                if skipped is None:
+                    raise ConfigError(f"shard {url}: {sample.reason}")
+                skipped.append(sample)
+                continue
+            ext = next(k for k in IMAGE_KEYS if k in sample)
+            yield f"{name}/{sample['__key__']}", sample[ext], _ext("x." + ext)
 
 
 def _local_copy(url: str, cache_dir: Path, n: int) -> Path:
