@@ -71,3 +71,19 @@ def test_reader_refuses_damaged_headers_and_cut_archives(tmp_path):
         (tmp_path / "cut.tar").write_bytes(data[:cut])
         with pytest.raises(ShardError, match=reason):
             list(iter_samples(tmp_path / "cut.tar"))
+
+
+def test_our_shards_read_unchanged_by_webdataset(tmp_path):
+    """Shards we write are plain webdataset shards: ``webdataset.WebDataset`` reads back the same
+    keys and the same bytes per member as our reader does, in the same order."""
+    import webdataset as wds
+
+    samples = [{"__key__": f"unlabeled_{i:08d}", "jpg": bytes([i]) * (100 + i), "cls": str(i % 3),
+                "src.txt": f"train/{i}.jpg"} for i in range(7)]
+    path = tmp_path / "unlabeled-000000.tar"
+    write_shard(path, samples)
+    ours = [{k: v for k, v in s.items() if not k.startswith("__") or k == "__key__"} for s in iter_samples(path)]
+    theirs = [{k: v for k, v in s.items() if not k.startswith("__") or k == "__key__"}
+              for s in wds.WebDataset(str(path), shardshuffle=False, empty_check=False)]
+    assert ours == theirs and [s["__key__"] for s in ours] == [s["__key__"] for s in samples]
+    assert theirs[3]["jpg"] == samples[3]["jpg"] and theirs[3]["cls"] == b"0" and theirs[3]["src.txt"] == b"train/3.jpg"
