@@ -11,11 +11,13 @@ of every phase already planned (same epochs, same learning-rate schedule).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
 from .artifacts import read_json, write_json_atomic
-from .config import ConfigError, parse_duration
+from .config import ConfigError, parse_duration, per_round
+from .trainer import images_per_step, steps_per_epoch, train
 
 PLAN_FILE = "budget.json"
 # an inference image (pseudo-labeling, evaluation) costs about this share of a training image
@@ -96,7 +98,6 @@ def spent_seconds(run_dir: Path, data_manifest: dict, k: int, pseudo_label_s: fl
 def phases(cfg, k: int, last_round: int, images_per_epoch: int, data_manifest: dict, infer_factor: int) -> tuple[
         Phase, list[Phase]]:
     """Round ``k``'s phase (its real epoch size) and the later rounds' (estimated from the pool)."""
-    from .config import per_round
 
     splits = data_manifest["splits"]
     pool = splits.get("unlabeled", {}).get("count", 0)
@@ -118,9 +119,7 @@ def round_epochs(cfg, k: int, job, model, state_root: Path, accelerator, data_ma
                  pseudo_label_s: float = 0.0) -> dict:
     """Round ``k``'s plan under ``cfg.budget`` (``epochs`` and how they were planned): the recorded
     one, else measured and planned now."""
-    import copy
 
-    from .trainer import images_per_step, steps_per_epoch, train
 
     budget_s = parse_duration(cfg.budget)
     plan = BudgetPlan(cfg.run_dir, budget_s)

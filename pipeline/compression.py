@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 from . import evaluation, models
-from .artifacts import write_bytes_atomic, write_json_atomic
+from .artifacts import read_json, write_bytes_atomic, write_json_atomic
 from .config import Config
+from .runtime import make_accelerator
 
 
 @torch.inference_mode()
@@ -71,7 +72,6 @@ def _describe(d: Path, card: dict, speed: dict) -> dict:
 
 def compression_report(cfg: Config, results: dict) -> dict:
     """``compression.json`` and ``compression.md`` beside the distilled student (main process only)."""
-    from .runtime import make_accelerator
 
     if not make_accelerator().is_main_process:
         return {}
@@ -107,8 +107,6 @@ def compression_report(cfg: Config, results: dict) -> dict:
 
 
 def models_card(d: Path) -> dict:
-    from .artifacts import read_json
-
     p = d / models.CARD
     if not p.is_file():
         raise FileNotFoundError(f"{p}: the teacher has no card.json (not made by this pipeline)")

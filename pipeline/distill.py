@@ -18,8 +18,11 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
+from accelerate.utils import set_seed
 
 from . import evaluation, labeling, models, noise, pseudo_labels
 from .artifacts import sha256_file
@@ -99,9 +102,6 @@ class TeacherTargets:
         self.directory = directory
 
     def __call__(self, shard: str) -> dict[str, tuple[int, torch.Tensor]]:
-        import numpy as np
-        import pyarrow.parquet as pq
-
         t = pq.read_table(self.directory / pseudo_labels.parquet_name(shard), columns=["key", "probs"])
         probs = np.asarray(t.column("probs").combine_chunks().flatten()).reshape(t.num_rows, -1)
         return {k: (1, torch.from_numpy(probs[i].copy())) for i, k in enumerate(t.column("key").to_pylist())}
@@ -237,7 +237,6 @@ def _finished(out: Path, dcfg: DistillConfig, teacher_sha: str) -> dict | None:
 
 def _distill_student(cfg: Config, ctx: _Context, out: Path, progress: bool) -> dict:
     """The student on labeled + unlabeled images against the teacher (online or from cached targets)."""
-    from accelerate.utils import set_seed
 
     dcfg, acc, data = cfg.distill, ctx.accelerator, ctx.data
     shards = data.shards("labeled") + data.shards("unlabeled")
@@ -272,7 +271,6 @@ def _distill_student(cfg: Config, ctx: _Context, out: Path, progress: bool) -> d
 
 def _labels_only(cfg: Config, ctx: _Context, progress: bool) -> dict:
     """The same architecture, optimizer and number of steps x batch size, on the labeled images alone."""
-    from accelerate.utils import set_seed
 
     dcfg, acc, data = cfg.distill, ctx.accelerator, ctx.data
     lo_out = cfg.run_dir / "distilled" / f"{dcfg.name}-labels-only"

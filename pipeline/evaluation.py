@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from . import calibration, corruptions, failpoints, models, perturbations
@@ -275,7 +276,6 @@ def perturbation(m: LoadedModel, test: TestSet, ecfg: EvaluateConfig, accelerato
 
 def macs(model: torch.nn.Module, in_chans: int, size: int) -> int:
     """Multiply-accumulates of one forward pass at batch 1 (FLOPs counted by torch, halved)."""
-    from torch.utils.flop_counter import FlopCounterMode
 
     model = model.eval()
     counter = FlopCounterMode(display=False)

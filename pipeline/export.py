@@ -14,9 +14,11 @@ existing export.json, and whose files still hash as recorded, does nothing.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,7 @@ from .artifacts import atomic_path, clean_tmp, files_match, read_json, sha256_fi
 from .config import ConfigError
 from .dataset import Preprocessing
 from .models import CARD, TIMM_CONFIG, WEIGHTS, load_model_dir, preprocessing
+from .transforms import normalize
 
 ONNX_FILE = "model.onnx"
 EXPORT_JSON = "export.json"
@@ -40,7 +43,6 @@ INSTALL_HINT = "pip install 'noisy-student[onnx]'"
 
 def require_onnx(*modules: str) -> None:
     """Import the optional ONNX packages or stop with one line saying how to install them."""
-    import importlib
 
     for name in modules or ("onnx", "onnxruntime"):
         try:
@@ -76,7 +78,6 @@ def _versions() -> dict[str, str]:
 
 def _export(model: torch.nn.Module, example: torch.Tensor, path: Path, exporter: str, opset: int | None) -> None:
     """Write the graph to ``path``; the exporters' chatter is kept off the console."""
-    import warnings
 
     kwargs: dict = {"input_names": [INPUT_NAME], "output_names": [OUTPUT_NAME], "opset_version": opset}
     if exporter == "dynamo":
@@ -97,7 +98,6 @@ def _export(model: torch.nn.Module, example: torch.Tensor, path: Path, exporter:
 
 def _random_inputs(prep: Preprocessing, batch: int, gen: torch.Generator) -> torch.Tensor:
     """Seeded random uint8 images, normalised like real inputs (so logits are in their usual range)."""
-    from .transforms import normalize
 
     c = prep.in_chans
     x = torch.randint(0, 256, (batch, c, prep.size, prep.size), generator=gen, dtype=torch.uint8)

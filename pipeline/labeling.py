@@ -19,7 +19,7 @@ from .dataset import Preprocessing
 from .images import BadImage
 from .pseudo_labels import parquet_name, validates, write_parquet
 from .shards import image_bytes, read_shard
-from .transforms import to_input
+from .transforms import eval_transform, normalize, to_input
 
 
 class _ShardBatches(IterableDataset):
@@ -80,7 +80,6 @@ def label_shards(model: torch.nn.Module, shards: list[Path], out_dir: Path, *, s
     ``mixed_precision`` (``precision.resolve``), ``channels_last`` and ``compile`` change speed;
     the precision used is recorded in each file.
     """
-    from .transforms import eval_transform, normalize
 
     out_dir.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:

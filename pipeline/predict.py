@@ -31,6 +31,7 @@ from .artifacts import atomic_path, read_json, sha256_file
 from .config import ConfigError
 from .dataset import Preprocessing
 from .errors import DataError
+from .export import ort_session, require_onnx
 from .models import TIMM_CONFIG, WEIGHTS, load_model_dir, preprocessing
 from .shards import expand_shards
 from .sources import (
@@ -82,10 +83,7 @@ def _torch_classifier(directory: Path) -> Classifier:
 
 
 def _onnx_classifier(path: Path) -> Classifier:
-    from .export import require_onnx
-
     require_onnx("onnxruntime")
-    from .export import ort_session
 
     config_path = path.parent / TIMM_CONFIG
     if not config_path.is_file():

@@ -18,7 +18,9 @@ from . import evaluation, health, models, plots, robustness
 from .artifacts import read_json, write_bytes_atomic, write_json_atomic
 from .config import Config, ConfigError, to_dict
 from .dataset import PreparedData
+from .prepare import prepare_test
 from .rounds import card, round_dir
+from .runtime import make_accelerator
 
 
 @dataclass
@@ -290,8 +292,6 @@ def evaluate(cfg: Config, model_dirs: list[str] | None = None, test_spec: str | 
              out_dir: str | None = None, progress: bool = True) -> tuple[list[dict], Path | None]:
     """The evaluate stage: the experiment's models (or ``model_dirs``) on its test set (or ``test_spec``);
     returns the summary rows and the report's path (main process only)."""
-    from .prepare import prepare_test
-    from .runtime import make_accelerator
 
     accelerator = make_accelerator()
     if model_dirs:

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate.utils import set_seed
+from safetensors.torch import load_file
 
 from . import budget, evaluation, labeling, models, noise, pseudo_labels, selection
 from .artifacts import read_json, sha256_file
@@ -142,7 +144,6 @@ def train_round(cfg: Config, k: int, progress: bool = True) -> dict:
     if done is not None:
         check_unchanged(cfg, k, done)
         return done
-    from accelerate.utils import set_seed
 
     accelerator = make_accelerator()
     set_seed(cfg.seed + k)
@@ -199,8 +200,6 @@ def _create_or_grow(cfg: Config, k: int, data: PreparedData, prep: Preprocessing
     model = models.create_model(arch, len(data.class_names), prep.in_chans, cfg.model.pretrained if k == 0 else False,
                                 **noise.model_noise(tcfg))
     if k >= 1 and cfg.student.init_from_teacher:
-        from safetensors.torch import load_file
-
         added = models.grow_from(model, load_file(str(round_dir(cfg, k - 1) / models.WEIGHTS)))
         parents["init"] = {"from": "teacher", "sha256": parents["teacher_sha256"], "new_tensors": added}
     return model

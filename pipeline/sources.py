@@ -9,18 +9,34 @@ names cannot write anywhere.
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
+import shutil
 import tarfile
 import zlib
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
+from .bad_samples import Skip
 from .config import ConfigError
+from .remote import fetch_command, open_url
+from .shards import (
+    IMAGE_KEYS,
+    ShardError,
+    _Prefixed,
+    expand_shards,
+    index_images,
+    read_member,
+    read_shard,
+    split_name,
+)
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -244,8 +260,6 @@ def iter_shard_images(pattern: str, skipped: list | None = None) -> Iterator[tup
     What cannot be used (no image, a damaged shard's lost tail, an empty shard) is appended to
     ``skipped`` as ``Skip`` records (raised as a ConfigError when no list is given).
     """
-    from .bad_samples import Skip
-    from .shards import IMAGE_KEYS, expand_shards, read_shard
 
     for url in expand_shards(pattern):
         name = Path(url).name
@@ -261,11 +275,7 @@ def iter_shard_images(pattern: str, skipped: list | None = None) -> Iterator[tup
 
 def _local_copy(url: str, cache_dir: Path, n: int) -> Path:
     """A local, uncompressed copy of a remote or gzipped shard (so its members can be read by offset)."""
-    import gzip
-    import shutil
 
-    from .remote import open_url
-    from .shards import _Prefixed
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     dest = cache_dir / f"{n:06d}.tar"
@@ -290,13 +300,8 @@ def shard_pool_source(spec: str, cache_dir: Path) -> Source:
     are; remote (http, s3, gs) and gzipped ones are first copied, uncompressed, into
     ``cache_dir`` (disk, not RAM), which the caller removes when done.
     """
-    from array import array
 
-    import numpy as np
 
-    from .bad_samples import Skip
-    from .remote import fetch_command
-    from .shards import ShardError, expand_shards, index_images, read_member, split_name
 
     paths: list[Path] = []
     names: list[str] = []

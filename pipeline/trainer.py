@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
@@ -196,8 +197,6 @@ def _resume(run: _Run, state_root: Path) -> None:
         raise ConfigError(f"{latest} was written by another version of this tool and cannot be resumed "
                           f"({str(e).splitlines()[0][:120]}); start a new experiment name=...") from None
     if run.ema is not None:
-        from safetensors.torch import load_file
-
         run.ema.module.load_state_dict(load_file(str(latest / EMA_FILE)))
     run.start_epoch, run.elapsed, run.history = info["epoch"] + 1, info["seconds"], list(info.get("history", []))
     run.accelerator.print(f"resuming {run.job.phase} from {latest.name} (epoch {run.start_epoch}/{run.job.epochs})")
@@ -296,8 +295,6 @@ def _save(accelerator, state_root: Path, phase: str, epoch: int, progress: dict,
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if ema is not None:
-            from safetensors.torch import save_file
-
             save_file({k: v.contiguous() for k, v in ema.module.state_dict().items()}, str(tmp / EMA_FILE))
         write_json_atomic(tmp / "progress.json", progress)
         failpoints.hit("checkpoint_write")
