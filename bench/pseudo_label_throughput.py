@@ -48,6 +48,7 @@ def main() -> None:
     from accelerate import Accelerator
 
     from pipeline import labeling, models, precision
+    from pipeline.config import PseudoLabelConfig
     from pipeline.dataset import Preprocessing
     from pipeline.shards import image_bytes, iter_samples
     from pipeline.transforms import eval_transform, normalize, to_input
@@ -95,9 +96,9 @@ def main() -> None:
             run[0] += 1
             out = tmp / f"pl-{run[0]}"
             res = labeling.label_shards(model, shards, out, shard_rows=rows, teacher_sha256="0" * 64,
-                                             class_names=names, prep=prep, batch_size=args.batch_size,
-                                             workers=args.workers, accelerator=accelerator, progress=False,
-                                             **opts)
+                                             class_names=names, prep=prep, opts=PseudoLabelConfig(
+                                                 batch_size=args.batch_size, workers=args.workers, **opts),
+                                             accelerator=accelerator, progress=False)
             shutil.rmtree(out)
             return res["samples"]
 

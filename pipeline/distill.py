@@ -26,7 +26,7 @@ from accelerate.utils import set_seed
 
 from . import evaluation, labeling, models, noise, pseudo_labels
 from .artifacts import sha256_file
-from .config import RUNTIME_KEYS, Config, ConfigError, DistillConfig, per_round, to_dict
+from .config import RUNTIME_KEYS, Config, ConfigError, DistillConfig, PseudoLabelConfig, per_round, to_dict
 from .dataset import PreparedData, Preprocessing
 from .finish import card, finish
 from .loaders import StreamSpec
@@ -130,9 +130,9 @@ def _offline_targets(cfg: Config, out: Path, teacher: torch.nn.Module, teacher_s
             raise  # made for another teacher or other classes: never mixed in silently
         del e
     labeling.label_shards(teacher, shards, tdir, shard_rows=rows, teacher_sha256=teacher_sha,
-                               class_names=names, prep=prep, batch_size=cfg.pseudo_label.batch_size,
-                               workers=cfg.pseudo_label.workers, accelerator=accelerator, progress=progress,
-                               max_bad_share=cfg.data.max_bad_share)
+                               class_names=names, prep=prep, opts=PseudoLabelConfig(
+                                   batch_size=cfg.pseudo_label.batch_size, workers=cfg.pseudo_label.workers),
+                               accelerator=accelerator, progress=progress, max_bad_share=cfg.data.max_bad_share)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         stats = {"samples": sum(rows.values())}

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from . import failpoints, precision
 from .artifacts import clean_tmp
 from .bad_samples import Skip, SkipLog
+from .config import PseudoLabelConfig
 from .dataset import Preprocessing
 from .images import BadImage
 from .pseudo_labels import parquet_name, validates, write_parquet
@@ -70,65 +71,72 @@ class _ShardBatches(IterableDataset):
 
 
 def label_shards(model: torch.nn.Module, shards: list[Path], out_dir: Path, *, shard_rows: dict[str, int],
-                 teacher_sha256: str, class_names: list[str], prep: Preprocessing, batch_size: int, workers: int,
-                 accelerator, progress: bool = True, tta: bool = False, max_bad_share: float = 0.01,
-                 mixed_precision: str = "auto", channels_last: bool = False, compile: bool | str = False) -> dict:
+                 teacher_sha256: str, class_names: list[str], prep: Preprocessing, opts: PseudoLabelConfig,
+                 accelerator, progress: bool = True, max_bad_share: float = 0.01) -> dict:
     """Label this rank's unfinished shards; returns this rank's {"samples", "seconds", "precision"}.
 
-    ``tta``: average the softmax of each image and its mirror image (flip test-time augmentation,
-    no noise): on Fashion-MNIST it made the round-0 teacher's test top-1 +0.5 points better.
-    ``mixed_precision`` (``precision.resolve``), ``channels_last`` and ``compile`` change speed;
-    the precision used is recorded in each file.
+    ``opts``: batch size and workers; ``tta`` averages the softmax of each image and its mirror
+    image (flip test-time augmentation, no noise); ``mixed_precision`` (``precision.resolve``),
+    ``channels_last`` and ``compile`` change speed, and the precision used is recorded in each file.
     """
-
     out_dir.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
         clean_tmp(out_dir)
     accelerator.wait_for_everyone()
     mine = [s for s in sorted(shards)][accelerator.process_index::accelerator.num_processes]
     todo = [str(s) for s in mine if not validates(out_dir / parquet_name(s), shard_rows[Path(s).name],
-                                                  teacher_sha256, class_names, tta)]
-    device = accelerator.device
-    model = model.to(device).eval()
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    precision.compile_model(model, compile)
-    dtype = precision.resolve(mixed_precision, device, inference=True)
-    mean = torch.tensor(prep.mean, device=device)
-    std = torch.tensor(prep.std, device=device)
+                                                  teacher_sha256, class_names, opts.tta)]
     total = sum(shard_rows[Path(s).name] for s in todo)
     log = SkipLog("pseudo_label" + (f" (rank {accelerator.process_index})" if accelerator.num_processes > 1 else ""),
                   max_bad_share, expected=total)
+    teacher = _Teacher(model, prep, opts, accelerator.device)
     done, t0 = 0, time.time()
     if todo:
-        ds = _ShardBatches(todo, prep.mode, eval_transform(prep.size), batch_size, shard_rows)
-        loader = DataLoader(ds, batch_size=None, num_workers=min(workers, len(todo)),
+        ds = _ShardBatches(todo, prep.mode, eval_transform(prep.size), opts.batch_size, shard_rows)
+        loader = DataLoader(ds, batch_size=None, num_workers=min(opts.workers, len(todo)),
                             pin_memory=torch.cuda.is_available())
         pending: dict[int, tuple[list, list, list]] = {}
-        autocast = precision.autocast(dtype, device)
         bar = tqdm(total=total, desc=f"pseudo-label rank {accelerator.process_index}", unit="img",
                    disable=not progress, smoothing=0.1)
-        with torch.inference_mode(), autocast:
-            for si, keys, imgs, last, skips in loader:
-                keys_acc, probs_acc, skips_acc = pending.setdefault(si, ([], [], []))
-                skips_acc.extend(skips)
-                log.extend(skips)
-                if len(keys):
-                    x = normalize(imgs.to(device, non_blocking=True), mean, std, channels_last)
-                    p = torch.softmax(model(x).float(), dim=1)
-                    if tta:
-                        p = (p + torch.softmax(model(x.flip(3)).float(), dim=1)) / 2
-                    probs_acc.append(p.cpu().numpy())
-                    keys_acc.extend(keys)
-                    done += len(keys)
-                    log.use(len(keys))
-                    bar.update(len(keys))
-                    failpoints.hit("pseudo_label_batch")
-                if last:
-                    keys_acc, probs_acc, skips_acc = pending.pop(si)
-                    probs = np.concatenate(probs_acc) if probs_acc else np.zeros((0, len(class_names)), np.float32)
-                    write_parquet(out_dir / parquet_name(todo[si]), todo[si], keys_acc, probs,
-                                  teacher_sha256, class_names, tta, skips_acc, dtype)
+        for si, keys, imgs, last, skips in loader:
+            keys_acc, probs_acc, skips_acc = pending.setdefault(si, ([], [], []))
+            skips_acc.extend(skips)
+            log.extend(skips)
+            if len(keys):
+                probs_acc.append(teacher.probs(imgs))
+                keys_acc.extend(keys)
+                done += len(keys)
+                log.use(len(keys))
+                bar.update(len(keys))
+                failpoints.hit("pseudo_label_batch")
+            if last:
+                keys_acc, probs_acc, skips_acc = pending.pop(si)
+                probs = np.concatenate(probs_acc) if probs_acc else np.zeros((0, len(class_names)), np.float32)
+                write_parquet(out_dir / parquet_name(todo[si]), todo[si], keys_acc, probs, teacher_sha256,
+                              class_names, opts.tta, skips_acc, teacher.dtype)
         bar.close()
     log.check()
-    return {"samples": done, "seconds": time.time() - t0, "bad_samples": log.metrics(), "precision": dtype}
+    return {"samples": done, "seconds": time.time() - t0, "bad_samples": log.metrics(), "precision": teacher.dtype}
+
+
+class _Teacher:
+    """The un-noised teacher as the pass runs it: on the device, in eval mode, with the speed options."""
+
+    def __init__(self, model: torch.nn.Module, prep: Preprocessing, opts: PseudoLabelConfig, device: torch.device):
+        self.model, self.device, self.opts = model.to(device).eval(), device, opts
+        if opts.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        precision.compile_model(self.model, opts.compile)
+        self.dtype = precision.resolve(opts.mixed_precision, device, inference=True)
+        self.autocast = precision.autocast(self.dtype, device)
+        self.mean = torch.tensor(prep.mean, device=device)
+        self.std = torch.tensor(prep.std, device=device)
+
+    def probs(self, imgs: torch.Tensor) -> np.ndarray:
+        """Softmax probabilities of a uint8 batch (averaged with the mirror images' under ``tta``)."""
+        with torch.inference_mode(), self.autocast:
+            x = normalize(imgs.to(self.device, non_blocking=True), self.mean, self.std, self.opts.channels_last)
+            p = torch.softmax(self.model(x).float(), dim=1)
+            if self.opts.tta:
+                p = (p + torch.softmax(self.model(x.flip(3)).float(), dim=1)) / 2
+        return p.cpu().numpy()

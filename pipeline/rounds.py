@@ -113,10 +113,8 @@ def pseudo_label(cfg: Config, k: int, progress: bool = True, teacher_dir: Path |
     t0 = time.time()
     mine = labeling.label_shards(
         model, shards, out, shard_rows=rows, teacher_sha256=teacher_sha, class_names=names,
-        prep=models.preprocessing(mconfig), batch_size=cfg.pseudo_label.batch_size,
-        workers=cfg.pseudo_label.workers, accelerator=accelerator, progress=progress, tta=cfg.pseudo_label.tta,
-        max_bad_share=cfg.data.max_bad_share, mixed_precision=cfg.pseudo_label.mixed_precision,
-        channels_last=cfg.pseudo_label.channels_last, compile=cfg.pseudo_label.compile)
+        prep=models.preprocessing(mconfig), opts=cfg.pseudo_label, accelerator=accelerator, progress=progress,
+        max_bad_share=cfg.data.max_bad_share)
     counts = accelerator.gather(torch.tensor([mine["samples"]], device=accelerator.device)).sum().item()
     accelerator.wait_for_everyone()
     result = {}

@@ -21,7 +21,7 @@ from PIL import Image
 from pipeline import labeling
 from pipeline import pseudo_labels as pl
 from pipeline.bad_samples import Skip, SkipLog
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, PseudoLabelConfig
 from pipeline.dataset import Preprocessing
 from pipeline.errors import DataError
 from pipeline.images import BadImage, decode_image
@@ -155,7 +155,7 @@ def test_pseudo_label_skips_bad_samples_and_records_them(bad_shard, tmp_path):
     out = tmp_path / "pl"
     prep = Preprocessing.of("L", 16, [0.5], [0.5])
     res = labeling.label_shards(model, [unl], out, shard_rows={unl.name: 19}, teacher_sha256="t" * 64,
-                          class_names=["a", "b", "c"], prep=prep, batch_size=4, workers=0,
+                          class_names=["a", "b", "c"], prep=prep, opts=PseudoLabelConfig(batch_size=4, workers=0),
                           accelerator=Accelerator(cpu=True), progress=False, max_bad_share=0.5)
     f = out / pl.parquet_name(unl)
     meta = pl.read_meta(f)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from pipeline import labeling, precision
 from pipeline import pseudo_labels as pl
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, PseudoLabelConfig, load_config
 from pipeline.dataset import Preprocessing
 from pipeline.models import create_model
 from pipeline.shards import write_shard
@@ -64,8 +64,8 @@ def test_pseudo_labels_in_bf16_channels_last_and_compiled_match_fp32_and_record_
     for run, opts in {"fp32": {}, "fast": {"mixed_precision": "bf16", "channels_last": True, "compile": "eager"}}.items():
         out = tmp_path / run
         res = labeling.label_shards(model, [shard], out, shard_rows={shard.name: 40}, teacher_sha256="t" * 64,
-                              class_names=names, prep=prep, batch_size=16, workers=0,
-                              accelerator=Accelerator(cpu=True), progress=False, **opts)
+                              class_names=names, prep=prep, opts=PseudoLabelConfig(batch_size=16, workers=0, **opts),
+                              accelerator=Accelerator(cpu=True), progress=False)
         f = out / pl.parquet_name(shard)
         meta = pl.read_meta(f)
         assert meta["precision"] == res["precision"] == ("bf16" if opts else "fp32")
