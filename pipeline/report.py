@@ -8,8 +8,6 @@ round-0 teacher by default, evaluated on the same images with the same seeds.
 
 from __future__ import annotations
 
-import base64
-import html
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +16,7 @@ from . import evaluation, health, models, plots, robustness
 from .artifacts import read_json, write_bytes_atomic, write_json_atomic
 from .config import Config, ConfigError, to_dict
 from .dataset import PreparedData
+from .document import Document, fmt, human
 from .prepare import prepare_test
 from .rounds import card, round_dir
 from .runtime import make_accelerator
@@ -89,95 +88,12 @@ def evaluate_models(cfg: Config, targets: list[tuple[str, Path, int | None]], te
             reference = Entry("reference", ref_dir, corruptions=evaluation.corruption(
                 m, test, ecfg, accelerator, progress, subset), perturbations=evaluation.perturbation(
                 m, test, ecfg, accelerator, progress, subset))
-        ref_err, ref_fr = reference.corruptions["errors"], reference.perturbations["flip_rate"]
-        ref_clean = reference.corruptions["clean_error"]
-        # a kind the reference never gets wrong (or never flips on) cannot normalise: left out, and said
-        usable = [c for c in ref_err if sum(ref_err[c]) > 0]
-        usable_rel = [c for c in usable if sum(v - ref_clean for v in ref_err[c]) > 0]
-        usable_fr = [p for p in ref_fr if ref_fr[p] > 0]
         for e in entries:
-            err, clean = e.corruptions["errors"], e.corruptions["clean_error"]
-            e.mce = robustness.mce(_pick(err, usable), _pick(ref_err, usable)) if usable else None
-            e.relative_mce = robustness.relative_mce(_pick(err, usable_rel), clean, _pick(ref_err, usable_rel),
-                                                     ref_clean) if usable_rel else None
-            fr = e.perturbations["flip_rate"]
-            e.mfr = robustness.mfr(_pick(fr, usable_fr), _pick(ref_fr, usable_fr)) if usable_fr else None
-            e.left_out = [", ".join(sorted(set(ref_err) - set(usable))) or "none",
-                          ", ".join(sorted(set(ref_fr) - set(usable_fr))) or "none"]
+            e.mce, e.relative_mce, e.mfr, e.left_out = robustness.normalised(
+                e.corruptions["errors"], e.corruptions["clean_error"], e.perturbations["flip_rate"],
+                reference.corruptions["errors"], reference.corruptions["clean_error"],
+                reference.perturbations["flip_rate"])
     return entries
-
-
-def _pick(d: dict, keys: list[str]) -> dict:
-    return {k: d[k] for k in keys}
-
-
-def _fmt(v, spec: str = ".2f") -> str:
-    return "-" if v is None else format(v, spec)
-
-
-def _human(n: int) -> str:
-    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= div:
-            return f"{n / div:.2f}{unit}"
-    return str(n)
-
-
-class _Doc:
-    """Blocks rendered both as Markdown and as self-contained HTML."""
-
-    def __init__(self, root: Path):
-        self.root, self.blocks = root, []
-
-    def h(self, level: int, text: str):
-        self.blocks.append(("h", level, text))
-
-    def p(self, text: str):
-        self.blocks.append(("p", text))
-
-    def table(self, head: list[str], rows: list[list[str]]):
-        self.blocks.append(("table", head, rows))
-
-    def raw(self, markdown: str):
-        """A section file written elsewhere (e.g. the compression report): Markdown as is, <pre> in HTML."""
-        self.blocks.append(("raw", markdown.strip()))
-
-    def img(self, path: Path, alt: str):
-        self.blocks.append(("img", path, alt))
-
-    def markdown(self) -> str:
-        out = []
-        for b in self.blocks:
-            if b[0] == "h":
-                out.append("#" * b[1] + " " + b[2])
-            elif b[0] in ("p", "raw"):
-                out.append(b[1])
-            elif b[0] == "table":
-                out.append("\n".join(["| " + " | ".join(b[1]) + " |", "|" + "---|" * len(b[1])]
-                                     + ["| " + " | ".join(r) + " |" for r in b[2]]))
-            else:
-                out.append(f"![{b[2]}]({b[1].relative_to(self.root).as_posix()})")
-        return "\n\n".join(out) + "\n"
-
-    def html(self, title: str) -> str:
-        out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
-               "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-               "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
-               "text-align:right}th{background:#f3f3f3}img{max-width:100%}</style></head><body>"]
-        for b in self.blocks:
-            if b[0] == "h":
-                out.append(f"<h{b[1]}>{html.escape(b[2])}</h{b[1]}>")
-            elif b[0] == "p":
-                out.append(f"<p>{html.escape(b[1])}</p>")
-            elif b[0] == "raw":
-                out.append(f"<pre>{html.escape(b[1])}</pre>")
-            elif b[0] == "table":
-                out.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in b[1]) + "</tr>"
-                           + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>"
-                                     for r in b[2]) + "</table>")
-            else:
-                data = base64.b64encode(b[1].read_bytes()).decode()
-                out.append(f"<p><img alt='{html.escape(b[2])}' src='data:image/png;base64,{data}'></p>")
-        return "\n".join(out) + "</body></html>\n"
 
 
 def summary_rows(entries: list[Entry]) -> list[dict]:
@@ -194,85 +110,22 @@ def summary_rows(entries: list[Entry]) -> list[dict]:
 
 
 def write_report(cfg: Config, entries: list[Entry], test: evaluation.TestSet, out_dir: Path) -> Path:
-    """report.md, report.html and plots/ in ``out_dir``; returns the Markdown file's path."""
+    """report.md, report.html, report.json and plots/ in ``out_dir``; returns the Markdown file's path."""
     plot_dir = out_dir / "plots"
-    doc = _Doc(out_dir)
+    doc = Document(out_dir)
     rows = summary_rows(entries)
-    doc.h(1, f"Noisy Student report: {cfg.name}")
-    doc.p(f"Test set `{test.name}` ({entries[0].clean['samples']} images, {len(test.class_names)} classes). "
-          f"Made {time.strftime('%Y-%m-%d %H:%M')}.")
-    doc.table(["model", "arch", "params", "MACs", "top-1 (%)", "mCE (%)", "mFR (%)", "ECE", "NLL",
-               "pseudo-label acc. (%)", "train time (s)", "train img/s"],
-              [[r["label"], r["model"], _human(r["params"]), _human(r["macs"]), _fmt(r["test_top1"]), _fmt(r["mce"]),
-                _fmt(r["mfr"]), _fmt(r["ece"], ".4f"), _fmt(r["nll"], ".3f"), _fmt(r["pseudo_label_acc"]),
-                _fmt(r["train_seconds"], ".0f"), _fmt(r["train_img_s"], ".0f")] for r in rows])
     robust = [e for e in entries if e.corruptions is not None]
-    if robust:
-        ecfg = cfg.evaluate
-        doc.p(f"mCE: corruption error summed over 5 severities and averaged over {len(robust[0].corruptions['errors'])} "
-              f"corruptions, each normalised by the reference model's ({ecfg.reference or 'round-0 teacher'}); "
-              f"100 = as robust as the reference, lower is better. mFR: flip rate over {ecfg.frames}-frame "
-              f"perturbation sequences, normalised the same way. Both on a seeded subset of "
-              f"{robust[0].corruptions['samples']} test images (evaluate.subset, evaluate.seed). ECE: 15 "
-              "equal-width confidence bins (evaluate.ece_bins).")
-        if robust[0].left_out and robust[0].left_out != ["none", "none"]:
-            doc.p(f"Left out because the reference never errs or flips on them: corruptions {robust[0].left_out[0]}; "
-                  f"perturbations {robust[0].left_out[1]}.")
-    labels = [e.label for e in entries]
-    doc.h(2, "Accuracy")
-    ref_top1 = entries[0].clean["top1"] if entries[0].round == 0 else None
-    doc.img(plots.accuracy_per_round(plot_dir / "accuracy.png", labels, [r["test_top1"] for r in rows],
-                                     ref_top1), "test top-1 per model")
-    doc.h(3, "Per-class accuracy (%)")
-    names = test.class_names
-    doc.table(["class"] + labels, [[n] + [_fmt(e.clean["per_class"][n]) for e in entries] for n in names])
-    if robust:
-        doc.h(2, "Corruption robustness")
-        doc.img(plots.corruption_errors(plot_dir / "corruptions.png", [e.label for e in robust],
-                                        [e.corruptions["errors"] for e in robust],
-                                        [e.corruptions["clean_error"] for e in robust]), "corruption error by type")
-        corr_names = list(robust[0].corruptions["errors"])
-        doc.table(["corruption"] + [e.label for e in robust] + ["severity 1..5 of last"],
-                  [[c] + [_fmt(robustness.corruption_errors(e.corruptions["errors"])[c]) for e in robust]
-                   + [" / ".join(f"{v:.1f}" for v in robust[-1].corruptions["errors"][c])] for c in corr_names])
-        doc.table(["model", "clean error (%)", "mCE (%)", "relative mCE (%)", "mFR (%)"]
-                  + [f"FR {p} (%)" for p in robust[0].perturbations["flip_rate"]],
-                  [[e.label, _fmt(e.corruptions["clean_error"]), _fmt(e.mce), _fmt(e.relative_mce), _fmt(e.mfr)]
-                   + [_fmt(100 * v) for v in e.perturbations["flip_rate"].values()] for e in robust])
-    doc.h(2, "Calibration")
-    doc.img(plots.reliability_diagrams(plot_dir / "reliability.png", labels, [e.clean["reliability"] for e in entries],
-                                       [e.clean["ece"] for e in entries]), "reliability diagrams")
     healthy = [e for e in entries if e.health]
+    _summary(doc, cfg, entries, rows, robust, test)
+    _accuracy(doc, plot_dir, entries, rows, test.class_names)
+    if robust:
+        _robustness(doc, plot_dir, robust)
+    doc.h(2, "Calibration")
+    doc.img(plots.reliability_diagrams(plot_dir / "reliability.png", [e.label for e in entries],
+                                       [e.clean["reliability"] for e in entries], [e.clean["ece"] for e in entries]),
+            "reliability diagrams")
     if healthy:
-        doc.h(2, "Pseudo-label health")
-        doc.p("Without true labels: the teacher's confidence and entropy over the pool, the share the "
-              "confidence filter keeps, and agreement with the previous round's labels. With the pool's true "
-              "labels (kept aside, never trained on): accuracy of the kept labels against the threshold.")
-        doc.table(["round", "pool", "threshold", "kept (%)", "agreement with previous (%)", "accuracy (%)"],
-                  [[str(e.round), str(e.health["samples"]), f"{e.health['threshold']:g}",
-                    _fmt(100 * e.health["kept_share"]),
-                    _fmt(None if e.health["agreement_with_previous"] is None
-                         else 100 * e.health["agreement_with_previous"]),
-                    _fmt((e.card or {}).get("metrics", {}).get("pseudo_label_acc"))] for e in healthy])
-        rounds = [e.round for e in healthy]
-        doc.img(plots.confidence_histograms(plot_dir / "pseudo_label_confidence.png", rounds,
-                                            [e.health for e in healthy]), "pseudo-label confidence histograms")
-        with_truth = [e for e in healthy if "accuracy_at_threshold" in e.health]
-        if with_truth:
-            doc.img(plots.accuracy_vs_threshold(plot_dir / "pseudo_label_threshold.png", [e.round for e in with_truth],
-                                                [e.health for e in with_truth]), "accuracy vs threshold")
-            doc.h(3, "Kept per class and precision per class")
-            doc.table(["class"] + [f"round {e.round} kept" for e in with_truth]
-                      + [f"round {e.round} precision (%)" for e in with_truth],
-                      [[n] + [str(e.health["kept_per_class"][n]) for e in with_truth]
-                       + [_fmt(e.health["precision_per_class"][n]) for e in with_truth] for n in names])
-        for e in healthy:
-            grid = e.directory / "eval" / e.health.get("audit_grid", "")
-            if e.health.get("audit_grid") and grid.is_file():
-                target = plot_dir / f"audit_round{e.round}.png"
-                if not target.is_file() or target.read_bytes() != grid.read_bytes():
-                    write_bytes_atomic(target, grid.read_bytes())
-                doc.img(target, f"round {e.round} audit grid")
+        _health(doc, plot_dir, healthy, test.class_names)
     for e in entries:
         section = e.directory / "compression.md"
         if e.round is None and section.is_file():
@@ -286,6 +139,83 @@ def write_report(cfg: Config, entries: list[Entry], test: evaluation.TestSet, ou
     write_bytes_atomic(md, doc.markdown().encode())
     write_bytes_atomic(out_dir / "report.html", doc.html(f"Noisy Student report: {cfg.name}").encode())
     return md
+
+
+def _summary(doc: Document, cfg: Config, entries: list[Entry], rows: list[dict], robust: list[Entry],
+             test: evaluation.TestSet) -> None:
+    doc.h(1, f"Noisy Student report: {cfg.name}")
+    doc.p(f"Test set `{test.name}` ({entries[0].clean['samples']} images, {len(test.class_names)} classes). "
+          f"Made {time.strftime('%Y-%m-%d %H:%M')}.")
+    doc.table(["model", "arch", "params", "MACs", "top-1 (%)", "mCE (%)", "mFR (%)", "ECE", "NLL",
+               "pseudo-label acc. (%)", "train time (s)", "train img/s"],
+              [[r["label"], r["model"], human(r["params"]), human(r["macs"]), fmt(r["test_top1"]), fmt(r["mce"]),
+                fmt(r["mfr"]), fmt(r["ece"], ".4f"), fmt(r["nll"], ".3f"), fmt(r["pseudo_label_acc"]),
+                fmt(r["train_seconds"], ".0f"), fmt(r["train_img_s"], ".0f")] for r in rows])
+    if robust:
+        ecfg = cfg.evaluate
+        doc.p(f"mCE: corruption error summed over 5 severities and averaged over {len(robust[0].corruptions['errors'])} "
+              f"corruptions, each normalised by the reference model's ({ecfg.reference or 'round-0 teacher'}); "
+              f"100 = as robust as the reference, lower is better. mFR: flip rate over {ecfg.frames}-frame "
+              f"perturbation sequences, normalised the same way. Both on a seeded subset of "
+              f"{robust[0].corruptions['samples']} test images (evaluate.subset, evaluate.seed). ECE: 15 "
+              "equal-width confidence bins (evaluate.ece_bins).")
+        if robust[0].left_out and robust[0].left_out != ["none", "none"]:
+            doc.p(f"Left out because the reference never errs or flips on them: corruptions {robust[0].left_out[0]}; "
+                  f"perturbations {robust[0].left_out[1]}.")
+
+
+def _accuracy(doc: Document, plot_dir: Path, entries: list[Entry], rows: list[dict], names: list[str]) -> None:
+    labels = [e.label for e in entries]
+    doc.h(2, "Accuracy")
+    ref_top1 = entries[0].clean["top1"] if entries[0].round == 0 else None
+    doc.img(plots.accuracy_per_round(plot_dir / "accuracy.png", labels, [r["test_top1"] for r in rows],
+                                     ref_top1), "test top-1 per model")
+    doc.h(3, "Per-class accuracy (%)")
+    doc.table(["class"] + labels, [[n] + [fmt(e.clean["per_class"][n]) for e in entries] for n in names])
+
+
+def _robustness(doc: Document, plot_dir: Path, robust: list[Entry]) -> None:
+    doc.h(2, "Corruption robustness")
+    doc.img(plots.corruption_errors(plot_dir / "corruptions.png", [e.label for e in robust],
+                                    [e.corruptions["errors"] for e in robust],
+                                    [e.corruptions["clean_error"] for e in robust]), "corruption error by type")
+    corr_names = list(robust[0].corruptions["errors"])
+    doc.table(["corruption"] + [e.label for e in robust] + ["severity 1..5 of last"],
+              [[c] + [fmt(robustness.corruption_errors(e.corruptions["errors"])[c]) for e in robust]
+               + [" / ".join(f"{v:.1f}" for v in robust[-1].corruptions["errors"][c])] for c in corr_names])
+    doc.table(["model", "clean error (%)", "mCE (%)", "relative mCE (%)", "mFR (%)"]
+              + [f"FR {p} (%)" for p in robust[0].perturbations["flip_rate"]],
+              [[e.label, fmt(e.corruptions["clean_error"]), fmt(e.mce), fmt(e.relative_mce), fmt(e.mfr)]
+               + [fmt(100 * v) for v in e.perturbations["flip_rate"].values()] for e in robust])
+
+
+def _health(doc: Document, plot_dir: Path, healthy: list[Entry], names: list[str]) -> None:
+    doc.h(2, "Pseudo-label health")
+    doc.p("Without true labels: the teacher's confidence and entropy over the pool, the share the "
+          "confidence filter keeps, and agreement with the previous round's labels. With the pool's true "
+          "labels (kept aside, never trained on): accuracy of the kept labels against the threshold.")
+    doc.table(["round", "pool", "threshold", "kept (%)", "agreement with previous (%)", "accuracy (%)"],
+              [[str(e.round), str(e.health["samples"]), f"{e.health['threshold']:g}", fmt(100 * e.health["kept_share"]),
+                fmt(None if e.health["agreement_with_previous"] is None else 100 * e.health["agreement_with_previous"]),
+                fmt((e.card or {}).get("metrics", {}).get("pseudo_label_acc"))] for e in healthy])
+    doc.img(plots.confidence_histograms(plot_dir / "pseudo_label_confidence.png", [e.round for e in healthy],
+                                        [e.health for e in healthy]), "pseudo-label confidence histograms")
+    with_truth = [e for e in healthy if "accuracy_at_threshold" in e.health]
+    if with_truth:
+        doc.img(plots.accuracy_vs_threshold(plot_dir / "pseudo_label_threshold.png", [e.round for e in with_truth],
+                                            [e.health for e in with_truth]), "accuracy vs threshold")
+        doc.h(3, "Kept per class and precision per class")
+        doc.table(["class"] + [f"round {e.round} kept" for e in with_truth]
+                  + [f"round {e.round} precision (%)" for e in with_truth],
+                  [[n] + [str(e.health["kept_per_class"][n]) for e in with_truth]
+                   + [fmt(e.health["precision_per_class"][n]) for e in with_truth] for n in names])
+    for e in healthy:
+        grid = e.directory / "eval" / e.health.get("audit_grid", "")
+        if e.health.get("audit_grid") and grid.is_file():
+            target = plot_dir / f"audit_round{e.round}.png"
+            if not target.is_file() or target.read_bytes() != grid.read_bytes():
+                write_bytes_atomic(target, grid.read_bytes())
+            doc.img(target, f"round {e.round} audit grid")
 
 
 def evaluate(cfg: Config, model_dirs: list[str] | None = None, test_spec: str | None = None,

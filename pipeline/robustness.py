@@ -108,3 +108,25 @@ def mfr(flip_rates: dict[str, float], reference: dict[str, float]) -> float:
             raise ValueError(f"reference flip rate for {name!r} is {reference[name]}; cannot normalise by it")
         ratios.append(100.0 * flip_rates[name] / reference[name])
     return sum(ratios) / len(ratios)
+
+
+def normalised(errors: dict[str, list[float]], clean_error: float, flip_rates: dict[str, float],
+               ref_errors: dict[str, list[float]], ref_clean_error: float, ref_flip_rates: dict[str, float]
+               ) -> tuple[float | None, float | None, float | None, list[str]]:
+    """(mCE, relative mCE, mFR, [corruptions left out, perturbations left out]) against a reference.
+
+    A kind the reference never gets wrong (or never flips on) cannot normalise: it is left out, and said."""
+    usable = [c for c in ref_errors if sum(ref_errors[c]) > 0]
+    usable_rel = [c for c in usable if sum(v - ref_clean_error for v in ref_errors[c]) > 0]
+    usable_fr = [p for p in ref_flip_rates if ref_flip_rates[p] > 0]
+
+    def pick(d: dict, keys: list[str]) -> dict:
+        return {k: d[k] for k in keys}
+
+    m = mce(pick(errors, usable), pick(ref_errors, usable)) if usable else None
+    rel = relative_mce(pick(errors, usable_rel), clean_error, pick(ref_errors, usable_rel),
+                       ref_clean_error) if usable_rel else None
+    fr = mfr(pick(flip_rates, usable_fr), pick(ref_flip_rates, usable_fr)) if usable_fr else None
+    left_out = [", ".join(sorted(set(ref_errors) - set(usable))) or "none",
+                ", ".join(sorted(set(ref_flip_rates) - set(usable_fr))) or "none"]
+    return m, rel, fr, left_out
