@@ -278,6 +278,15 @@ def _write_skipped(out: Path, bad: list[tuple[str, str]]) -> Path:
     return side
 
 
+def _write_rows(writer, paths: list[str], probs: np.ndarray, names: list[str], k: int) -> None:
+    """One batch's rows: the top label and confidence, and the top-``k`` labels and probabilities."""
+    if probs.shape[1] != len(names):
+        raise ConfigError(f"model: {probs.shape[1]} outputs but {len(names)} label names in its config")
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    top = np.take_along_axis(probs, order, axis=1)
+    writer.write(paths, [names[i] for i in order[:, 0]], top[:, 0], [[names[i] for i in row] for row in order], top)
+
+
 def predict(model_spec: str | Path, input_spec: str, out: str | Path, *, topk: int = 5, batch_size: int = 256,
             max_warnings: int = MAX_WARNINGS, max_bad_share: float = 1.0) -> dict:
     """Classify every image of ``input_spec`` into ``out`` (.csv or .parquet); return a summary.
@@ -312,13 +321,7 @@ def predict(model_spec: str | Path, input_spec: str, out: str | Path, *, topk: i
         writer = _CsvRows(tmp) if out.suffix.lower() == ".csv" else _ParquetRows(tmp, meta)
         try:
             for paths, x in _batches(items, clf.prep, batch_size, on_bad):
-                probs = _softmax(clf.logits(normalize(x, mean, std)))
-                if probs.shape[1] != len(names):
-                    raise ConfigError(f"model: {probs.shape[1]} outputs but {len(names)} label names in its config")
-                order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-                top = np.take_along_axis(probs, order, axis=1)
-                writer.write(paths, [names[i] for i in order[:, 0]], top[:, 0],
-                             [[names[i] for i in row] for row in order], top)
+                _write_rows(writer, paths, _softmax(clf.logits(normalize(x, mean, std))), names, k)
                 done += len(paths)
                 bar.update(len(paths))
                 failpoints.hit("predict_batch")
