@@ -120,7 +120,6 @@ def round_epochs(cfg, k: int, job, model, state_root: Path, accelerator, data_ma
     """Round ``k``'s plan under ``cfg.budget`` (``epochs`` and how they were planned): the recorded
     one, else measured and planned now."""
 
-
     budget_s = parse_duration(cfg.budget)
     plan = BudgetPlan(cfg.run_dir, budget_s)
     entry = plan.get(k)

@@ -244,22 +244,11 @@ def _write(cfg: Config, out: Path, plan: dict, train: Source, progress: bool, t0
             for s in range(math.ceil(len(indices) / size)):
                 chunk = indices[s * size:(s + 1) * size]
                 path = out / f"{split}-{s:06d}.tar"
-                written: list[int] = []
-                if path.is_file():  # finished by an earlier, interrupted run of this same config
-                    written = _written(path, prefix)
-                    shards.append({"file": path.name, "samples": len(written), "bytes": path.stat().st_size,
-                                   "sha256": sha256_file(path)})
-                    log.use(len(written))
-                    if len(written) < len(chunk):  # bad samples left out when it was written
-                        log.skip(Skip(path.name, "-", "bad samples left out by an earlier run",
-                                      len(chunk) - len(written)))
-                    bar.update(len(chunk))
-                else:
-                    shards.append(write_shard(path, _samples(split, source, chunk, prefix, written, mode, log, bar)))
+                entry, written = _shard(path, split, source, chunk, prefix, mode, log, bar)
                 if not written:
                     path.unlink(missing_ok=True)
-                    shards.pop()
                     continue
+                shards.append(entry)
                 kept += written
                 keys = [_key(prefix, i) for i in written]
                 origins.write_table(pa.table({"key": keys, "split": [split] * len(written),
@@ -288,6 +277,22 @@ def _write(cfg: Config, out: Path, plan: dict, train: Source, progress: bool, t0
         manifest["unlabeled_truth"] = {"file": TRUTH, "sha256": sha256_file(out / TRUTH)}
     write_json_atomic(out / MANIFEST, manifest)
     return out
+
+
+def _shard(path: Path, split: str, source: Source, chunk, prefix: str, mode: str, log: SkipLog, bar
+           ) -> tuple[dict, list[int]]:
+    """Write one shard of ``chunk`` (or adopt it, finished by an earlier interrupted run of this same
+    config); returns its manifest entry and the source indices it holds."""
+    written: list[int] = []
+    if not path.is_file():
+        return write_shard(path, _samples(split, source, chunk, prefix, written, mode, log, bar)), written
+    written = _written(path, prefix)
+    log.use(len(written))
+    if len(written) < len(chunk):  # bad samples left out when it was written
+        log.skip(Skip(path.name, "-", "bad samples left out by an earlier run", len(chunk) - len(written)))
+    bar.update(len(chunk))
+    return {"file": path.name, "samples": len(written), "bytes": path.stat().st_size,
+            "sha256": sha256_file(path)}, written
 
 
 def prepare_test(spec: str, cfg: Config, progress: bool = True) -> tuple[Path, dict]:

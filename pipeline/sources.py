@@ -276,7 +276,6 @@ def iter_shard_images(pattern: str, skipped: list | None = None) -> Iterator[tup
 def _local_copy(url: str, cache_dir: Path, n: int) -> Path:
     """A local, uncompressed copy of a remote or gzipped shard (so its members can be read by offset)."""
 
-
     cache_dir.mkdir(parents=True, exist_ok=True)
     dest = cache_dir / f"{n:06d}.tar"
     stream = open_url(url)
@@ -300,38 +299,7 @@ def shard_pool_source(spec: str, cache_dir: Path) -> Source:
     are; remote (http, s3, gs) and gzipped ones are first copied, uncompressed, into
     ``cache_dir`` (disk, not RAM), which the caller removes when done.
     """
-
-
-
-    paths: list[Path] = []
-    names: list[str] = []
-    shard_ids, offsets = array("i"), array("q")
-    skipped: list = []
-    for url in expand_shards(spec):
-        name = Path(url).name
-        try:
-            local = Path(url.removeprefix("file://"))
-            if fetch_command(url) is not None or _is_gzip(local):
-                local = _local_copy(url, cache_dir, len(paths))
-        except OSError as e:
-            skipped.append(Skip(name, "-", f"damaged tar: {e.strerror or e}"))
-            continue
-        sid = len(paths)
-        paths.append(local)
-        names.append(name)
-        try:
-            for key, ext, offset in index_images(local):
-                if ext is None:
-                    skipped.append(Skip(name, key, "no image member"))
-                    continue
-                shard_ids.append(sid)
-                offsets.append(offset)
-        except ShardError as e:
-            skipped.append(Skip(name, f"after {e.after}" if e.after else "-", f"damaged tar: {e.reason}"))
-    if not offsets:
-        raise ConfigError(f"no images in shards {spec}" + (f" ({skipped[0].where}: {skipped[0].reason})"
-                                                           if skipped else ""))
-    sids, offs = np.frombuffer(shard_ids, np.int32), np.frombuffer(offsets, np.int64)
+    paths, names, sids, offs, skipped = _index_shards(spec, cache_dir)
     handles: OrderedDict = OrderedDict()  # shard number -> open file, the most recent last
     seen: dict[int, str] = {}  # origins of items read and not yet asked for (prepare asks right after)
 
@@ -360,6 +328,39 @@ def shard_pool_source(spec: str, cache_dir: Path) -> Source:
             handles.popitem()[1].close()
 
     return Source(spec, None, None, get, origin, len(offs), skipped=skipped, close=close)
+
+
+def _index_shards(spec: str, cache_dir: Path) -> tuple[list[Path], list[str], np.ndarray, np.ndarray, list]:
+    """(local shard paths, their names, shard number and member offset of each image, skips) of a pattern."""
+    paths: list[Path] = []
+    names: list[str] = []
+    shard_ids, offsets = array("i"), array("q")
+    skipped: list = []
+    for url in expand_shards(spec):
+        name = Path(url).name
+        try:
+            local = Path(url.removeprefix("file://"))
+            if fetch_command(url) is not None or _is_gzip(local):
+                local = _local_copy(url, cache_dir, len(paths))
+        except OSError as e:
+            skipped.append(Skip(name, "-", f"damaged tar: {e.strerror or e}"))
+            continue
+        sid = len(paths)
+        paths.append(local)
+        names.append(name)
+        try:
+            for key, ext, offset in index_images(local):
+                if ext is None:
+                    skipped.append(Skip(name, key, "no image member"))
+                    continue
+                shard_ids.append(sid)
+                offsets.append(offset)
+        except ShardError as e:
+            skipped.append(Skip(name, f"after {e.after}" if e.after else "-", f"damaged tar: {e.reason}"))
+    if not offsets:
+        raise ConfigError(f"no images in shards {spec}" + (f" ({skipped[0].where}: {skipped[0].reason})"
+                                                           if skipped else ""))
+    return paths, names, np.frombuffer(shard_ids, np.int32), np.frombuffer(offsets, np.int64), skipped
 
 
 def _is_gzip(path: Path) -> bool:
