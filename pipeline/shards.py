@@ -150,20 +150,7 @@ def _tar_members(stream, index: bool = False) -> Iterator[tuple]:
             raise tarfile.HeaderError("bad checksum in a member header")
         size = int(pax["size"]) if "size" in pax else _octal(block[124:136])
         kind = block[156:157]
-        pad = -size % _BLOCK
-        if index and kind in _REGULAR:  # the data is not needed now: skip it
-            pos += _BLOCK + size + pad
-            if pos > end:
-                raise EOFError("unexpected end of data")
-            stream.seek(pos)
-            data = b""
-        else:
-            data = _read_exact(stream, size)
-            if len(data) < size:
-                raise EOFError("unexpected end of data")
-            if pad and len(_read_exact(stream, pad)) < pad:
-                raise EOFError("unexpected end of data")
-            pos += _BLOCK + size + pad
+        data, pos = _member_data(stream, size, index and kind in _REGULAR, pos, end)
         if kind == b"L":  # GNU long name of the next member
             long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
             continue
@@ -177,6 +164,22 @@ def _tar_members(stream, index: bool = False) -> Iterator[tuple]:
         if kind in _REGULAR:
             yield (name, start) if index else (name, data)
         start = pos
+
+
+def _member_data(stream, size: int, skip: bool, pos: int, end: int) -> tuple[bytes, int]:
+    """A member's data after its header (its padding read too), or, with ``skip``, a seek past both
+    (indexing needs no data now); returns (data, the position after it)."""
+    pad = -size % _BLOCK
+    if skip:
+        pos += _BLOCK + size + pad
+        if pos > end:
+            raise EOFError("unexpected end of data")
+        stream.seek(pos)
+        return b"", pos
+    data = _read_exact(stream, size)
+    if len(data) < size or (pad and len(_read_exact(stream, pad)) < pad):
+        raise EOFError("unexpected end of data")
+    return data, pos + _BLOCK + size + pad
 
 
 _ZERO = bytes(_BLOCK)
