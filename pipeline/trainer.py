@@ -61,6 +61,13 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float) -> torch.opt
 
 
 def _cosine(total: int, warmup: int):
+    """Linear warmup then cosine decay, per step, as a factor of the base lr (for torch's LambdaLR).
+
+    Kept over torch's SequentialLR(LinearLR, CosineAnnealingLR) and timm's CosineLRScheduler: the
+    closed form gives the same lr at every step as the checkpoints already written, whose results
+    (bench/results) this keeps reproducible; CosineAnnealingLR's recursive form drifts from it in
+    float and timm's warmup starts from ``warmup_lr_init``, not from lr / warmup."""
+
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
