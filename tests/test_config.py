@@ -115,3 +115,18 @@ def test_finished_round_check_resolves_per_round_values():
         check_unchanged(load_config(None, ["model.students=[resnet10t, resnet18]", "student.epochs=[2, 4]"]),
                         1, card)
     check_unchanged(load_config(None, ["student.threshold=0.9"]), 0, {"config": to_dict(load_config(None))})
+
+
+def test_runtime_and_per_round_keys_come_from_field_metadata():
+    """One place says what a key means for finished work: the config fields' metadata. Runtime keys
+    leave the data's identity (its directory) and a finished distillation alone."""
+    from pipeline.config import PER_ROUND_KEYS, RUNTIME_KEYS, DataConfig, flagged
+    from pipeline.dataset import data_identity
+
+    assert {"runs_dir", "budget", "teacher.workers", "student.compile", "pseudo_label.batch_size",
+            "data.root", "distill.workers"} <= RUNTIME_KEYS
+    assert not {"teacher.lr", "student.threshold", "pseudo_label.tta", "data.seed"} & RUNTIME_KEYS
+    assert PER_ROUND_KEYS == {"student.epochs", "student.drop_rate", "student.drop_path_rate", "student.randaugment.m"}
+    assert flagged(DataConfig, "runtime") == {"root", "download", "max_bad_share"}
+    assert data_identity(DataConfig(root="/a", download=False)) == data_identity(DataConfig(root="/b"))
+    assert data_identity(DataConfig(seed=1)) != data_identity(DataConfig(seed=2))
