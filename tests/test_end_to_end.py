@@ -51,6 +51,18 @@ def test_artifacts_of_every_round(experiment):
     assert "| 2 | resnet10t |" in experiment["iterate_out"]
 
 
+def test_one_clean_pass_per_round_scores_the_card(experiment):
+    """Each round's test score is its cached clean evaluation (one pass over the test set, shared by
+    the card, iterate's table and the report), not a second pass of its own."""
+    for k in (0, 1, 2):
+        d = experiment["exp"] / f"round-{k}"
+        cleans = [json.loads(p.read_text()) for p in (d / "eval").glob("clean-*.json")]
+        on_test = [c for c in cleans if c["test_set"].endswith("/test")]
+        card = json.loads((d / "card.json").read_text())
+        assert len(on_test) == 1 and card["metrics"]["test_top1"] == round(on_test[0]["top1"], 3)
+        assert card["metrics"]["test_samples"] == on_test[0]["samples"] == 80
+
+
 def test_pseudo_labels_beat_chance(experiment):
     exp = experiment["exp"]
     stats = json.loads((exp / "round-1" / "pseudo_labels" / "manifest.json").read_text())["stats"]
