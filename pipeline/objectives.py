@@ -71,5 +71,6 @@ class NoisyStudent(Supervised):
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of -sum_c targets_c * log_softmax(logits)_c (targets rows sum to 1)."""
-    return -(targets * F.log_softmax(logits.float(), dim=1)).sum(1).mean()
+    """Mean over the batch of -sum_c targets_c * log_softmax(logits)_c (targets rows sum to 1):
+    ``F.cross_entropy`` with probability targets."""
+    return F.cross_entropy(logits.float(), targets)
