@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -184,6 +185,7 @@ def test_evaluate_killed_before_writing_a_result_reruns_cleanly(teacher_ref, tin
     runs, ref = teacher_ref
     ov = tiny_overrides(tiny_data, runs, name="ref") + TEACHER
     args = [f"models={ref}", f"out={tmp_path / 'ev'}", "evaluate.robustness=false", *ov]
+    shutil.rmtree(ref / "eval", ignore_errors=True)  # the clean pass training cached: evaluate makes it anew
     killed("evaluate.py", "eval_result:1", *args)
     assert not list((ref / "eval").glob("*.json"))  # nothing half-written looks like a result
     stage("evaluate.py", *args)
