@@ -243,5 +243,6 @@ def test_recipe_search_never_scores_the_test_set(tiny_data, tmp_path):
     r = stage("iterate.py", "round=0", *ov, "data.val_per_class=5", "evaluate.test=false", "teacher.epochs=5")
     metrics = json.loads((tmp_path / "runs" / "search" / "round-0" / "metrics.json").read_text())
     assert metrics["test_top1"] is None and 0 <= metrics["val_top1"] <= 100
-    assert not list((tmp_path / "runs" / "search" / "round-0").glob("eval/clean-*.json"))
+    cleans = [json.loads(p.read_text()) for p in (tmp_path / "runs" / "search" / "round-0").glob("eval/clean-*.json")]
+    assert cleans and all(c["test_set"].endswith("/val") for c in cleans)  # the val pass only, never the test set
     assert "| 0 | resnet10t | - | " in r.stdout and "val top-1" in r.stdout
