@@ -113,10 +113,10 @@ class Cnn32(nn.Module):
         return x if pre_logits else self.fc(x) * self.logit_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.flip_tta and not self.training:
-            both = self.forward_head(self.forward_features(torch.cat([x, x.flip(3)])))
-            return (both[: len(x)] + both[len(x):]) / 2
-        return self.forward_head(self.forward_features(x))
+        logits = self.forward_head(self.forward_features(x))
+        if self.flip_tta and not self.training:  # two passes, not one of a doubled batch: the ONNX graph
+            logits = (logits + self.forward_head(self.forward_features(x.flip(3)))) / 2  # keeps its dynamic batch
+        return logits
 
 
 # name -> (widths, depth); cnn32_s3 is cnn32_s one residual unit deeper per group: a larger student

@@ -257,3 +257,24 @@ def test_predict_user_errors(model_dir, images, tmp_path):
     with pytest.raises(ConfigError, match="shard not found"):
         predict(model_dir, str(tmp_path / "none-{000000..000001}.tar"), tmp_path / "p.csv")
     assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_cnn32_with_its_flip_average_exports_with_a_dynamic_batch(tmp_path):
+    """cnn32 averages each image with its mirror image in eval mode; its ONNX graph keeps the
+    dynamic batch axis and matches PyTorch at any batch size."""
+    from pipeline.export import export_model_dir, ort_session
+    from pipeline.models import create_model, load_model_dir, save_model_dir
+
+    torch.manual_seed(0)
+    model = create_model("cnn32_s", 4, 3, channels=(8, 16, 16)).eval()
+    save_model_dir(model, tmp_path / "m", [f"c{i}" for i in range(4)], [0.5] * 3, [0.25] * 3, 32, 3)
+    record, worked = export_model_dir(tmp_path / "m")
+    assert worked and record["check"]["max_abs_diff"] <= 1e-4
+    back, _ = load_model_dir(tmp_path / "m")
+    sess = ort_session(tmp_path / "m" / "onnx" / "model.onnx")
+    for b in (1, 3):
+        x = torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(b))
+        with torch.inference_mode():
+            ref = back(x).numpy()
+        got = sess.run(["logits"], {"input": x.numpy()})[0]
+        assert got.shape == (b, 4) and np.abs(got - ref).max() <= 1e-4
