@@ -389,6 +389,12 @@ def parse_duration(text: str | float, key: str = "budget") -> float:
     return seconds
 
 
+def changed_keys(made: dict, now: dict) -> list[str]:
+    """The keys of ``now`` whose value differs from what made a finished artifact (sorted). Keys only
+    the artifact has (since removed, or now runtime keys) do not count."""
+    return sorted(k for k in now if made.get(k) != now[k])
+
+
 def per_round(value, round_index: int):
     """Value for student round k (1-based) from a scalar or a per-round list (last repeats)."""
     if isinstance(value, list):

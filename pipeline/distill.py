@@ -26,7 +26,16 @@ from accelerate.utils import set_seed
 
 from . import evaluation, labeling, models, noise, pseudo_labels
 from .artifacts import sha256_file
-from .config import RUNTIME_KEYS, Config, ConfigError, DistillConfig, PseudoLabelConfig, per_round, to_dict
+from .config import (
+    RUNTIME_KEYS,
+    Config,
+    ConfigError,
+    DistillConfig,
+    PseudoLabelConfig,
+    changed_keys,
+    per_round,
+    to_dict,
+)
 from .dataset import PreparedData, Preprocessing
 from .finish import card, finish
 from .loaders import StreamSpec
@@ -149,11 +158,6 @@ def _relevant(dcfg: DistillConfig) -> dict:
     return {k: v for k, v in to_dict(dcfg).items() if k not in runtime}
 
 
-def _same(made: dict, now: dict) -> str | None:
-    """The first key whose value differs (keys a card has that are now runtime keys do not count)."""
-    return next((k for k in sorted(now) if made.get(k) != now[k]), None)
-
-
 def _train_and_save(out: Path, student: torch.nn.Module, job: Job, arch: str, card_fields: dict, ctx: _Context,
                     cfg: Config, progress: bool) -> dict:
     """Train (resumable), then write the model directory, its test score and its card (``finish``)."""
@@ -228,7 +232,7 @@ def _finished(out: Path, dcfg: DistillConfig, teacher_sha: str) -> dict | None:
     if done is None:
         return None
     old, new = done.get("distill", {}), _relevant(dcfg)
-    key = "teacher" if done["parents"]["teacher_sha256"] != teacher_sha else _same(old, new)
+    key = "teacher" if done["parents"]["teacher_sha256"] != teacher_sha else next(iter(changed_keys(old, new)), None)
     if key is not None:
         what = f"distill.{key}={old.get(key)!r}, this run asks {new.get(key)!r}" if key != "teacher" else "another teacher"
         raise ConfigError(f"distilled/{dcfg.name} was made with {what}; give a new distill.name=...")
@@ -275,7 +279,7 @@ def _labels_only(cfg: Config, ctx: _Context, progress: bool) -> dict:
     dcfg, acc, data = cfg.distill, ctx.accelerator, ctx.data
     lo_out = cfg.run_dir / "distilled" / f"{dcfg.name}-labels-only"
     done = card(lo_out)
-    if done is not None and _same(done.get("distill", {}), _relevant(dcfg)) is None:
+    if done is not None and not changed_keys(done.get("distill", {}), _relevant(dcfg)):
         return done
     set_seed(cfg.seed)
     student = _student(dcfg, len(ctx.names), ctx.prep.in_chans)

@@ -1,7 +1,7 @@
 """Training and evaluation data streams over shards, split by rank and DataLoader worker.
 
 Webdataset loaders do not go through ``accelerator.prepare``: each rank reads its own shards
-(``shards.assign``). Shuffling is per epoch and seeded (shard order, then a buffer of encoded
+(``assign``). Shuffling is per epoch and seeded (shard order, then a buffer of encoded
 samples), so a resumed run sees the same order. An epoch is a fixed number of batches on every
 rank, so ranks never wait on each other at the end of an epoch.
 """
@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from .bad_samples import Skip, SkipLog
 from .errors import DataError
 from .images import BadImage, decode_image
-from .shards import assign, image_bytes, read_shard, sample_label
+from .shards import image_bytes, read_shard, sample_label
 
 # shard path -> {key: (repeat count, target)}; None means "every sample once, target = its label"
 TargetFn = Callable[[str], dict]
@@ -41,6 +41,18 @@ class StreamSpec:
     missing_label: int | None = None  # label of samples without one (e.g. -1 for the pool); None: an error
     with_label: bool = False  # with ``targets``: yield (target, label) so a loss can use both
     rows: dict[str, int] | None = None  # shard file name -> samples it should hold (finds short shards)
+
+
+def assign(items: list, consumer: int, consumers: int) -> tuple[list, int, int]:
+    """Split shards between ``consumers`` (ranks x workers) so none is read twice or skipped.
+
+    With at least as many shards as consumers, each takes whole shards; otherwise every consumer
+    reads every shard and keeps the samples whose position modulo ``consumers`` is its own.
+    Returns (shards to read, modulus, remainder).
+    """
+    if len(items) >= consumers:
+        return items[consumer::consumers], 1, 0
+    return list(items), consumers, consumer
 
 
 class ShardStream(IterableDataset):

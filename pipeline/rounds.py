@@ -24,6 +24,7 @@ from .config import (
     Config,
     ConfigError,
     _build,
+    changed_keys,
     flatten,
     for_round,
     per_round,
@@ -73,7 +74,7 @@ def check_unchanged(cfg: Config, k: int, made: dict) -> None:
     except ConfigError:
         made_cfg = made["config"]
     old, new = _relevant(made_cfg, k), _relevant(to_dict(cfg), k)
-    diff = sorted(key for key in set(old) | set(new) if old.get(key) != new.get(key))
+    diff = changed_keys(old, new)
     if diff:
         key = diff[0]
         raise ConfigError(

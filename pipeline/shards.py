@@ -320,8 +320,8 @@ def read_shard(url: str | Path, expected: int | None = None, mod: int = 1, rem: 
     thing that is not (a sample without an image member, the lost tail of a damaged tar, a shard
     that ends before the ``expected`` count its manifest promised, an empty shard).
 
-    ``mod``/``rem``: this consumer's share when several read one shard (``assign``); a lost tail is
-    counted within that share.
+    ``mod``/``rem``: this consumer's share when several read one shard (``loaders.assign``); a lost tail
+    is counted within that share.
     """
     name = Path(url).name
     pos = 0
@@ -350,15 +350,3 @@ def read_shard(url: str | Path, expected: int | None = None, mod: int = 1, rem: 
 def sample_label(sample: dict) -> int | None:
     raw = sample.get("cls")
     return None if raw is None else int(raw)
-
-
-def assign(items: list, consumer: int, consumers: int) -> tuple[list, int, int]:
-    """Split shards between ``consumers`` (ranks x workers) so none is read twice or skipped.
-
-    With at least as many shards as consumers, each takes whole shards; otherwise every consumer
-    reads every shard and keeps the samples whose position modulo ``consumers`` is its own.
-    Returns (shards to read, modulus, remainder).
-    """
-    if len(items) >= consumers:
-        return items[consumer::consumers], 1, 0
-    return list(items), consumers, consumer

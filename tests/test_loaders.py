@@ -6,9 +6,9 @@ from conftest import tiny_overrides
 
 from pipeline.config import load_config
 from pipeline.dataset import PreparedData
-from pipeline.loaders import ShardStream, StreamSpec, epoch_batches
+from pipeline.loaders import ShardStream, StreamSpec, assign, epoch_batches
 from pipeline.prepare import load_manifest, prepare
-from pipeline.shards import assign, write_shard
+from pipeline.shards import write_shard
 from pipeline.transforms import eval_transform
 
 
