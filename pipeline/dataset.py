@@ -8,6 +8,7 @@ directory's config.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -90,7 +91,7 @@ class PreparedData:
     def class_names(self) -> list[str]:
         return list(self.manifest["class_names"])
 
-    @property
+    @functools.cached_property
     def manifest_sha256(self) -> str:
         return sha256_file(self.dir / MANIFEST)
 

@@ -63,13 +63,14 @@ class LoadedModel:
     card: dict | None
 
 
-def load(directory: str | Path) -> LoadedModel:
-    """A model directory ready to evaluate, with the hash of its weights (the cache key)."""
+def load(directory: str | Path, weights_sha256: str | None = None) -> LoadedModel:
+    """A model directory ready to evaluate, with the hash of its weights (the cache key; pass it when
+    known, e.g. just written)."""
     directory = Path(directory)
     model, config = models.load_model_dir(directory)
     card_path = directory / models.CARD
     card = read_json(card_path) if card_path.is_file() else None
-    sha = (card or {}).get("files", {}).get(models.WEIGHTS) or sha256_file(directory / models.WEIGHTS)
+    sha = weights_sha256 or (card or {}).get("files", {}).get(models.WEIGHTS) or sha256_file(directory / models.WEIGHTS)
     return LoadedModel(directory, model, models.preprocessing(config), list(config.get("label_names", [])), sha,
                        card)
 

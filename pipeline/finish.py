@@ -44,7 +44,7 @@ def finish(out: Path, model: torch.nn.Module, names: list[str], prep: Preprocess
     if accelerator.is_main_process:
         files = models.save_model_dir(model, out, names, prep.mean, prep.std, prep.size, prep.in_chans)
     accelerator.wait_for_everyone()
-    loaded = evaluation.load(out)
+    loaded = evaluation.load(out, files.get(models.WEIGHTS))  # other ranks hash the file themselves
     for split, test in scored.items():
         clean = evaluation.clean(loaded, test, ecfg, accelerator, progress, max_bad_share)
         metrics[f"{split}_top1"] = round(clean["top1"], 3)
