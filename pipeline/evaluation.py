@@ -21,12 +21,12 @@ from tqdm import tqdm
 
 from . import calibration, corruptions, failpoints, models, perturbations
 from .artifacts import read_json, sha256_file, short_hash, write_json_atomic
-from .bad_samples import SkipLog
+from .bad_samples import Skip, SkipLog
 from .config import ConfigError, EvaluateConfig
 from .dataset import PreparedData, Preprocessing
 from .images import BadImage
 from .loaders import eval_batches
-from .shards import image_bytes, iter_samples, sample_label
+from .shards import image_bytes, read_shard, sample_label
 from .transforms import eval_transform, normalize, to_input
 
 EVAL_DIR = "eval"
@@ -170,18 +170,20 @@ def load_subset(test: TestSet, prep: Preprocessing, n: int | None, seed: int) ->
     want = set(chosen.tolist())
     tf = eval_transform(prep.size)
     images, labels, pos = [], [], 0
-    for shard in test.shards:
-        for sample in iter_samples(shard):
+    for shard, rows in zip(test.shards, test.rows, strict=True):
+        for sample in read_shard(shard, rows):
+            if isinstance(sample, Skip):  # the clean pass over the same test set counts and names it
+                pos += sample.count
+                continue
             if pos in want:
-                data = image_bytes(sample)
+                label = sample_label(sample)
                 try:
-                    label = sample_label(sample)
-                    if data is None or label is None:
-                        raise BadImage("no image or no label")
-                    images.append(to_input(data, prep.mode, tf))
+                    if label is None:
+                        raise BadImage("no label")
+                    images.append(to_input(image_bytes(sample), prep.mode, tf))
                     labels.append(label)
-                except (BadImage, ValueError):  # the clean pass over the same test set counts and names it
-                    continue
+                except (BadImage, ValueError):
+                    pass
             pos += 1
     if not images:
         raise ConfigError(f"no usable image in the robustness subset of {test.name}")

@@ -23,6 +23,8 @@ from .bad_samples import Skip
 from .config import ConfigError
 
 MANIFEST = "manifest.json"
+BINS = 20  # of the confidence and entropy histograms
+THRESHOLDS = [round(0.05 * i, 2) for i in range(20)]  # of the accuracy-by-threshold curve
 
 
 def parquet_name(shard: str | Path) -> str:
@@ -85,40 +87,94 @@ def validates(path: Path, rows: int, teacher_sha256: str, class_names: list[str]
             and meta["class_names"] == class_names and meta["tta"] == tta)
 
 
-def summarize(out_dir: Path, shards: list[Path], num_classes: int, truth_path: Path | None) -> dict:
-    """Stats over all files: count, class histogram, mean confidence, accuracy if truth kept aside.
-
-    Reads one shard's file at a time; the truth (key, label) is joined in Arrow, never as Python
-    objects, so memory stays small next to the pool.
-    """
+def pool_stats(pl_dir: Path, shards: list[Path], names: list[str], truth_path: Path | None, threshold: float,
+               prev: Path | None = None) -> dict:
+    """One pass over a round's Parquet files, one file at a time: histograms, the share the
+    threshold keeps, agreement with ``prev`` (the previous round's directory) and, where the pool's
+    truth was kept aside, accuracy by threshold. The manifest's stats and the report both use it."""
     truth = None
-    if truth_path is not None and truth_path.is_file():
+    if truth_path is not None and truth_path.is_file():  # joined per shard in Arrow, never as Python objects
         truth = pq.read_table(truth_path, columns=["key", "label"]).rename_columns(["key", "true"])
-    hist = np.zeros(num_classes, np.int64)
-    n, conf_sum = 0, 0.0
-    thresholds = (0.3, 0.5, 0.7, 0.9)
-    hits = np.zeros(1 + len(thresholds), np.int64)  # correct: all known, then at each threshold
-    seen = np.zeros(1 + len(thresholds), np.int64)
-    for s in sorted(shards):
-        t = pq.read_table(out_dir / parquet_name(s), columns=["key", "label", "confidence"])
-        labels, conf = t.column("label").to_numpy(), t.column("confidence").to_numpy()
-        hist += np.bincount(labels, minlength=num_classes)
-        n += len(labels)
-        conf_sum += float(conf.sum(dtype=np.float64))
-        if truth is not None and len(labels):
-            j = t.join(truth, "key", join_type="inner")
-            ok = j.column("label").to_numpy() == j.column("true").to_numpy()
-            jc = j.column("confidence").to_numpy()
-            for i, thr in enumerate((0.0, *thresholds)):
-                sel = jc >= thr
-                hits[i] += int(ok[sel].sum())
-                seen[i] += int(sel.sum())
-    stats = {"samples": n, "mean_confidence": conf_sum / n if n else None, "class_histogram": hist.tolist()}
-    if seen[0]:
-        stats["accuracy"] = float(hits[0] / seen[0] * 100)
-        stats["accuracy_at_threshold"] = {str(thr): float(hits[i + 1] / seen[i + 1] * 100) if seen[i + 1] else None
-                                          for i, thr in enumerate(thresholds)}
-    return stats
+    stats = _Stats(names, threshold)
+    for shard in sorted(shards):
+        stats.add(_shard_table(pl_dir, prev, truth, parquet_name(shard)))
+    return stats.result(truth is not None)
+
+
+def _shard_table(pl_dir: Path, prev: Path | None, truth: pa.Table | None, name: str) -> dict[str, np.ndarray]:
+    """One shard's pseudo labels as arrays, with the previous round's label (``prev``) and the true
+    label (``true``) of each row joined by key in Arrow; -1 where there is none."""
+    t = pq.read_table(pl_dir / name, columns=["key", "probs", "label", "confidence"])
+    n = t.num_rows
+    rows = pa.table({"key": t.column("key"), "row": pa.array(np.arange(n, dtype=np.int64))})
+
+    def aligned(other: pa.Table | None, col: str) -> np.ndarray:
+        out = np.full(n, -1, np.int64)
+        if other is not None:
+            j = rows.join(other, "key", join_type="inner")
+            out[j.column("row").to_numpy()] = j.column(col).to_numpy()
+        return out
+
+    before = None
+    if prev is not None and (prev / name).is_file():
+        before = pq.read_table(prev / name, columns=["key", "label"]).rename_columns(["key", "prev"])
+    return {"label": t.column("label").to_numpy(), "confidence": t.column("confidence").to_numpy(),
+            "probs": t.column("probs").combine_chunks().flatten().to_numpy().reshape(n, -1),
+            "prev": aligned(before, "prev"), "true": aligned(truth, "true")}
+
+
+class _Stats:
+    """Histograms and counts over the pool, one shard's table at a time."""
+
+    def __init__(self, names: list[str], threshold: float):
+        self.names, self.thr, nc = names, threshold, len(names)
+        self.conf_hist, self.ent_hist = np.zeros(BINS, np.int64), np.zeros(BINS, np.int64)
+        self.kept_per_class, self.label_hist = np.zeros(nc, np.int64), np.zeros(nc, np.int64)
+        self.pred_count, self.pred_correct = np.zeros(nc, np.int64), np.zeros(nc, np.int64)
+        self.at_thr = np.zeros((len(THRESHOLDS), 2), np.int64)  # kept, correct
+        self.agree = self.compared = self.total = 0
+        self.conf_sum = 0.0
+
+    def add(self, t: dict[str, np.ndarray]) -> None:
+        nc = len(self.names)
+        label, conf, probs = t["label"], t["confidence"], t["probs"].astype(np.float64)
+        ent = -(probs * np.log(np.clip(probs, 1e-12, 1))).sum(1) / np.log(nc)
+        self.conf_hist += np.histogram(conf, BINS, (0, 1))[0]
+        self.ent_hist += np.histogram(np.clip(ent, 0, 1), BINS, (0, 1))[0]
+        self.kept_per_class += np.bincount(label[conf >= self.thr], minlength=nc)
+        self.label_hist += np.bincount(label, minlength=nc)
+        self.total += len(label)
+        self.conf_sum += float(conf.sum(dtype=np.float64))
+        old, true = t["prev"], t["true"]
+        self.agree += int((old[old >= 0] == label[old >= 0]).sum())
+        self.compared += int((old >= 0).sum())
+        known = true >= 0
+        ok = known & (true == label)
+        for i, th in enumerate(THRESHOLDS):
+            sel = known & (conf >= th)
+            self.at_thr[i] += (int(sel.sum()), int((ok & sel).sum()))
+        self.pred_count += np.bincount(label[known], minlength=nc)
+        self.pred_correct += np.bincount(label[ok], minlength=nc)
+
+    def result(self, with_truth: bool) -> dict:
+        names, kept = self.names, int(self.kept_per_class.sum())
+        out = {"samples": self.total, "threshold": self.thr, "class_histogram": self.label_hist.tolist(),
+               "mean_confidence": self.conf_sum / self.total if self.total else None,
+               "confidence_hist": self.conf_hist.tolist(),
+               "entropy_hist": self.ent_hist.tolist(), "bins": BINS, "kept": kept,
+               "kept_share": float(kept / max(self.total, 1)),
+               "kept_per_class": dict(zip(names, self.kept_per_class.tolist(), strict=True)),
+               "label_per_class": dict(zip(names, self.label_hist.tolist(), strict=True)),
+               "agreement_with_previous": (self.agree / self.compared if self.compared else None)}
+        at = self.at_thr
+        if with_truth and at[0, 0]:
+            out["accuracy"] = 100.0 * at[0, 1] / at[0, 0]
+            out["accuracy_at_threshold"] = [
+                {"threshold": th, "kept_share": float(at[i, 0] / at[0, 0]),
+                 "accuracy": (100.0 * at[i, 1] / at[i, 0]) if at[i, 0] else None} for i, th in enumerate(THRESHOLDS)]
+            out["precision_per_class"] = {n: (100.0 * c / p if p else None) for n, c, p in zip(
+                names, self.pred_correct.tolist(), self.pred_count.tolist(), strict=True)}
+        return out
 
 
 def write_manifest(out_dir: Path, shards: list[Path], teacher_dir: Path, teacher_sha256: str,

@@ -146,6 +146,21 @@ def test_truncated_and_empty_shards_are_skipped_with_their_lost_samples(bad_shar
     assert "ends early (0 of 10" in reasons[empty_tar.name]
 
 
+def test_robustness_subset_reads_a_damaged_test_set_through_the_same_reader(tmp_path):
+    from pipeline.evaluation import TestSet, load_subset
+
+    good = tmp_path / "test-000000.tar"
+    write_shard(good, [{"__key__": f"k{i}", "png": _png(make_image(i % 4, np.random.default_rng(i))),
+                        "cls": str(i % 4)} for i in range(10)])
+    cut = tmp_path / "test-000001.tar"
+    shutil.copy(good, cut)
+    _truncate(cut, good.stat().st_size // 2 + 100)
+    test = TestSet("test", [good, cut], [10, 10], [f"c{i}" for i in range(4)], "0" * 64)
+    images, labels = load_subset(test, Preprocessing("L", 16, (0.5,), (0.5,)), None, 0)
+    assert 10 < len(images) < 20 and images.shape[1:] == (1, 16, 16)  # the good shard and the cut one's head
+    assert labels[:10].tolist() == [i % 4 for i in range(10)]
+
+
 def test_pseudo_label_skips_bad_samples_and_records_them(bad_shard, tmp_path):
     from accelerate import Accelerator
 
