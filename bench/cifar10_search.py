@@ -28,9 +28,9 @@ from PIL import Image
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pipeline.archs import Cnn32  # noqa: E402
+from pipeline.data.sources import archive_mirror  # noqa: E402
+from pipeline.modeling.archs import Cnn32  # noqa: E402
 from pipeline.noise import _RandAugment  # noqa: E402
-from pipeline.sources import archive_mirror  # noqa: E402
 
 CACHE = Path("runs/search/cifar10-train.npz")
 

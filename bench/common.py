@@ -34,7 +34,7 @@ def synthetic_images(n: int, size: int, seed: int = 0, num_classes: int = 10, mo
 
 def write_shards(directory: Path, prefix: str, images: list[bytes], labels: np.ndarray | None,
                  shard_size: int) -> list[Path]:
-    from pipeline.shards import write_shard
+    from pipeline.data.shards import write_shard
 
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -94,7 +94,7 @@ def labeled_and_test(root: Path, per_class: int, test_per_class: int, size: int)
 
 def pool_shards(directory: Path, n: int, size: int, shard_size: int) -> str:
     """``n`` unlabeled images as webdataset shards, written one shard at a time; their brace pattern."""
-    from pipeline.shards import write_shard
+    from pipeline.data.shards import write_shard
 
     rng = np.random.default_rng(n)
     directory.mkdir(parents=True)

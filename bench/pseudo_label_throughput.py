@@ -47,11 +47,12 @@ def main() -> None:
     import torch
     from accelerate import Accelerator
 
-    from pipeline import labeling, models, precision
     from pipeline.config import PseudoLabelConfig
-    from pipeline.dataset import Preprocessing
-    from pipeline.shards import image_bytes, iter_samples
-    from pipeline.transforms import eval_transform, normalize, to_input
+    from pipeline.data.dataset import Preprocessing
+    from pipeline.data.shards import image_bytes, iter_samples
+    from pipeline.data.transforms import eval_transform, normalize, to_input
+    from pipeline.modeling import models, precision
+    from pipeline.pseudo import labeling
 
     tmp = Path(tempfile.mkdtemp(prefix="ns-bench-"))
     try:

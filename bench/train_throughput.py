@@ -41,14 +41,16 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
-    from pipeline import models, noise, precision, pseudo_labels, selection
+    from pipeline import noise
     from pipeline.config import for_round, load_config
-    from pipeline.dataset import Preprocessing
-    from pipeline.images import decode_image
-    from pipeline.loaders import StreamSpec
-    from pipeline.objectives import soft_cross_entropy
-    from pipeline.trainer import Job, _optimizer, steps_per_epoch, train
-    from pipeline.transforms import batch_augment, normalize, to_input, train_transform
+    from pipeline.data.dataset import Preprocessing
+    from pipeline.data.images import decode_image
+    from pipeline.data.loaders import StreamSpec
+    from pipeline.data.transforms import batch_augment, normalize, to_input, train_transform
+    from pipeline.modeling import models, precision
+    from pipeline.pseudo import pseudo_labels, selection
+    from pipeline.training.objectives import soft_cross_entropy
+    from pipeline.training.trainer import Job, _optimizer, steps_per_epoch, train
 
     cfg = load_config(Path(args.config))
     scfg = for_round(cfg.student, 1)

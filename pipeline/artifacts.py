@@ -103,7 +103,7 @@ def code_version() -> str:
             _CODE_VERSION = rev + ("+dirty" if dirty else "")
         except (OSError, subprocess.SubprocessError):
             h = hashlib.sha256()
-            for p in sorted(Path(__file__).parent.glob("*.py")):
+            for p in sorted(Path(__file__).parent.rglob("*.py")):
                 h.update(p.read_bytes())
             _CODE_VERSION = "src-" + h.hexdigest()[:12]
     return _CODE_VERSION

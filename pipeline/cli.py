@@ -6,8 +6,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import Config, ConfigError, load_config, parse_override
-from .errors import UserError
+from pipeline.config import Config, ConfigError, load_config, parse_override
+from pipeline.errors import UserError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "fashion_mnist.yaml"
 

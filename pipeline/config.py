@@ -17,7 +17,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from .errors import ConfigError
+from pipeline.errors import ConfigError
 
 __all__ = ["ConfigError"]  # re-exported: config errors are raised where configs are read
 
@@ -369,7 +369,9 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         section, field_name = key.split(".")
         value = getattr(getattr(cfg, section), field_name)
         if isinstance(value, str) and value != "inductor":
-            from .precision import check_compile  # imports torch: only for a backend named by hand
+            from pipeline.modeling.precision import (
+                check_compile,  # imports torch: only for a backend named by hand
+            )
 
             check_compile(value, key)
     return cfg

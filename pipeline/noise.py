@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torchvision import transforms as T
 
-from .config import TrainConfig
+from pipeline.config import TrainConfig
 
 
 class _RandAugment(T.RandAugment):

@@ -16,9 +16,9 @@ import torch
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
-from . import budget, evaluation, labeling, models, noise, pseudo_labels, selection
-from .artifacts import read_json, sha256_file
-from .config import (
+from pipeline import noise
+from pipeline.artifacts import read_json, sha256_file
+from pipeline.config import (
     PER_ROUND_KEYS,
     RUNTIME_KEYS,
     Config,
@@ -30,14 +30,18 @@ from .config import (
     per_round,
     to_dict,
 )
-from .dataset import PreparedData, Preprocessing, data_dir
-from .finish import card, finish
-from .loaders import StreamSpec
-from .objectives import NoisyStudent
-from .prepare import prepare
-from .runtime import make_accelerator
-from .trainer import Job, train
-from .transforms import train_transform
+from pipeline.data.dataset import PreparedData, Preprocessing, data_dir
+from pipeline.data.loaders import StreamSpec
+from pipeline.data.prepare import prepare
+from pipeline.data.transforms import train_transform
+from pipeline.evaluate import evaluation
+from pipeline.modeling import models
+from pipeline.pseudo import labeling, pseudo_labels, selection
+from pipeline.runtime import make_accelerator
+from pipeline.training import budget
+from pipeline.training.finish import card, finish
+from pipeline.training.objectives import NoisyStudent
+from pipeline.training.trainer import Job, train
 
 
 def round_dir(cfg: Config, k: int) -> Path:

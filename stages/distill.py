@@ -12,8 +12,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.cli import parse_args, run  # noqa: E402
-from pipeline.compression import compression_report  # noqa: E402
-from pipeline.distill import distill  # noqa: E402
+from pipeline.compress.compression import compression_report  # noqa: E402
+from pipeline.compress.distill import distill  # noqa: E402
 
 
 def main(argv: list[str]) -> int:

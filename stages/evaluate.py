@@ -12,7 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.cli import parse_args, run  # noqa: E402
-from pipeline.report import evaluate  # noqa: E402
+from pipeline.evaluate.report import evaluate  # noqa: E402
 
 
 def main(argv: list[str]) -> int:

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.cli import choice, int_at_least, parse_args, run  # noqa: E402
 from pipeline.config import ConfigError  # noqa: E402
-from pipeline.export import DEFAULT_TOLERANCE, EXPORTERS, export_model_dir  # noqa: E402
+from pipeline.serve.export import DEFAULT_TOLERANCE, EXPORTERS, export_model_dir  # noqa: E402
 
 
 def main(argv: list[str]) -> int:

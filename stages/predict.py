@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.cli import int_at_least, parse_args, run  # noqa: E402
 from pipeline.config import ConfigError  # noqa: E402
-from pipeline.predict import predict  # noqa: E402
+from pipeline.serve.predict import predict  # noqa: E402
 
 
 def main(argv: list[str]) -> int:

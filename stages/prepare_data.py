@@ -9,7 +9,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.cli import parse_args, run  # noqa: E402
-from pipeline.prepare import load_manifest, prepare  # noqa: E402
+from pipeline.data.prepare import load_manifest, prepare  # noqa: E402
 
 
 def main(argv: list[str]) -> int:

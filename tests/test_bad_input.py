@@ -18,16 +18,16 @@ import torch
 from conftest import NUM_CLASSES, make_folder, make_image, stage, tiny_overrides
 from PIL import Image
 
-from pipeline import labeling
-from pipeline import pseudo_labels as pl
-from pipeline.bad_samples import Skip, SkipLog
 from pipeline.config import ConfigError, PseudoLabelConfig
-from pipeline.dataset import Preprocessing
+from pipeline.data.bad_samples import Skip, SkipLog
+from pipeline.data.dataset import Preprocessing
+from pipeline.data.images import BadImage, decode_image
+from pipeline.data.loaders import StreamSpec, epoch_batches, eval_batches
+from pipeline.data.shards import ShardError, iter_samples, write_shard
+from pipeline.data.transforms import eval_transform
 from pipeline.errors import DataError
-from pipeline.images import BadImage, decode_image
-from pipeline.loaders import StreamSpec, epoch_batches, eval_batches
-from pipeline.shards import ShardError, iter_samples, write_shard
-from pipeline.transforms import eval_transform
+from pipeline.pseudo import labeling
+from pipeline.pseudo import pseudo_labels as pl
 
 
 def _png(img: Image.Image) -> bytes:
@@ -147,7 +147,7 @@ def test_truncated_and_empty_shards_are_skipped_with_their_lost_samples(bad_shar
 
 
 def test_robustness_subset_reads_a_damaged_test_set_through_the_same_reader(tmp_path):
-    from pipeline.evaluation import TestSet, load_subset
+    from pipeline.evaluate.evaluation import TestSet, load_subset
 
     good = tmp_path / "test-000000.tar"
     write_shard(good, [{"__key__": f"k{i}", "png": _png(make_image(i % 4, np.random.default_rng(i))),

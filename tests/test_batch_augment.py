@@ -4,7 +4,7 @@ import torch
 from conftest import stage, tiny_overrides
 
 from pipeline.config import RandAugmentConfig, StudentConfig, TrainConfig
-from pipeline.transforms import BatchAugment, EvalTransform, batch_augment, train_transform
+from pipeline.data.transforms import BatchAugment, EvalTransform, batch_augment, train_transform
 
 
 def _batch(n: int = 64, size: int = 12) -> torch.Tensor:

@@ -5,8 +5,8 @@ import json
 import pytest
 from conftest import stage, tiny_overrides
 
-from pipeline.budget import BudgetPlan, Phase, plan_epochs
 from pipeline.config import ConfigError, load_config, parse_duration
+from pipeline.training.budget import BudgetPlan, Phase, plan_epochs
 
 
 def test_durations_parse_and_bad_ones_name_the_key():

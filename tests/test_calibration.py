@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from pipeline.calibration import confusion_matrix, ece, nll, per_class_accuracy, reliability, topk_accuracy
+from pipeline.evaluate.calibration import (
+    confusion_matrix,
+    ece,
+    nll,
+    per_class_accuracy,
+    reliability,
+    topk_accuracy,
+)
 
 # Six samples, four classes, bins=4 (edges 0, .25, .5, .75, 1 -- exact in binary floating point):
 #   sample  probs                     label  conf  pred  correct  bin

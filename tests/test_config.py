@@ -121,7 +121,7 @@ def test_runtime_and_per_round_keys_come_from_field_metadata():
     """One place says what a key means for finished work: the config fields' metadata. Runtime keys
     leave the data's identity (its directory) and a finished distillation alone."""
     from pipeline.config import PER_ROUND_KEYS, RUNTIME_KEYS, DataConfig, flagged
-    from pipeline.dataset import data_identity
+    from pipeline.data.dataset import data_identity
 
     assert {"runs_dir", "budget", "teacher.workers", "student.compile", "pseudo_label.batch_size",
             "data.root", "distill.workers"} <= RUNTIME_KEYS

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.corruptions import CORRUPTIONS, GROUPS, PARAMS, _swap_sweep, corrupt, corruption_params
+from pipeline.evaluate.corruptions import CORRUPTIONS, GROUPS, PARAMS, _swap_sweep, corrupt, corruption_params
 
 NAMES = ["gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
          "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",

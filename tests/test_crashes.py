@@ -39,7 +39,7 @@ def _no_tmp_looks_finished(directory: Path) -> None:
         if p.is_file() and p.name.startswith(".tmp-"):
             continue
         if p.suffix == ".tar":  # a finished-looking shard must be a complete one
-            from pipeline.shards import iter_samples
+            from pipeline.data.shards import iter_samples
 
             assert sum(1 for _ in iter_samples(p)) > 0
 

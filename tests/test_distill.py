@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import stage, tiny_overrides
 
-from pipeline.distill import OnlineKD, kd_loss
-from pipeline.objectives import Batch
+from pipeline.compress.distill import OnlineKD, kd_loss
+from pipeline.training.objectives import Batch
 
 
 def test_kd_loss_hand_computed():

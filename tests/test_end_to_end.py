@@ -73,7 +73,7 @@ def test_pseudo_labels_beat_chance(experiment):
 
 
 def test_local_dir_reload_gives_same_outputs(experiment):
-    from pipeline.models import load_model_dir
+    from pipeline.modeling.models import load_model_dir
 
     d = experiment["exp"] / "round-2"
     a = timm.create_model(f"local-dir:{d}", pretrained=True).eval()

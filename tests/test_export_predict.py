@@ -46,8 +46,8 @@ def _images(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torch.Tenso
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A resnet10t that tells make_image's four bars apart (a few seconds of training)."""
-    from pipeline.models import create_model, save_model_dir
-    from pipeline.transforms import normalize
+    from pipeline.data.transforms import normalize
+    from pipeline.modeling.models import create_model, save_model_dir
 
     torch.manual_seed(0)
     x, y = _images(np.random.default_rng(0), 256)
@@ -139,8 +139,8 @@ def test_export_writes_checked_onnx_with_config_and_card(model_dir, exported):
 
 
 def test_onnx_matches_pytorch_at_any_batch_size(model_dir, exported):
-    from pipeline.export import ort_session
-    from pipeline.models import load_model_dir
+    from pipeline.modeling.models import load_model_dir
+    from pipeline.serve.export import ort_session
 
     model, _ = load_model_dir(model_dir)
     sess = ort_session(exported["out"] / "model.onnx")
@@ -165,7 +165,7 @@ def test_export_of_a_non_model_dir_is_one_line_exit_2(images):
 
 
 def test_export_refuses_a_graph_outside_tolerance(model_dir, tmp_path, monkeypatch):
-    import pipeline.export as ex
+    import pipeline.serve.export as ex
 
     monkeypatch.setattr(ex, "check_onnx", lambda *a, **k: 0.5)
     with pytest.raises(ConfigError, match="exceeds tolerance"):
@@ -174,7 +174,7 @@ def test_export_refuses_a_graph_outside_tolerance(model_dir, tmp_path, monkeypat
 
 
 def test_missing_onnx_packages_say_how_to_install(exported, monkeypatch):
-    from pipeline.predict import load_classifier
+    from pipeline.serve.predict import load_classifier
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
     with pytest.raises(ConfigError, match=r"pip install 'noisy-student\[onnx\]'"):
@@ -222,8 +222,8 @@ def test_pytorch_and_onnx_agree(predictions):
 
 
 def test_archives_shards_and_onnx_files_as_inputs(model_dir, exported, images, tmp_path, capsys):
-    from pipeline.predict import predict
-    from pipeline.shards import write_shard
+    from pipeline.data.shards import write_shard
+    from pipeline.serve.predict import predict
 
     archive = tmp_path / "images.tar.gz"
     with tarfile.open(archive, "w:gz") as tf:
@@ -248,7 +248,7 @@ def test_archives_shards_and_onnx_files_as_inputs(model_dir, exported, images, t
 
 
 def test_predict_user_errors(model_dir, images, tmp_path):
-    from pipeline.predict import predict
+    from pipeline.serve.predict import predict
 
     with pytest.raises(ConfigError, match="must end in .csv or .parquet"):
         predict(model_dir, str(images["dir"]), tmp_path / "p.txt")
@@ -262,8 +262,8 @@ def test_predict_user_errors(model_dir, images, tmp_path):
 def test_cnn32_with_its_flip_average_exports_with_a_dynamic_batch(tmp_path):
     """cnn32 averages each image with its mirror image in eval mode; its ONNX graph keeps the
     dynamic batch axis and matches PyTorch at any batch size."""
-    from pipeline.export import export_model_dir, ort_session
-    from pipeline.models import create_model, load_model_dir, save_model_dir
+    from pipeline.modeling.models import create_model, load_model_dir, save_model_dir
+    from pipeline.serve.export import export_model_dir, ort_session
 
     torch.manual_seed(0)
     model = create_model("cnn32_s", 4, 3, channels=(8, 16, 16)).eval()

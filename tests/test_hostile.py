@@ -18,10 +18,10 @@ import pytest
 from conftest import ROOT, make_image, stage
 
 from pipeline.config import ConfigError
-from pipeline.loaders import StreamSpec, eval_batches
-from pipeline.remote import fetch_command
-from pipeline.shards import ShardError, iter_samples, write_shard
-from pipeline.transforms import eval_transform
+from pipeline.data.loaders import StreamSpec, eval_batches
+from pipeline.data.remote import fetch_command
+from pipeline.data.shards import ShardError, iter_samples, write_shard
+from pipeline.data.transforms import eval_transform
 
 
 def _png(label: int = 0, seed: int = 0) -> bytes:
@@ -76,7 +76,7 @@ def test_http_shards_stream_through_curl(tmp_path):
         with pytest.raises(ShardError, match="curl exited with 22"):
             list(iter_samples(f"{base}/missing-000000.tar"))
         # a pool in a bucket: copied to local disk, then read by offset
-        from pipeline.sources import shard_pool_source
+        from pipeline.data.sources import shard_pool_source
 
         src = shard_pool_source(f"{base}/{{s,missing}}-000000.tar", tmp_path / "cache")
         assert [src.origin(i) for i in range(len(src))] == [f"s-000000.tar/k{i}" for i in range(6)]
@@ -101,8 +101,8 @@ def test_pickle_members_of_a_shard_are_never_unpickled(tmp_path):
 
 
 def test_archive_members_outside_the_tree_are_never_read_or_written(tmp_path):
-    from pipeline.predict import _archive_items
-    from pipeline.sources import archive_source
+    from pipeline.data.sources import archive_source
+    from pipeline.serve.predict import _archive_items
 
     arc = tmp_path / "pool.tar"
     with tarfile.open(arc, "w") as tf:
@@ -121,7 +121,7 @@ def test_archive_members_outside_the_tree_are_never_read_or_written(tmp_path):
 
 
 def test_model_directories_load_safetensors_only(tmp_path):
-    from pipeline.models import load_model_dir
+    from pipeline.modeling.models import load_model_dir
 
     d = tmp_path / "m"
     d.mkdir()
@@ -147,7 +147,7 @@ UNSAFE = [
 
 @pytest.mark.parametrize("pattern,what", UNSAFE)
 def test_the_code_has_no_unsafe_call(pattern, what):
-    hits = [f"{p.relative_to(ROOT)}:{i}" for p in sorted((ROOT / "pipeline").glob("*.py")) + sorted(
+    hits = [f"{p.relative_to(ROOT)}:{i}" for p in sorted((ROOT / "pipeline").rglob("*.py")) + sorted(
         (ROOT / "stages").glob("*.py")) for i, line in enumerate(p.read_text().splitlines(), 1)
         if re.search(pattern, line) and not line.lstrip().startswith("#")]
     assert not hits, f"{what}: {hits}"

@@ -5,11 +5,11 @@ import torch
 from conftest import tiny_overrides
 
 from pipeline.config import load_config
-from pipeline.dataset import PreparedData
-from pipeline.loaders import ShardStream, StreamSpec, assign, epoch_batches
-from pipeline.prepare import load_manifest, prepare
-from pipeline.shards import write_shard
-from pipeline.transforms import eval_transform
+from pipeline.data.dataset import PreparedData
+from pipeline.data.loaders import ShardStream, StreamSpec, assign, epoch_batches
+from pipeline.data.prepare import load_manifest, prepare
+from pipeline.data.shards import write_shard
+from pipeline.data.transforms import eval_transform
 
 
 def test_assign_covers_everything_once():
@@ -55,7 +55,7 @@ def test_stream_is_seeded_per_epoch_and_split_by_rank(prepared):
 
 
 def _all_targets(shard, _):
-    from pipeline.shards import iter_samples
+    from pipeline.data.shards import iter_samples
 
     return {s["__key__"]: (1, int(s["__key__"].split("_")[1])) for s in iter_samples(shard)}
 

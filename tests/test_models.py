@@ -4,8 +4,8 @@ import pytest
 import timm
 import torch
 
-from pipeline import models
 from pipeline.config import ConfigError, ModelConfig
+from pipeline.modeling import models
 
 
 def test_model_dir_rebuilds_through_timm_local_dir(tmp_path):
@@ -56,7 +56,7 @@ def test_random_erasing_blanks_one_box_when_switched_on():
 
     from pipeline import noise
     from pipeline.config import RandAugmentConfig, StudentConfig
-    from pipeline.transforms import train_transform
+    from pipeline.data.transforms import train_transform
 
     img = Image.fromarray(np.full((28, 28), 200, np.uint8))
     plain = dict(crop_pad=0, hflip=False, randaugment=RandAugmentConfig(enabled=False))
@@ -86,7 +86,7 @@ def test_constructor_args_travel_with_the_model_dir(tmp_path):
     """A thinner ResNet (timm's ``channels``) is rebuilt with its own shape from config.json."""
     import torch
 
-    from pipeline import models
+    from pipeline.modeling import models
 
     m = models.create_model("resnet10t", 10, 1, channels=(16, 32, 64, 96)).eval()
     models.save_model_dir(m, tmp_path, [str(i) for i in range(10)], [0.5], [0.25], 28, 1)
@@ -99,7 +99,7 @@ def test_constructor_args_travel_with_the_model_dir(tmp_path):
 
 def test_grown_student_starts_as_its_teacher():
     """resnet10t weights in a resnet18t (registered by ``import pipeline``): the same function."""
-    from pipeline.models import create_model, grow_from
+    from pipeline.modeling.models import create_model, grow_from
 
     torch.manual_seed(0)
     teacher = create_model("resnet10t", 4, 1)
@@ -122,7 +122,7 @@ def test_grown_student_starts_as_its_teacher():
 def test_cnn32_rebuilds_and_grows_deeper(tmp_path):
     """The 32 px backbone: registered with timm, rebuilt from its model directory, and a deeper
     one (``depth``) grown from it computes the same function before training."""
-    from pipeline.models import create_model, grow_from, load_model_dir, save_model_dir
+    from pipeline.modeling.models import create_model, grow_from, load_model_dir, save_model_dir
 
     torch.manual_seed(0)
     small = create_model("cnn32_s", 10, 3, drop_rate=0.1, drop_path_rate=0.1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.perturbations import PERTURBATIONS, STEPS, sequence
+from pipeline.evaluate.perturbations import PERTURBATIONS, STEPS, sequence
 
 SHAPES = [(3, 1, 28, 28), (2, 3, 32, 32), (2, 3, 80, 72)]  # small grey, small RGB, "large" (> 64 px) RGB
 GEOMETRIC_OR_DRIFT = ["brightness", "translate", "rotate", "zoom"]

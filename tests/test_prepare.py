@@ -11,9 +11,9 @@ from conftest import make_folder, tiny_overrides
 from PIL import Image
 
 from pipeline.config import ConfigError, load_config
-from pipeline.dataset import PreparedData, data_dir
-from pipeline.prepare import load_manifest, prepare
-from pipeline.shards import iter_samples
+from pipeline.data.dataset import PreparedData, data_dir
+from pipeline.data.prepare import load_manifest, prepare
+from pipeline.data.shards import iter_samples
 
 
 def _cfg(tiny_data, tmp_path, *extra):
@@ -140,7 +140,7 @@ def test_missing_dataset_says_where_it_looked(tmp_path, monkeypatch):
 
 
 def test_fashion_mnist_found_in_shared_data(tmp_path):
-    from pipeline.sources import data_roots, torchvision_source
+    from pipeline.data.sources import data_roots, torchvision_source
 
     if not any((r / "FashionMNIST" / "raw").is_dir() for r in data_roots(None)):
         pytest.skip("../shared/data not present")
@@ -155,7 +155,7 @@ def test_torchvision_name_falls_back_to_an_imagefolder_archive(tiny_data, tmp_pa
     layout of ../shared/data): the archives are read and nothing is downloaded."""
     import tarfile
 
-    from pipeline.sources import torchvision_source
+    from pipeline.data.sources import torchvision_source
 
     (tmp_path / "cifar10").mkdir()
     for split in ("train", "test"):
@@ -167,7 +167,7 @@ def test_torchvision_name_falls_back_to_an_imagefolder_archive(tiny_data, tmp_pa
 
 
 def test_cifar10_found_in_shared_data():
-    from pipeline.sources import archive_mirror, data_roots, torchvision_source
+    from pipeline.data.sources import archive_mirror, data_roots, torchvision_source
 
     if archive_mirror("CIFAR10", False, None) is None or any(
             (r / "cifar-10-batches-py").is_dir() for r in data_roots(None)):
@@ -224,7 +224,7 @@ def _pool_tars(root: Path) -> tuple[str, dict[str, bytes]]:
 
 
 def test_pool_from_shards_is_read_by_offset_not_held_in_memory(tiny_data, tmp_path):
-    from pipeline.sources import shard_pool_source
+    from pipeline.data.sources import shard_pool_source
 
     pattern, want = _pool_tars(tmp_path / "pool")
     cache = tmp_path / "cache"
@@ -249,7 +249,7 @@ def test_pool_from_shards_is_read_by_offset_not_held_in_memory(tiny_data, tmp_pa
 
 
 def test_a_damaged_pool_shard_keeps_the_samples_before_the_damage(tiny_data, tmp_path):
-    from pipeline.sources import shard_pool_source
+    from pipeline.data.sources import shard_pool_source
 
     pattern, want = _pool_tars(tmp_path / "pool")
     first = tmp_path / "pool" / "pool-000000.tar"

@@ -3,10 +3,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import pseudo_labels as pl
-from pipeline import selection
 from pipeline.config import ConfigError, StudentConfig
-from pipeline.objectives import soft_cross_entropy
+from pipeline.pseudo import pseudo_labels as pl
+from pipeline.pseudo import selection
+from pipeline.training.objectives import soft_cross_entropy
 
 NAMES = ["a", "b", "c"]
 

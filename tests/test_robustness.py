@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.robustness import corruption_errors, flip_rate, mce, mfr, relative_mce
+from pipeline.evaluate.robustness import corruption_errors, flip_rate, mce, mfr, relative_mce
 
 # Two corruptions x five severities, errors in percent.
 #   noise: model sum 150, reference sum 300 -> CE 50

@@ -6,7 +6,7 @@ import tarfile
 
 import pytest
 
-from pipeline.shards import ShardError, iter_samples, write_shard
+from pipeline.data.shards import ShardError, iter_samples, write_shard
 
 
 def _tar(path, fmt, members, compress=False):

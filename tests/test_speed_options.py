@@ -12,12 +12,13 @@ import torch
 from conftest import make_image, stage, tiny_overrides
 from safetensors.torch import load_file
 
-from pipeline import labeling, precision
-from pipeline import pseudo_labels as pl
 from pipeline.config import ConfigError, PseudoLabelConfig, load_config
-from pipeline.dataset import Preprocessing
-from pipeline.models import create_model
-from pipeline.shards import write_shard
+from pipeline.data.dataset import Preprocessing
+from pipeline.data.shards import write_shard
+from pipeline.modeling import precision
+from pipeline.modeling.models import create_model
+from pipeline.pseudo import labeling
+from pipeline.pseudo import pseudo_labels as pl
 
 
 def test_auto_precision_is_bf16_for_training_where_the_cpu_has_it_and_fp32_for_cpu_inference():

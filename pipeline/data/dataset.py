@@ -17,9 +17,9 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .artifacts import read_json, sha256_file, short_hash
-from .config import RUNTIME_KEYS, Config, DataConfig, to_dict
-from .errors import ConfigError, DataError
+from pipeline.artifacts import read_json, sha256_file, short_hash
+from pipeline.config import RUNTIME_KEYS, Config, DataConfig, to_dict
+from pipeline.errors import ConfigError, DataError
 
 MANIFEST = "manifest.json"
 TRUTH = "unlabeled-truth.parquet"

@@ -14,13 +14,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from . import plots, pseudo_labels
-from .artifacts import read_json, sha256_file, short_hash, write_json_atomic
-from .bad_samples import Skip
-from .config import Config
-from .dataset import PreparedData
-from .images import BadImage, decode_image
-from .shards import image_bytes, read_shard
+from pipeline.artifacts import read_json, sha256_file, short_hash, write_json_atomic
+from pipeline.config import Config
+from pipeline.data.bad_samples import Skip
+from pipeline.data.dataset import PreparedData
+from pipeline.data.images import BadImage, decode_image
+from pipeline.data.shards import image_bytes, read_shard
+from pipeline.evaluate import plots
+from pipeline.pseudo import pseudo_labels
 
 
 def pseudo_label_health(cfg: Config, k: int, round_dir: Path, prev_round_dir: Path | None) -> dict:

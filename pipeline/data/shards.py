@@ -19,10 +19,10 @@ from pathlib import Path
 
 import webdataset as wds
 
-from . import failpoints
-from .artifacts import atomic_path, sha256_file
-from .bad_samples import Skip
-from .remote import open_url
+from pipeline import failpoints
+from pipeline.artifacts import atomic_path, sha256_file
+from pipeline.data.bad_samples import Skip
+from pipeline.data.remote import open_url
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
-from .bad_samples import Skip, SkipLog
-from .errors import DataError
-from .images import BadImage, decode_image
-from .shards import image_bytes, read_shard, sample_label
+from pipeline.data.bad_samples import Skip, SkipLog
+from pipeline.data.images import BadImage, decode_image
+from pipeline.data.shards import image_bytes, read_shard, sample_label
+from pipeline.errors import DataError
 
 # shard path -> {key: (repeat count, target)}; None means "every sample once, target = its label"
 TargetFn = Callable[[str], dict]

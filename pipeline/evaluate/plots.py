@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .artifacts import atomic_path  # noqa: E402
+from pipeline.artifacts import atomic_path  # noqa: E402
 
 DPI = 110
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from .errors import ConfigError
+from pipeline.errors import ConfigError
 
 # URL scheme -> command that writes the object to stdout; the URL is appended as the last argument
 FETCHERS = {

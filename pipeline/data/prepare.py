@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
-from .artifacts import (
+from pipeline.artifacts import (
     TMP_PREFIX,
     atomic_path,
     clean_tmp,
@@ -31,13 +31,13 @@ from .artifacts import (
     short_hash,
     write_json_atomic,
 )
-from .bad_samples import Skip, SkipLog
-from .config import Config, ConfigError
-from .dataset import MANIFEST, ORIGINS, TRUTH, data_dir, data_identity
-from .errors import DataError
-from .images import BadImage, decode_image
-from .shards import iter_samples, write_shard
-from .sources import Source, is_torchvision_name, labeled_source, unlabeled_source
+from pipeline.config import Config, ConfigError
+from pipeline.data.bad_samples import Skip, SkipLog
+from pipeline.data.dataset import MANIFEST, ORIGINS, TRUTH, data_dir, data_identity
+from pipeline.data.images import BadImage, decode_image
+from pipeline.data.shards import iter_samples, write_shard
+from pipeline.data.sources import Source, is_torchvision_name, labeled_source, unlabeled_source
+from pipeline.errors import DataError
 
 SPLITS = ("labeled", "val", "unlabeled", "test")
 

@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifacts import atomic_path, clean_tmp, files_match, read_json, sha256_file, write_json_atomic
-from .config import ConfigError
-from .dataset import Preprocessing
-from .models import CARD, TIMM_CONFIG, WEIGHTS, load_model_dir, preprocessing
-from .transforms import normalize
+from pipeline.artifacts import atomic_path, clean_tmp, files_match, read_json, sha256_file, write_json_atomic
+from pipeline.config import ConfigError
+from pipeline.data.dataset import Preprocessing
+from pipeline.data.transforms import normalize
+from pipeline.modeling.models import CARD, TIMM_CONFIG, WEIGHTS, load_model_dir, preprocessing
 
 ONNX_FILE = "model.onnx"
 EXPORT_JSON = "export.json"

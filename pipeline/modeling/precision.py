@@ -11,7 +11,7 @@ import contextlib
 
 import torch
 
-from .errors import ConfigError
+from pipeline.errors import ConfigError
 
 # what a run records: the precision its forward passes actually ran in
 PRECISIONS = ("fp32", "bf16", "fp16")

@@ -15,9 +15,9 @@ import copy
 from dataclasses import dataclass
 from pathlib import Path
 
-from .artifacts import read_json, write_json_atomic
-from .config import ConfigError, parse_duration, per_round
-from .trainer import images_per_step, steps_per_epoch, train
+from pipeline.artifacts import read_json, write_json_atomic
+from pipeline.config import ConfigError, parse_duration, per_round
+from pipeline.training.trainer import images_per_step, steps_per_epoch, train
 
 PLAN_FILE = "budget.json"
 # an inference image (pseudo-labeling, evaluation) costs about this share of a training image

@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .config import ConfigError, StudentConfig
-from .pseudo_labels import parquet_name
+from pipeline.config import ConfigError, StudentConfig
+from pipeline.pseudo.pseudo_labels import parquet_name
 
 
 class StudentTargets:

@@ -12,14 +12,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import evaluation, health, models, plots, robustness
-from .artifacts import read_json, write_bytes_atomic, write_json_atomic
-from .config import Config, ConfigError, to_dict
-from .dataset import PreparedData
-from .document import Document, fmt, human
-from .prepare import prepare_test
-from .rounds import card, round_dir
-from .runtime import make_accelerator
+from pipeline.artifacts import read_json, write_bytes_atomic, write_json_atomic
+from pipeline.config import Config, ConfigError, to_dict
+from pipeline.data.dataset import PreparedData
+from pipeline.data.prepare import prepare_test
+from pipeline.evaluate import evaluation, health, plots, robustness
+from pipeline.evaluate.document import Document, fmt, human
+from pipeline.modeling import models
+from pipeline.rounds import card, round_dir
+from pipeline.runtime import make_accelerator
 
 
 @dataclass

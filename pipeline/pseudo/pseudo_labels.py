@@ -17,10 +17,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import failpoints
-from .artifacts import atomic_path, code_version, read_json, sha256_file, write_json_atomic
-from .bad_samples import Skip
-from .config import ConfigError
+from pipeline import failpoints
+from pipeline.artifacts import atomic_path, code_version, read_json, sha256_file, write_json_atomic
+from pipeline.config import ConfigError
+from pipeline.data.bad_samples import Skip
 
 MANIFEST = "manifest.json"
 BINS = 20  # of the confidence and entropy histograms

@@ -19,15 +19,17 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from . import calibration, corruptions, failpoints, models, perturbations
-from .artifacts import read_json, sha256_file, short_hash, write_json_atomic
-from .bad_samples import Skip, SkipLog
-from .config import ConfigError, EvaluateConfig
-from .dataset import PreparedData, Preprocessing
-from .images import BadImage
-from .loaders import eval_batches
-from .shards import image_bytes, read_shard, sample_label
-from .transforms import eval_transform, normalize, to_input
+from pipeline import failpoints
+from pipeline.artifacts import read_json, sha256_file, short_hash, write_json_atomic
+from pipeline.config import ConfigError, EvaluateConfig
+from pipeline.data.bad_samples import Skip, SkipLog
+from pipeline.data.dataset import PreparedData, Preprocessing
+from pipeline.data.images import BadImage
+from pipeline.data.loaders import eval_batches
+from pipeline.data.shards import image_bytes, read_shard, sample_label
+from pipeline.data.transforms import eval_transform, normalize, to_input
+from pipeline.evaluate import calibration, corruptions, perturbations
+from pipeline.modeling import models
 
 EVAL_DIR = "eval"
 

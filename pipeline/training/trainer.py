@@ -24,16 +24,17 @@ from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from . import failpoints, precision
-from .artifacts import TMP_PREFIX, read_json, write_json_atomic
-from .bad_samples import SkipLog
-from .config import TrainConfig
-from .dataset import Preprocessing
-from .errors import ConfigError
-from .loaders import StreamSpec, endless_batches, epoch_batches
-from .objectives import Batch, Objective, Supervised
-from .runtime import make_accelerator
-from .transforms import batch_augment, normalize
+from pipeline import failpoints
+from pipeline.artifacts import TMP_PREFIX, read_json, write_json_atomic
+from pipeline.config import TrainConfig
+from pipeline.data.bad_samples import SkipLog
+from pipeline.data.dataset import Preprocessing
+from pipeline.data.loaders import StreamSpec, endless_batches, epoch_batches
+from pipeline.data.transforms import batch_augment, normalize
+from pipeline.errors import ConfigError
+from pipeline.modeling import precision
+from pipeline.runtime import make_accelerator
+from pipeline.training.objectives import Batch, Objective, Supervised
 
 
 @dataclass

@@ -14,9 +14,9 @@ import timm
 import torch
 from timm.models import save_for_hf
 
-from .artifacts import TMP_PREFIX, read_json, sha256_file
-from .config import ConfigError, ModelConfig
-from .dataset import Preprocessing
+from pipeline.artifacts import TMP_PREFIX, read_json, sha256_file
+from pipeline.config import ConfigError, ModelConfig
+from pipeline.data.dataset import Preprocessing
 
 # Families ordered by size; a student takes the next rung after its teacher (compound scaling).
 LADDERS: dict[str, list[str]] = {

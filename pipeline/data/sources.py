@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .bad_samples import Skip
-from .config import ConfigError
-from .remote import fetch_command, open_url
-from .shards import (
+from pipeline.config import ConfigError
+from pipeline.data.bad_samples import Skip
+from pipeline.data.remote import fetch_command, open_url
+from pipeline.data.shards import (
     IMAGE_KEYS,
     ShardError,
     _Prefixed,
@@ -83,7 +83,7 @@ def is_torchvision_name(name: str) -> bool:
 
 def data_roots(root: str | None) -> list[Path]:
     """Where torchvision files are looked for, in order."""
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     cands = [root, os.environ.get("NS_DATA_ROOT"), repo.parent / "shared" / "data",
              Path.cwd().parent / "shared" / "data", repo / "data"]
     out: list[Path] = []

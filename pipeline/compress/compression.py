@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
-from . import evaluation, models
-from .artifacts import read_json, write_bytes_atomic, write_json_atomic
-from .config import Config
-from .runtime import make_accelerator
+from pipeline.artifacts import read_json, write_bytes_atomic, write_json_atomic
+from pipeline.config import Config
+from pipeline.evaluate import evaluation
+from pipeline.modeling import models
+from pipeline.runtime import make_accelerator
 
 
 @torch.inference_mode()

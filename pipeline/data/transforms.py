@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from .config import TrainConfig
-from .images import decode_image, decode_tensor
-from .noise import erasing, randaugment
+from pipeline.config import TrainConfig
+from pipeline.data.images import decode_image, decode_tensor
+from pipeline.noise import erasing, randaugment
 
 
 class EvalTransform:

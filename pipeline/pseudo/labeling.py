@@ -12,15 +12,16 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from . import failpoints, precision
-from .artifacts import clean_tmp
-from .bad_samples import Skip, SkipLog
-from .config import PseudoLabelConfig
-from .dataset import Preprocessing
-from .images import BadImage
-from .pseudo_labels import parquet_name, validates, write_parquet
-from .shards import image_bytes, read_shard
-from .transforms import eval_transform, normalize, to_input
+from pipeline import failpoints
+from pipeline.artifacts import clean_tmp
+from pipeline.config import PseudoLabelConfig
+from pipeline.data.bad_samples import Skip, SkipLog
+from pipeline.data.dataset import Preprocessing
+from pipeline.data.images import BadImage
+from pipeline.data.shards import image_bytes, read_shard
+from pipeline.data.transforms import eval_transform, normalize, to_input
+from pipeline.modeling import precision
+from pipeline.pseudo.pseudo_labels import parquet_name, validates, write_parquet
 
 
 class _ShardBatches(IterableDataset):

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from . import evaluation, models
-from .artifacts import code_version, files_match, read_json, write_json_atomic
-from .config import EvaluateConfig
-from .dataset import Preprocessing
+from pipeline.artifacts import code_version, files_match, read_json, write_json_atomic
+from pipeline.config import EvaluateConfig
+from pipeline.data.dataset import Preprocessing
+from pipeline.evaluate import evaluation
+from pipeline.modeling import models
 
 
 def card(directory: Path) -> dict | None:

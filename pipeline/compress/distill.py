@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
 
-from . import evaluation, labeling, models, noise, pseudo_labels
-from .artifacts import sha256_file
-from .config import (
+from pipeline import noise
+from pipeline.artifacts import sha256_file
+from pipeline.config import (
     RUNTIME_KEYS,
     Config,
     ConfigError,
@@ -36,14 +36,17 @@ from .config import (
     per_round,
     to_dict,
 )
-from .dataset import PreparedData, Preprocessing
-from .finish import card, finish
-from .loaders import StreamSpec
-from .objectives import Batch, Objective
-from .rounds import round_dir
-from .runtime import make_accelerator
-from .trainer import Job, train
-from .transforms import train_transform
+from pipeline.data.dataset import PreparedData, Preprocessing
+from pipeline.data.loaders import StreamSpec
+from pipeline.data.transforms import train_transform
+from pipeline.evaluate import evaluation
+from pipeline.modeling import models
+from pipeline.pseudo import labeling, pseudo_labels
+from pipeline.rounds import round_dir
+from pipeline.runtime import make_accelerator
+from pipeline.training.finish import card, finish
+from pipeline.training.objectives import Batch, Objective
+from pipeline.training.trainer import Job, train
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float, alpha: float,

@@ -26,15 +26,12 @@ import torch
 from PIL import UnidentifiedImageError
 from tqdm import tqdm
 
-from . import failpoints
-from .artifacts import atomic_path, read_json, sha256_file
-from .config import ConfigError
-from .dataset import Preprocessing
-from .errors import DataError
-from .export import ort_session, require_onnx
-from .models import TIMM_CONFIG, WEIGHTS, load_model_dir, preprocessing
-from .shards import expand_shards
-from .sources import (
+from pipeline import failpoints
+from pipeline.artifacts import atomic_path, read_json, sha256_file
+from pipeline.config import ConfigError
+from pipeline.data.dataset import Preprocessing
+from pipeline.data.shards import expand_shards
+from pipeline.data.sources import (
     _is_image_name,
     _safe_member,
     folder_source,
@@ -42,7 +39,10 @@ from .sources import (
     is_shard_pattern,
     iter_shard_images,
 )
-from .transforms import eval_transform, normalize, to_input
+from pipeline.data.transforms import eval_transform, normalize, to_input
+from pipeline.errors import DataError
+from pipeline.modeling.models import TIMM_CONFIG, WEIGHTS, load_model_dir, preprocessing
+from pipeline.serve.export import ort_session, require_onnx
 
 OUT_FORMATS = (".csv", ".parquet")
 MAX_WARNINGS = 20  # bad images named one per line; the rest only counted

@@ -13,7 +13,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 
-from .errors import DataError
+from pipeline.errors import DataError
 
 MAX_WARNINGS = 20  # warning lines per log; the rest are counted (the metrics list examples)
 MAX_EXAMPLES = 100

@@ -1,0 +1,1 @@
+"""Compression: knowledge distillation and what it costs and keeps."""

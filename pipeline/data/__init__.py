@@ -1,0 +1,1 @@
+"""Data in: sources, the prepare stage, the prepared dataset as stages read it, shards, decoding, streams."""

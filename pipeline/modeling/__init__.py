@@ -1,0 +1,1 @@
+"""Models: timm's factory with our data, our own architectures, model directories, forward-pass precision."""

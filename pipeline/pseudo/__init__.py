@@ -1,0 +1,1 @@
+"""Pseudo labels: the teacher's pass, the Parquet files, the student's selection."""

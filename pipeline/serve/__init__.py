@@ -1,0 +1,1 @@
+"""Serving: ONNX export and batch prediction."""

@@ -1,0 +1,1 @@
+"""Training: objectives, student noise, the one training loop, time budgets, the end of a job."""
