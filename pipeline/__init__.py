@@ -1,5 +1,5 @@
-"""noisy-student: Noisy Student self-training and distillation on timm, webdataset and Accelerate."""
+"""noisy-student: Noisy Student self-training and distillation on timm, webdataset and Accelerate.
 
-from pipeline.modeling import archs  # noqa: F401  (registers our architectures with timm)
-
-__version__ = "0.1.0"
+Importing the package imports nothing heavy (the command line answers --help without torch);
+``pipeline.modeling`` registers our own architectures with timm.
+"""

@@ -1,48 +1,81 @@
-"""Stage entry points: ``[--config FILE] [key=value ...]``, user errors as one line, exit code 2."""
+"""Stage entry points: ``[--config FILE] [key=value | --key value ...]``, user errors as one line, exit code 2."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from pipeline.config import Config, ConfigError, load_config, parse_override
+from pipeline.config import Config, ConfigError, describe, load_config, parse_override
 from pipeline.errors import UserError
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "fashion_mnist.yaml"
+_REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # a clone or an editable install
+_PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"  # a wheel (package data)
+CONFIGS = _REPO_CONFIGS if _REPO_CONFIGS.is_dir() else _PACKAGED_CONFIGS
+DEFAULT_CONFIG = CONFIGS / "fashion_mnist.yaml"
+
+
+def find_config(name: str) -> str:
+    """A config file as given, or a name of one in ``configs/`` (``cifar10``, ``cifar10.yaml``)."""
+    if Path(name).is_file():
+        return name
+    for cand in (CONFIGS / name, CONFIGS / f"{name}.yaml"):
+        if "/" not in name and cand.is_file():
+            return str(cand)
+    known = ", ".join(sorted(p.stem for p in CONFIGS.glob("*.yaml")))
+    raise ConfigError(f"config file not found: {name} (or a name in {CONFIGS}: {known})")
+
+
+def _arguments(argv: list[str]) -> Iterator[str]:
+    """``--key value`` and ``--key=value`` as ``key=value`` (dashes in the key read as underscores)."""
+    it = iter(argv)
+    for arg in it:
+        if not arg.startswith("--") or arg == "--":
+            yield arg
+            continue
+        key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq:
+            value = next(it, None)
+            if value is None or value.startswith("--"):
+                raise ConfigError(f"--{arg[2:]} needs a value (--{arg[2:]} VALUE or {key}=VALUE)")
+        yield f"{key}={value}"
 
 
 def parse_args(argv: list[str], extras: dict[str, Callable[[str], object]] | None = None
                ) -> tuple[Config, dict[str, object]]:
     """Split ``argv`` into the config (file + overrides) and the stage's own keys (``extras``)."""
     extras = extras or {}
-    config_path: str | None = str(DEFAULT_CONFIG)
+    config_path = str(DEFAULT_CONFIG)
     overrides: list[str] = []
     stage: dict[str, object] = {}
-    it = iter(argv)
-    for arg in it:
-        if arg in ("--config", "-c"):
-            config_path = next(it, None)
-            if config_path is None:
-                raise ConfigError("--config needs a file name")
-        elif arg.startswith("--config="):
-            config_path = arg.split("=", 1)[1]
-        elif arg in ("-h", "--help"):
-            keys = " ".join(f"{k}=..." for k in extras)
-            print(f"usage: [--config FILE] {keys} [section.key=value ...]  (default config: {DEFAULT_CONFIG})")
-            sys.exit(0)
+    args = list(argv)
+    for i, arg in enumerate(args):  # -c FILE, the short form
+        if arg == "-c" and i + 1 < len(args):
+            args[i: i + 2] = [f"--config={args[i + 1]}"]
+            break
+    for arg in _arguments(args):
+        if "=" not in arg:
+            raise ConfigError(f"argument {arg!r} is not of the form key=value or --key value")
+        key, value = parse_override(arg)
+        if key == "config":
+            config_path = find_config(str(value))
+        elif key in extras:
+            try:
+                stage[key] = extras[key](str(value))
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"{key}: bad value {value!r} ({e})") from None
         else:
-            key, value = parse_override(arg)
-            if key == "config":
-                config_path = str(value)
-            elif key in extras:
-                try:
-                    stage[key] = extras[key](str(value))
-                except (TypeError, ValueError) as e:
-                    raise ConfigError(f"{key}: bad value {value!r} ({e})") from None
-            else:
-                overrides.append(arg)
+            overrides.append(arg)
     return load_config(config_path, overrides), stage
+
+
+def config_help(sections: tuple[str, ...]) -> str:
+    """One line per key of the config ``sections`` ("" = top level): dotted key, type, default, meaning."""
+    rows = [r for r in describe(Config()) if (r[0].split(".")[0] if "." in r[0] else "") in sections]
+    width = max(len(r[0]) for r in rows)
+    tw = min(max(len(r[1]) for r in rows), 28)
+    return "\n".join(f"  {k:<{width}}  {t:<{tw}}  {d:<12}  {h}" for k, t, d, h in rows)
 
 
 def run(main: Callable[[list[str]], int | None]) -> None:
@@ -64,6 +97,8 @@ def run(main: Callable[[list[str]], int | None]) -> None:
 
 
 def _shutdown() -> None:
+    if "torch" not in sys.modules:  # nothing to tear down (--help, a bad option): do not import it now
+        return
     try:
         import torch.distributed as dist
 

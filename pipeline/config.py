@@ -22,158 +22,165 @@ from pipeline.errors import ConfigError
 __all__ = ["ConfigError"]  # re-exported: config errors are raised where configs are read
 
 
-def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = False, **flags: bool) -> dict:
-    return {"lo": lo, "hi": hi, "lo_open": lo_open, **flags}
-
-
-# field metadata flags, the one place that says what a key means for what was made:
-#   runtime: changes how fast a stage runs, never what it makes (a finished round ignores it)
-#   per_round: a list gives one value per student round, the last repeating
-RUNTIME = {"runtime": True}
+def _k(default: Any, help: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+       runtime: bool = False, per_round: bool = False) -> Any:
+    """A config key: its default, a one-line meaning (``--help`` lists it) and what validation and
+    the resume checks need to know (range; ``runtime``: changes how fast a stage runs, never what it
+    makes, so finished work ignores it; ``per_round``: a list gives one value per student round, the
+    last repeating)."""
+    return field(default=default, metadata={"help": help, "lo": lo, "hi": hi, "lo_open": lo_open,
+                                            "runtime": runtime, "per_round": per_round})
 
 
 @dataclass
 class DataConfig:
     """Where images come from and how they are split into labeled / unlabeled / test shards."""
 
-    source: str = "FashionMNIST"  # torchvision name, ImageFolder directory, or .tar/.tar.gz of one
-    test_source: str | None = None  # for folder/archive sources; torchvision names use their test split
-    unlabeled: str = "rest"  # "rest" of source, a directory/archive of images, or a shard brace pattern
-    root: str | None = field(default=None, metadata=RUNTIME)  # where torchvision files live; else $NS_DATA_ROOT, ../shared/data, ./data
-    download: bool = field(default=True, metadata=RUNTIME)  # let torchvision download when the files are not found
-    labeled_per_class: int | None = field(default=100, metadata=_range(1))  # null: every image
-    val_per_class: int = field(default=0, metadata=_range(0))
-    seed: int = 0
-    shard_size: int = field(default=5000, metadata=_range(1))
-    max_unlabeled: int | None = field(default=None, metadata=_range(1))  # cap the pool (tests, quick runs)
-    max_test: int | None = field(default=None, metadata=_range(1))
-    # bad samples (undecodable, unlabeled, damaged shards) are skipped and counted; past this share
-    # of a stage's samples the stage stops instead
-    max_bad_share: float = field(default=0.01, metadata=_range(0, 1, runtime=True))
+    source: str = _k("FashionMNIST", "torchvision dataset name, ImageFolder directory, or .tar/.tar.gz of one")
+    test_source: str | None = _k(None, "test images for folder/archive sources (torchvision names use their test split)")
+    unlabeled: str = _k("rest", "the pool: 'rest' of source, a directory/archive of images, or a shard brace pattern")
+    root: str | None = _k(None, "where torchvision files live; else $NS_DATA_ROOT, ../shared/data, ./data",
+                          runtime=True)
+    download: bool = _k(True, "let torchvision download when its files are not found", runtime=True)
+    labeled_per_class: int | None = _k(100, "labeled images kept per class (null: every image)", lo=1)
+    val_per_class: int = _k(0, "validation images per class carved from the training images", lo=0)
+    seed: int = _k(0, "seed of the labeled / validation / pool split")
+    shard_size: int = _k(5000, "samples per tar shard", lo=1)
+    max_unlabeled: int | None = _k(None, "cap on the pool's size (tests, quick runs)", lo=1)
+    max_test: int | None = _k(None, "cap on the test set's size", lo=1)
+    max_bad_share: float = _k(0.01, "share of a stage's samples that may be skipped as bad before it stops",
+                              lo=0, hi=1, runtime=True)
 
 
 @dataclass
 class ModelConfig:
     """Round 0's architecture and how students grow in later rounds."""
 
-    arch: str = "resnet10t"
-    pretrained: bool | str = False  # True: timm's weights; a path: a local weights file
-    image_size: int | None = field(default=None, metadata=_range(8))  # default: the data's own size
-    ladder: str | None = "resnet"  # named family ladder for students (see models.LADDERS)
-    students: list[str] | None = None  # explicit student per round 1, 2, ...; the last one repeats
+    arch: str = _k("resnet10t", "the teacher's timm architecture (or one of ours, such as cnn32_s)")
+    pretrained: bool | str = _k(False, "true: timm's pretrained weights; a path: a local weights file")
+    image_size: int | None = _k(None, "input size in pixels (default: the data's own size)", lo=8)
+    ladder: str | None = _k("resnet", "named family ladder the students climb (models.LADDERS)")
+    students: list[str] | None = _k(None, "explicit student architecture per round 1, 2, ...; the last repeats")
 
 
 @dataclass
 class RandAugmentConfig:
-    enabled: bool = True
-    n: int = field(default=2, metadata=_range(0))
-    m: int | list[int] = field(default=9, metadata=_range(0, 30, per_round=True))
+    """RandAugment, the student's input noise."""
+
+    enabled: bool = _k(True, "apply RandAugment")
+    n: int = _k(2, "operations per image", lo=0)
+    m: int | list[int] = _k(9, "magnitude 0..30 (a list: one per student round)", lo=0, hi=30, per_round=True)
 
 
 @dataclass
 class TrainConfig:
     """One training run (teacher, student or fine-tune): optimisation, augmentation and noise."""
 
-    epochs: int | list[int] = field(default=30, metadata=_range(1, per_round=True))
-    batch_size: int = field(default=128, metadata=_range(1))
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = field(default=2e-3, metadata=_range(0, lo_open=True))
-    weight_decay: float = field(default=0.05, metadata=_range(0))
-    momentum: float = field(default=0.9, metadata=_range(0, 1))
-    warmup_epochs: float = field(default=1.0, metadata=_range(0))
-    label_smoothing: float = field(default=0.1, metadata=_range(0, 1))
-    grad_accum: int = field(default=1, metadata=_range(1))
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU and bf16-capable CPUs
-    channels_last: bool = False
-    # torch.compile the model: true (inductor) or a backend name; slow first steps
-    compile: bool | str = field(default=False, metadata=RUNTIME)
-    ema: bool = False
-    ema_decay: float = field(default=0.999, metadata=_range(0, 1))
-    workers: int = field(default=1, metadata=_range(0, runtime=True))
-    crop_pad: int = field(default=2, metadata=_range(0))  # random crop with this padding (0: off)
-    hflip: bool = True
-    drop_rate: float = field(default=0.0, metadata=_range(0, 1))
-    drop_path_rate: float = field(default=0.0, metadata=_range(0, 1))
+    epochs: int | list[int] = _k(30, "training epochs (a list: one per student round)", lo=1, per_round=True)
+    batch_size: int = _k(128, "labeled images per step and process", lo=1)
+    optimizer: Literal["adamw", "sgd"] = _k("adamw", "optimizer (timm's factory)")
+    lr: float = _k(2e-3, "peak learning rate (cosine schedule after warmup)", lo=0, lo_open=True)
+    weight_decay: float = _k(0.05, "weight decay", lo=0)
+    momentum: float = _k(0.9, "SGD momentum", lo=0, hi=1)
+    warmup_epochs: float = _k(1.0, "linear warmup length in epochs", lo=0)
+    label_smoothing: float = _k(0.1, "label smoothing of the labeled loss", lo=0, hi=1)
+    grad_accum: int = _k(1, "gradient accumulation steps per optimizer step", lo=1)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = _k(
+        "auto", "autocast: auto = bf16 on GPU and bf16-capable CPUs, else fp32")
+    channels_last: bool = _k(False, "channels_last memory format")
+    compile: bool | str = _k(False, "torch.compile: true (inductor) or a backend name; slow first steps",
+                             runtime=True)
+    ema: bool = _k(False, "keep an exponential moving average of the weights and save it")
+    ema_decay: float = _k(0.999, "EMA decay per step", lo=0, hi=1)
+    workers: int = _k(1, "DataLoader workers per process", lo=0, runtime=True)
+    crop_pad: int = _k(2, "random crop with this padding (0: off)", lo=0)
+    hflip: bool = _k(True, "random horizontal flip")
+    drop_rate: float = _k(0.0, "dropout before the classifier", lo=0, hi=1)
+    drop_path_rate: float = _k(0.0, "stochastic depth rate", lo=0, hi=1)
     randaugment: RandAugmentConfig = field(default_factory=lambda: RandAugmentConfig(enabled=False))
-    erasing: float = field(default=0.0, metadata=_range(0, 1))  # probability of erasing one random box (Cutout)
-    # true: crop_pad, hflip and erasing run on each uint8 batch (tensor ops, an own draw per image)
-    # instead of per image on PIL; images are decoded straight to tensors (no PIL) unless RandAugment is on
-    batch_augment: bool = False
+    erasing: float = _k(0.0, "probability of erasing one random box (Cutout)", lo=0, hi=1)
+    batch_augment: bool = _k(False, "crop, flip and erasing on each uint8 batch (tensor ops) instead of per "
+                                    "image on PIL")
 
 
 @dataclass
 class StudentConfig(TrainConfig):
     """A noised student: training settings plus how pseudo labels are used."""
 
-    drop_rate: float | list[float] = field(default=0.3, metadata=_range(0, 1, per_round=True))
-    drop_path_rate: float | list[float] = field(default=0.1, metadata=_range(0, 1, per_round=True))
+    drop_rate: float | list[float] = _k(0.3, "dropout before the classifier (a list: one per round)", lo=0, hi=1,
+                                        per_round=True)
+    drop_path_rate: float | list[float] = _k(0.1, "stochastic depth rate (a list: one per round)", lo=0, hi=1,
+                                             per_round=True)
     randaugment: RandAugmentConfig = field(default_factory=RandAugmentConfig)
-    threshold: float = field(default=0.3, metadata=_range(0, 1))
-    balance: bool = True
-    per_class: int | None = field(default=None, metadata=_range(1))  # balance target; default: mean kept
-    soft: bool = True
-    temperature: float = field(default=1.0, metadata=_range(0, lo_open=True))
-    unlabeled_ratio: int = field(default=3, metadata=_range(1))  # unlabeled batch = ratio x batch_size
-    unlabeled_weight: float = field(default=1.0, metadata=_range(0))
-    init_from_teacher: bool = False  # start from the teacher's weights (same architecture or a deeper one of its family)
-    finetune_epochs: int = field(default=0, metadata=_range(0))
-    finetune_lr: float = field(default=1e-4, metadata=_range(0, lo_open=True))
+    threshold: float = _k(0.3, "pseudo labels below this confidence are dropped", lo=0, hi=1)
+    balance: bool = _k(True, "balance pseudo labels per class (duplicate or drop)")
+    per_class: int | None = _k(None, "balance target per class (default: the mean kept)", lo=1)
+    soft: bool = _k(True, "soft pseudo labels (the teacher's probabilities) instead of hard ones")
+    temperature: float = _k(1.0, "sharpening temperature of soft pseudo labels", lo=0, lo_open=True)
+    unlabeled_ratio: int = _k(3, "pseudo-labeled images per labeled image in a step", lo=1)
+    unlabeled_weight: float = _k(1.0, "weight of the pseudo-label loss", lo=0)
+    init_from_teacher: bool = _k(False, "start from the teacher's weights (same or a deeper net of its family)")
+    finetune_epochs: int = _k(0, "epochs of fine-tuning on the labeled data after the student", lo=0)
+    finetune_lr: float = _k(1e-4, "fine-tuning learning rate", lo=0, lo_open=True)
 
 
 @dataclass
 class DistillConfig(TrainConfig):
     """Knowledge distillation of a trained model into a smaller one (``stages/distill.py``)."""
 
-    name: str = "small"  # output: <experiment>/distilled/<name>/
-    teacher: str | None = None  # a model directory; default: the experiment's last finished round
-    arch: str = "resnet10t"  # the student: any timm model name
-    channels: list[int] | None = None  # ResNet-family and cnn32 students: stage widths, e.g. thinner
-    mode: Literal["online", "offline"] = "online"
-    temperature: float = field(default=4.0, metadata=_range(0, lo_open=True))
-    alpha: float = field(default=0.9, metadata=_range(0, 1))  # labeled: alpha KD + (1 - alpha) CE
-    mixup: float = field(default=0.0, metadata=_range(0))  # online only: Beta(a, a) mixup; 0 = off
-    labels_only: bool = True  # also train the student on the labels alone, same budget, to compare
-    epochs: int | list[int] = field(default=10, metadata=_range(1))
-    batch_size: int = field(default=256, metadata=_range(1))
+    name: str = _k("small", "output directory: <experiment>/distilled/<name>/")
+    teacher: str | None = _k(None, "the teacher's model directory (default: the experiment's last round)")
+    arch: str = _k("resnet10t", "the student: any timm model name")
+    channels: list[int] | None = _k(None, "stage widths of ResNet-family and cnn32 students (e.g. thinner)")
+    mode: Literal["online", "offline"] = _k("online", "online: the teacher runs each step; offline: stored "
+                                                      "teacher probabilities")
+    temperature: float = _k(4.0, "KD temperature", lo=0, lo_open=True)
+    alpha: float = _k(0.9, "labeled loss: alpha KD + (1 - alpha) CE", lo=0, hi=1)
+    mixup: float = _k(0.0, "online only: Beta(a, a) mixup; 0 = off", lo=0)
+    labels_only: bool = _k(True, "also train the student on the labels alone, same budget, to compare")
+    epochs: int | list[int] = _k(10, "training epochs", lo=1)
+    batch_size: int = _k(256, "labeled images per step and process", lo=1)
 
 
 @dataclass
 class PseudoLabelConfig:
-    batch_size: int = field(default=512, metadata=_range(1, runtime=True))
-    workers: int = field(default=1, metadata=_range(0, runtime=True))
-    tta: bool = False  # average each image's and its mirror's probabilities (no noise; 2x the cost)
-    # auto: bf16 on GPU, fp32 on CPU (exact); bf16 also runs on bf16-capable CPUs. Recorded in each
-    # file's metadata; finished files are kept when it changes, like batch size.
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = field(default="auto", metadata=RUNTIME)
-    channels_last: bool = field(default=False, metadata=RUNTIME)
-    compile: bool | str = field(default=False, metadata=RUNTIME)  # torch.compile the teacher: true or a backend name
+    """The teacher's pass over the pool (un-noised)."""
+
+    batch_size: int = _k(512, "images per forward pass", lo=1, runtime=True)
+    workers: int = _k(1, "DataLoader workers per process", lo=0, runtime=True)
+    tta: bool = _k(False, "average each image's and its mirror's probabilities (2x the cost)")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = _k(
+        "auto", "autocast: auto = bf16 on GPU, fp32 on CPU (recorded per file)", runtime=True)
+    channels_last: bool = _k(False, "channels_last memory format", runtime=True)
+    compile: bool | str = _k(False, "torch.compile the teacher: true or a backend name", runtime=True)
 
 
 @dataclass
 class EvaluateConfig:
     """How models are measured; never what they are, so changing it never touches a finished round."""
 
-    batch_size: int = field(default=512, metadata=_range(1))
-    workers: int = field(default=1, metadata=_range(0))
-    test: bool = True  # false: rounds are scored on the validation split only (a recipe search never reads the test set)
-    ece_bins: int = field(default=15, metadata=_range(1))
-    robustness: bool = True  # corruptions and perturbations (``make report``; ``make iterate`` skips them)
-    subset: int | None = field(default=1000, metadata=_range(1))  # seeded test images for robustness; null: all
-    seed: int = 0
-    frames: int = field(default=10, metadata=_range(2))  # frames per perturbation sequence
-    chunk: int = field(default=250, metadata=_range(1))  # images per robustness work unit (seeds follow units)
-    reference: str | None = None  # model dir that normalises mCE and mFR; default: the round-0 teacher
-    audit_per_class: int = field(default=6, metadata=_range(0))  # kept and rejected images per class in grids
+    batch_size: int = _k(512, "images per forward pass", lo=1)
+    workers: int = _k(1, "DataLoader workers per process", lo=0)
+    test: bool = _k(True, "false: score rounds on the validation split only (a recipe search never reads test)")
+    ece_bins: int = _k(15, "equal-width confidence bins of the ECE", lo=1)
+    robustness: bool = _k(True, "corruptions and perturbations in the report (make iterate skips them)")
+    subset: int | None = _k(1000, "seeded test images for robustness (null: all)", lo=1)
+    seed: int = _k(0, "seed of the robustness subset and the audit grids")
+    frames: int = _k(10, "frames per perturbation sequence", lo=2)
+    chunk: int = _k(250, "images per robustness work unit (seeds follow units)", lo=1)
+    reference: str | None = _k(None, "model directory that normalises mCE and mFR (default: the round-0 teacher)")
+    audit_per_class: int = _k(6, "kept and rejected images per class in the audit grids", lo=0)
 
 
 @dataclass
 class Config:
-    name: str = ""  # experiment name; default: the config file's stem
-    seed: int = 0
-    runs_dir: str = field(default="runs", metadata=RUNTIME)
-    # `make iterate BUDGET=60m`: plan each round's epochs from its measured img/s so the run ends within
-    # this time (60m, 1.5h, 900s); null: the fixed schedules of the config (reproducible)
-    budget: str | float | None = field(default=None, metadata=RUNTIME)
+    """One experiment: every stage reads the sections it needs."""
+
+    name: str = _k("", "experiment name (default: the config file's stem); outputs go to runs_dir/name")
+    seed: int = _k(0, "seed of model initialisation and data order")
+    runs_dir: str = _k("runs", "where experiments are written", runtime=True)
+    budget: str | float | None = _k(None, "time budget for make iterate (60m, 1.5h, 900s): epochs planned from "
+                                          "measured img/s; null: the config's fixed schedules", runtime=True)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TrainConfig = field(default_factory=TrainConfig)
@@ -181,6 +188,7 @@ class Config:
     pseudo_label: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+
 
     @property
     def run_dir(self) -> Path:
@@ -196,6 +204,21 @@ def flagged(cls: type, flag: str, prefix: str = "") -> set[str]:
         elif f.metadata.get(flag):
             keys.add(prefix + f.name)
     return keys
+
+
+def describe(cfg: Any, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, meaning) of every key of the config dataclass instance ``cfg``
+    (``Config()`` for the defaults), for ``--help``."""
+    rows, hints = [], typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += describe(value, f"{prefix}{f.name}.")
+            continue
+        shown = "null" if value is None else "''" if value == "" else yaml.safe_dump(value).strip().removesuffix(
+            "...").strip()
+        rows.append((prefix + f.name, _type_name(hints[f.name]), shown, f.metadata.get("help", "")))
+    return rows
 
 
 RUNTIME_KEYS = flagged(Config, "runtime")  # how fast, never what: finished work ignores them
@@ -340,6 +363,27 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def launcher_precision() -> str | None:
+    """What ``accelerate launch`` / ``accelerate config`` asked for (``ACCELERATE_MIXED_PRECISION``):
+    bf16 or fp16, or None when it asks for nothing ("no" is also the launcher's default)."""
+    value = os.environ.get("ACCELERATE_MIXED_PRECISION", "").strip().lower()
+    return value if value in ("bf16", "fp16") else None
+
+
+def _check_launcher_precision(cfg: Config) -> None:
+    """The config decides precision: a launcher's request replaces ``auto`` (so the config and the
+    card record what runs) and is refused, before any work, where it contradicts an explicit setting."""
+    asked = launcher_precision()
+    for section in ("teacher", "student", "distill", "pseudo_label"):
+        mode = getattr(cfg, section).mixed_precision
+        if asked is not None and mode == "auto":
+            getattr(cfg, section).mixed_precision = asked
+        elif asked is not None and mode != asked:
+            raise ConfigError(f"{section}.mixed_precision: the config says {mode!r} but the launcher asks for "
+                              f"{asked} (ACCELERATE_MIXED_PRECISION={asked}); set it to {asked} or auto, or "
+                              "launch with --mixed_precision no")
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config, apply ``key=value`` overrides and validate the result."""
     raw: dict = {}
@@ -365,6 +409,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         parse_duration(cfg.budget)
     if "/" in cfg.name or cfg.name.startswith("."):
         raise ConfigError(f"name: '{cfg.name}' must be a plain directory name")
+    _check_launcher_precision(cfg)
     for key in COMPILE_KEYS:
         section, field_name = key.split(".")
         value = getattr(getattr(cfg, section), field_name)

@@ -65,10 +65,10 @@ def tiny_overrides(tiny_data: dict, runs: Path, name: str = "tiny") -> list[str]
 STAGE_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
 
 
-def stage(script: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def stage(script: str, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``stages/<script>`` in a subprocess as a user would; raise with its output unless ``check`` is off."""
     r = subprocess.run([sys.executable, str(ROOT / "stages" / script), *args], capture_output=True, text=True,
-                       env=STAGE_ENV, cwd=ROOT, timeout=600)
+                       env={**STAGE_ENV, **(env or {})}, cwd=ROOT, timeout=600)
     if check and r.returncode != 0:
         raise AssertionError(f"{script} failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
     return r

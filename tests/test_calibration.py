@@ -121,3 +121,25 @@ def test_confusion_matrix_and_per_class_accuracy():
         confusion_matrix(torch.tensor([0, 4]), torch.tensor([0, 1]), 4)
     with pytest.raises(ValueError, match="square"):
         per_class_accuracy(torch.zeros(2, 3, dtype=torch.long))
+
+
+def test_ece_topk_and_confusion_agree_with_torchmetrics():
+    """Cross-check against a well-kept reference on random data (no sample on a bin edge)."""
+    from torchmetrics.functional.classification import (
+        multiclass_accuracy,
+        multiclass_calibration_error,
+        multiclass_confusion_matrix,
+    )
+
+    g = torch.Generator().manual_seed(0)
+    n, c = 3000, 7
+    probs = torch.softmax(torch.randn(n, c, generator=g) * 2, 1)
+    labels = torch.randint(0, c, (n,), generator=g)
+    for bins in (5, 15):
+        ref = multiclass_calibration_error(probs, labels, c, n_bins=bins, norm="l1").item()
+        assert ref > 0.01 and ece(probs, labels, bins) == pytest.approx(ref, abs=1e-6)
+    for k in (1, 3):
+        ref = 100 * multiclass_accuracy(probs, labels, c, top_k=k, average="micro").item()
+        assert topk_accuracy(probs, labels, k) == pytest.approx(ref, abs=1e-3)
+    preds = probs.argmax(1)
+    assert torch.equal(confusion_matrix(preds, labels, c), multiclass_confusion_matrix(preds, labels, c))

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_image, stage, tiny_overrides
+from conftest import ROOT, make_image, stage, tiny_overrides
 from safetensors.torch import load_file
 
 from pipeline.config import ConfigError, PseudoLabelConfig, load_config
@@ -29,6 +32,24 @@ def test_auto_precision_is_bf16_for_training_where_the_cpu_has_it_and_fp32_for_c
     assert precision.resolve("fp16", cpu) == "fp32" and precision.resolve("fp16", gpu) == "fp16"
     assert precision.resolve("no", gpu) == "fp32" and precision.resolve("bf16", cpu, inference=True) == "bf16"
     assert precision.grad_scaler("fp16") is not None and precision.grad_scaler("bf16") is None
+
+
+def test_a_launchers_precision_fills_in_auto_and_is_refused_against_an_explicit_setting(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # as `accelerate config` leaves it
+    cfg = load_config(None, ["pseudo_label.mixed_precision=bf16"])
+    assert (cfg.teacher.mixed_precision, cfg.student.mixed_precision, cfg.pseudo_label.mixed_precision) == ("bf16",) * 3
+    with pytest.raises(ConfigError, match="teacher.mixed_precision: the config says 'no' but the launcher asks for "
+                                          "bf16 .*launch with --mixed_precision no"):
+        load_config(None, ["teacher.mixed_precision=no"])
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # the launcher's default asks for nothing
+    assert load_config(None, ["teacher.mixed_precision=no"]).student.mixed_precision == "auto"
+
+
+def test_the_accelerator_never_autocasts_on_its_own_whatever_the_environment():
+    code = "from pipeline.runtime import make_accelerator; print(make_accelerator().mixed_precision)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                       env={**os.environ, "ACCELERATE_MIXED_PRECISION": "bf16", "ACCELERATE_USE_CPU": "1"})
+    assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "no", r.stderr[-2000:]
 
 
 def test_compile_settings_are_checked_when_the_config_loads():

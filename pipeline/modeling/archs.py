@@ -1,5 +1,5 @@
 """Architectures of our own, registered in timm's registry so every model directory rebuilds from its
-name (``timm.create_model("local-dir:...")`` after ``import pipeline``).
+name (``timm.create_model("local-dir:...")`` after ``import pipeline.modeling.models``).
 
 ``resnet18t`` and ``resnet34t`` are resnet10t made deeper: the same tiered 3-conv stem, average-pool
 downsampling and stage widths, with (2, 2, 2, 2) and (3, 4, 6, 3) basic blocks. Because every

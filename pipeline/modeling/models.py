@@ -17,6 +17,7 @@ from timm.models import save_for_hf
 from pipeline.artifacts import TMP_PREFIX, read_json, sha256_file
 from pipeline.config import ConfigError, ModelConfig
 from pipeline.data.dataset import Preprocessing
+from pipeline.modeling import archs  # noqa: F401  (registers our architectures with timm)
 
 # Families ordered by size; a student takes the next rung after its teacher (compound scaling).
 LADDERS: dict[str, list[str]] = {

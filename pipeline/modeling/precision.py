@@ -27,7 +27,8 @@ def cpu_has_bf16() -> bool:
 def resolve(mode: str, device: torch.device, inference: bool = False) -> str:
     """A config's ``mixed_precision`` (auto, no, bf16, fp16) on ``device`` -> fp32, bf16 or fp16.
 
-    fp16 is GPU only (elsewhere: fp32); bf16 runs wherever autocast has it.
+    fp16 is GPU only (elsewhere: fp32). A launcher's request was applied when the config was read
+    (``config.launcher_precision``).
     """
     if mode == "auto":
         if device.type == "cuda":
