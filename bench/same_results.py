@@ -22,7 +22,7 @@ from pathlib import Path
 
 from common import ROOT, labeled_and_test
 
-RESULT_FILES = ("round-*/model.safetensors", "round-*/pseudo_labels/*.parquet")
+RESULT_FILES = ("round-*/model.safetensors", "pseudo_labels/round=*/*.parquet")
 
 
 def run(tmp: Path) -> dict[str, str]:

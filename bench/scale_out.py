@@ -69,13 +69,14 @@ pseudo_label: {{batch_size: 512, workers: 1}}
                 wall = run_stage(argv, log, env if procs > 1 else None)
                 rd = runs / name / "round-1"
                 if stage == "pseudo_label":
-                    img_s = json.loads((rd / "pseudo_labels" / "manifest.json").read_text())["stats"]["img_s"]
+                    img_s = json.loads((runs / name / "pseudo_labels" / "round=1" / "_manifest.json").read_text()
+                                       )["stats"]["img_s"]
                 else:
                     img_s = json.loads((rd / "card.json").read_text())["train"][0]["img_s"]
                 result.setdefault(stage, {})[f"{procs}_proc"] = {"img_s": img_s, "wall_seconds": wall["seconds"]}
                 print(f"{stage} with {procs} process(es): {img_s} img/s, {wall['seconds']} s wall", flush=True)
-        k1, y1, p1 = labels_of(runs / "p1" / "round-1" / "pseudo_labels")
-        k2, y2, p2 = labels_of(runs / "p2" / "round-1" / "pseudo_labels")
+        k1, y1, p1 = labels_of(runs / "p1" / "pseudo_labels" / "round=1")
+        k2, y2, p2 = labels_of(runs / "p2" / "pseudo_labels" / "round=1")
         same_keys = k1 == k2
         result["labels"] = {"samples": len(k1), "same_keys": same_keys,
                             "same_hard_labels": bool(same_keys and np.array_equal(y1, y2)),

@@ -59,11 +59,11 @@ def _train(cfg: Config, opts: dict) -> None:
 
 
 def _pseudo_label(cfg: Config, opts: dict) -> None:
-    from pipeline.rounds import pseudo_label, round_dir
+    from pipeline.rounds import pseudo_label, pseudo_label_dir
 
     k = int(opts.get("round", 1))
     pseudo_label(cfg, k)
-    print(f"pseudo labels in {round_dir(cfg, k) / 'pseudo_labels'}")
+    print(f"pseudo labels in {pseudo_label_dir(cfg, k)}")
 
 
 def _iterate(cfg: Config, opts: dict) -> None:

@@ -4,7 +4,8 @@ done?" first, so ``iterate`` reruns cost nothing and a killed run resumes.
 
 Run directory: ``<runs_dir>/<name>/round-<k>/`` holds config.json + model.safetensors (timm
 local-dir layout), metrics.json, card.json (written last: its presence with matching hashes
-means the round is finished), ``pseudo_labels/`` for k >= 1, and ``state/`` while training.
+means the round is finished) and ``state/`` while training. Round k's pseudo labels (k >= 1) are
+``<runs_dir>/<name>/pseudo_labels/round=<k>/``: Hive partitions of one dataset.
 """
 
 from __future__ import annotations
@@ -46,6 +47,16 @@ from pipeline.training.trainer import Job, train
 
 def round_dir(cfg: Config, k: int) -> Path:
     return cfg.run_dir / f"round-{k}"
+
+
+def pseudo_label_dir(cfg: Config, k: int) -> Path:
+    """Round k's pseudo labels, a Hive partition (``round=<k>``): the directory above reads as one
+    dataset of every round, with ``round`` as a column, in pandas, pyarrow.dataset, DuckDB and Spark."""
+    old = round_dir(cfg, k) / "pseudo_labels"
+    if old.is_dir():
+        raise ConfigError(f"{old}: pseudo labels in the layout of an older version of this pipeline; "
+                          "start a new experiment name (name=...)")
+    return cfg.run_dir / "pseudo_labels" / f"round={k}"
 
 
 
@@ -101,14 +112,14 @@ def arch_of(cfg: Config, k: int) -> str:
 
 
 def pseudo_label(cfg: Config, k: int, progress: bool = True, teacher_dir: Path | None = None) -> dict:
-    """Label the unlabeled shards with round k-1's model into round-k/pseudo_labels/ (resumable)."""
+    """Label the unlabeled shards with round k-1's model into ``pseudo_label_dir(cfg, k)`` (resumable)."""
     accelerator = make_accelerator()
     data = PreparedData.open(cfg)
     teacher_dir = teacher_dir or round_dir(cfg, k - 1)
     if card(teacher_dir) is None:
         raise ConfigError(f"teacher model not found or unfinished: {teacher_dir}")
     teacher_sha = sha256_file(teacher_dir / models.WEIGHTS)
-    out = round_dir(cfg, k) / "pseudo_labels"
+    out = pseudo_label_dir(cfg, k)
     shards, rows, names = data.shards("unlabeled"), data.rows("unlabeled"), data.class_names
     try:
         return pseudo_labels.check(out, rows, teacher_sha, names, cfg.pseudo_label.tta)
@@ -176,7 +187,7 @@ def _select_pseudo_labels(cfg: Config, k: int, data: PreparedData, job: Job, par
     if card(teacher_dir) is None:
         raise ConfigError(f"round {k} needs the finished round {k - 1} model in {teacher_dir}")
     teacher_sha = sha256_file(teacher_dir / models.WEIGHTS)
-    pl_dir = round_dir(cfg, k) / "pseudo_labels"
+    pl_dir = pseudo_label_dir(cfg, k)
     shards, rows, names = data.shards("unlabeled"), data.rows("unlabeled"), data.class_names
     pl_manifest = pseudo_labels.check(pl_dir, rows, teacher_sha, names, cfg.pseudo_label.tta, data.keys("unlabeled"))
     targets, chosen = selection.student_targets(pl_dir, shards, cfg.student, len(names))

@@ -241,7 +241,7 @@ def test_student_refuses_pseudo_labels_of_other_keys_before_training(student_rea
     runs, ov = student_ready
     bad = runs / "badkeys"
     shutil.copytree(runs / "ok", bad)
-    pl_dir = bad / "round-1" / "pseudo_labels"
+    pl_dir = bad / "pseudo_labels" / "round=1"
     f = pl_dir / "unlabeled-000001.parquet"
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -250,12 +250,12 @@ def test_student_refuses_pseudo_labels_of_other_keys_before_training(student_rea
     keys = t.column("key").to_pylist()
     t = t.set_column(0, "key", pa.array(["pool_99999999"] + keys[1:]))  # same row count, one foreign key
     pq.write_table(t, f)
-    manifest = json.loads((pl_dir / "manifest.json").read_text())
+    manifest = json.loads((pl_dir / "_manifest.json").read_text())
     from pipeline.artifacts import sha256_file
 
     for e in manifest["files"]:
         e["sha256"] = sha256_file(pl_dir / e["file"])
-    (pl_dir / "manifest.json").write_text(json.dumps(manifest))
+    (pl_dir / "_manifest.json").write_text(json.dumps(manifest))
     r = stage("train.py", "role=student", "round=1", *[o for o in ov if not o.startswith("name=")], "name=badkeys",
               check=False)
     assert r.returncode == 2 and "error: pseudo labels for unlabeled-000001.tar have keys the shard lacks" in r.stderr

@@ -4,6 +4,7 @@ argument forms, configs by name, and the installed ``noisy-student`` command fro
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -71,8 +72,13 @@ def test_every_stage_script_is_a_command():
 
 def test_the_wheel_holds_every_module_the_configs_and_a_working_command(tmp_path):
     """Build the wheel, install it alone (no repo on the path) and run the installed command."""
+    src = tmp_path / "src"  # a copy: setuptools writes build/ and *.egg-info beside the sources
+    for name in ("pipeline", "configs"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                        "-w", str(tmp_path / "dist"), str(ROOT)], capture_output=True, text=True, timeout=300)
+                        "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     wheel = next((tmp_path / "dist").glob("noisy_student-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())

@@ -164,14 +164,14 @@ def test_pseudo_label_killed_resumes_per_shard(teacher_ref, tiny_data, point):
     ov = tiny_overrides(tiny_data, runs, name=name) + TEACHER
     shutil.copytree(ref, runs / name / "round-0")
     killed("pseudo_label.py", point, "round=1", *ov)
-    pl = runs / name / "round-1" / "pseudo_labels"
+    pl = runs / name / "pseudo_labels" / "round=1"
     finished = {p.name: p.stat().st_mtime_ns for p in pl.glob("unlabeled-*.parquet")}
-    assert len(finished) == 1 and not (pl / "manifest.json").exists()  # batch 32, 50 rows a shard
+    assert len(finished) == 1 and not (pl / "_manifest.json").exists()  # batch 32, 50 rows a shard
     stage("pseudo_label.py", "round=1", *ov)
     assert {name: (pl / name).stat().st_mtime_ns for name in finished} == finished  # not redone
     assert not list(pl.glob(".tmp-*"))
-    refdir = runs / "ref" / "round-1" / "pseudo_labels"
-    if not (refdir / "manifest.json").exists():
+    refdir = runs / "ref" / "pseudo_labels" / "round=1"
+    if not (refdir / "_manifest.json").exists():
         stage("pseudo_label.py", "round=1", *tiny_overrides(tiny_data, runs, name="ref") + TEACHER)
     (k1, l1, p1), (k2, l2, p2) = _labels(pl), _labels(refdir)
     assert k1 == k2 and l1 == l2

@@ -125,9 +125,9 @@ def test_distill_offline_targets_and_their_check(teacher):
 
     other = teacher["exp"] / "distilled" / "kd3" / "targets"
     shutil.copytree(tdir, other)
-    manifest = json.loads((other / "manifest.json").read_text())
+    manifest = json.loads((other / "_manifest.json").read_text())
     manifest["class_names"] = ["a", "b", "c", "d"]
-    (other / "manifest.json").write_text(json.dumps(manifest))
+    (other / "_manifest.json").write_text(json.dumps(manifest))
     r = stage("distill.py", *[o for o in ov if not o.startswith("distill.name")], "distill.name=kd3",
               check=False)
     assert r.returncode == 2 and "classes" in r.stderr and "Traceback" not in r.stderr

@@ -20,7 +20,7 @@ def _run(cmd):
 
 
 def _table(exp):
-    files = sorted((exp / "round-1" / "pseudo_labels").glob("unlabeled-*.parquet"))
+    files = sorted((exp / "pseudo_labels" / "round=1").glob("unlabeled-*.parquet"))
     tables = [pq.read_table(f) for f in files]
     keys = [k for t in tables for k in t.column("key").to_pylist()]
     labels = np.concatenate([t.column("label").to_numpy() for t in tables])

@@ -47,7 +47,7 @@ def test_artifacts_of_every_round(experiment):
             assert card["parents"]["teacher_sha256"] == json.loads(
                 (exp / f"round-{k - 1}" / "card.json").read_text())["files"]["model.safetensors"]
             assert card["noise"]["randaugment"] == {"n": 1, "m": 9}
-            assert len(list((d / "pseudo_labels").glob("unlabeled-*.parquet"))) == 4
+            assert len(list((exp / "pseudo_labels" / f"round={k}").glob("unlabeled-*.parquet"))) == 4
     assert "| 2 | resnet10t |" in experiment["iterate_out"]
 
 
@@ -65,11 +65,42 @@ def test_one_clean_pass_per_round_scores_the_card(experiment):
 
 def test_pseudo_labels_beat_chance(experiment):
     exp = experiment["exp"]
-    stats = json.loads((exp / "round-1" / "pseudo_labels" / "manifest.json").read_text())["stats"]
+    stats = json.loads((exp / "pseudo_labels" / "round=1" / "_manifest.json").read_text())["stats"]
     assert stats["samples"] == 200
     assert stats["accuracy"] > 50  # 4 classes: chance is 25 %
-    t = pq.read_table(exp / "round-1" / "pseudo_labels" / "unlabeled-000000.parquet")
+    t = pq.read_table(exp / "pseudo_labels" / "round=1" / "unlabeled-000000.parquet")
     assert t.num_rows == 50 and json.loads(t.schema.metadata[b"class_names"]) == [f"class_{i}" for i in range(4)]
+
+
+def test_pseudo_labels_of_every_round_read_as_one_dataset(experiment):
+    """pandas, pyarrow.dataset and DuckDB take the directories as they are: the manifest is skipped,
+    the round is a Hive partition and the teacher a column."""
+    import duckdb
+    import pandas as pd
+    import pyarrow.dataset as ds
+
+    exp, root = experiment["exp"], experiment["exp"] / "pseudo_labels"
+    one = pd.read_parquet(root / "round=1")
+    assert len(one) == 200 and set(one["teacher_sha256"]) == {
+        json.loads((exp / "round-0" / "card.json").read_text())["files"]["model.safetensors"]}
+    every = ds.dataset(root, partitioning="hive").to_table().to_pandas()
+    assert sorted(every["round"].unique()) == [1, 2] and len(every) == 400
+    assert every.groupby("round")["teacher_sha256"].nunique().tolist() == [1, 1]
+    assert len(pd.read_parquet(root)) == 400
+    counts = duckdb.sql(f"select round, count(*) from read_parquet('{root}/*/*.parquet', hive_partitioning=true) "
+                        "group by round order by round").fetchall()
+    assert counts == [(1, 200), (2, 200)]
+
+
+def test_an_older_runs_pseudo_label_layout_is_refused_in_one_line(experiment, tmp_path):
+    from pipeline.config import ConfigError, load_config
+    from pipeline.rounds import pseudo_label_dir
+
+    cfg = load_config(None, [f"runs_dir={tmp_path}", "name=old"])
+    (tmp_path / "old" / "round-1" / "pseudo_labels").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="layout of an older version .* start a new experiment name"):
+        pseudo_label_dir(cfg, 1)
+    assert pseudo_label_dir(cfg, 2) == tmp_path / "old" / "pseudo_labels" / "round=2"
 
 
 def test_local_dir_reload_gives_same_outputs(experiment):
@@ -144,13 +175,13 @@ def test_pseudo_label_resumes_per_shard(experiment):
     ov = [o for o in experiment["ov"] if not o.startswith("name=")] + ["name=plres"]
     shutil.copytree(experiment["exp"] / "round-0", experiment["runs"] / "plres" / "round-0")
     stage("pseudo_label.py", "round=1", *ov)
-    pl_dir = experiment["runs"] / "plres" / "round-1" / "pseudo_labels"
+    pl_dir = experiment["runs"] / "plres" / "pseudo_labels" / "round=1"
     files = sorted(pl_dir.glob("unlabeled-*.parquet"))
     assert len(files) == 4
     reference = pq.read_table(files[2])
     mtimes = {f: f.stat().st_mtime_ns for f in files}
     files[2].unlink()
-    (pl_dir / "manifest.json").unlink()
+    (pl_dir / "_manifest.json").unlink()
     (pl_dir / ".tmp-unlabeled-000002.parquet.abc").write_bytes(b"partial")
     r = stage("pseudo_label.py", "round=1", *ov)
     assert "(50 now on 1 process(es)" in r.stdout

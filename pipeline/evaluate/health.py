@@ -24,14 +24,13 @@ from pipeline.evaluate import plots
 from pipeline.pseudo import pseudo_labels
 
 
-def pseudo_label_health(cfg: Config, k: int, round_dir: Path, prev_round_dir: Path | None) -> dict:
-    """Health stats of round k's pseudo labels (cached in ``round-k/eval/``) and its audit grid."""
+def pseudo_label_health(cfg: Config, k: int, round_dir: Path, pl_dir: Path, prev: Path | None) -> dict:
+    """Health stats of round k's pseudo labels (``pl_dir``; ``prev``: round k-1's), cached in
+    ``round-k/eval/``, and its audit grid."""
     data = PreparedData.open(cfg)
-    pl_dir = round_dir / "pseudo_labels"
     mpath = pl_dir / pseudo_labels.MANIFEST
     if not mpath.is_file():
         return {}
-    prev = prev_round_dir / "pseudo_labels" if prev_round_dir is not None else None
     if prev is not None and not (prev / pseudo_labels.MANIFEST).is_file():
         prev = None
     identity = {"labels": sha256_file(mpath), "prev": sha256_file(prev / pseudo_labels.MANIFEST) if prev else None,

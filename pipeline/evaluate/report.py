@@ -19,7 +19,7 @@ from pipeline.data.prepare import prepare_test
 from pipeline.evaluate import evaluation, health, plots, robustness
 from pipeline.evaluate.document import Document, fmt, human
 from pipeline.modeling import models
-from pipeline.rounds import card, round_dir
+from pipeline.rounds import card, pseudo_label_dir, round_dir
 from pipeline.runtime import make_accelerator
 
 
@@ -78,7 +78,8 @@ def evaluate_models(cfg: Config, targets: list[tuple[str, Path, int | None]], te
             e.corruptions = evaluation.corruption(m, test, ecfg, accelerator, progress, subset)
             e.perturbations = evaluation.perturbation(m, test, ecfg, accelerator, progress, subset)
         if k is not None and k >= 1 and accelerator.is_main_process:
-            e.health = health.pseudo_label_health(cfg, k, directory, round_dir(cfg, k - 1) if k >= 2 else None)
+            e.health = health.pseudo_label_health(cfg, k, directory, pseudo_label_dir(cfg, k),
+                                                  pseudo_label_dir(cfg, k - 1) if k >= 2 else None)
         if ref_dir is not None and directory.resolve() == ref_dir.resolve():
             reference = e
         entries.append(e)

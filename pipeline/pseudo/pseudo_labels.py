@@ -1,10 +1,12 @@
 """Pseudo labels as stored: one Parquet file per unlabeled shard and a manifest (written by
 ``labeling.label_shards``, read by ``selection.student_targets``).
 
-``unlabeled-000042.tar`` gets ``pseudo_labels/unlabeled-000042.parquet`` with that shard's rows in
-the shard's order (key, shard, label, confidence, probs) and file metadata naming the teacher
-(sha256 of its weights) and the class names. Ranks split the work by shard and a finished shard
-is a finished file, so a killed job resumes by skipping files that validate.
+``unlabeled-000042.tar`` gets ``unlabeled-000042.parquet`` with that shard's rows in the shard's
+order (key, shard, label, confidence, probs, teacher_sha256) and file metadata naming the class
+names, the precision and the bad samples skipped. A round's directory is a Hive partition
+(``pseudo_labels/round=<k>/``) and the manifest is ``_manifest.json``, so Parquet readers take the
+directory, or all rounds above it, as one dataset. Ranks split the work by shard and a finished
+shard is a finished file, so a killed job resumes by skipping files that validate.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pipeline.artifacts import atomic_path, code_version, read_json, sha256_file
 from pipeline.config import ConfigError
 from pipeline.data.bad_samples import Skip
 
-MANIFEST = "manifest.json"
+MANIFEST = "_manifest.json"  # a leading "_": Parquet readers (pyarrow, pandas, Spark) skip it
 BINS = 20  # of the confidence and entropy histograms
 THRESHOLDS = [round(0.05 * i, 2) for i in range(20)]  # of the accuracy-by-threshold curve
 
@@ -33,7 +35,8 @@ def parquet_name(shard: str | Path) -> str:
 
 def schema(num_classes: int) -> pa.Schema:
     return pa.schema([("key", pa.string()), ("shard", pa.string()), ("label", pa.int32()),
-                      ("confidence", pa.float32()), ("probs", pa.list_(pa.float32(), num_classes))])
+                      ("confidence", pa.float32()), ("probs", pa.list_(pa.float32(), num_classes)),
+                      ("teacher_sha256", pa.dictionary(pa.int8(), pa.string()))])
 
 
 def write_parquet(path: Path, shard: str, keys: list[str], probs: np.ndarray, teacher_sha256: str,
@@ -51,9 +54,10 @@ def write_parquet(path: Path, shard: str, keys: list[str], probs: np.ndarray, te
     label = probs.argmax(1).astype(np.int32) if n else np.zeros(0, np.int32)
     conf = probs.max(1) if n else np.zeros(0, np.float32)
     flat = pa.array(probs.reshape(-1), pa.float32())
+    teacher = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int8)), pa.array([teacher_sha256]))
     table = pa.table([pa.array(keys, pa.string()), pa.array([Path(shard).name] * n, pa.string()),
                       pa.array(label), pa.array(conf, pa.float32()),
-                      pa.FixedSizeListArray.from_arrays(flat, c)], schema=schema(c))
+                      pa.FixedSizeListArray.from_arrays(flat, c), teacher], schema=schema(c))
     meta = {b"teacher_sha256": teacher_sha256.encode(), b"class_names": json.dumps(class_names).encode(),
             b"tta": b"hflip" if tta else b"none", b"precision": dtype.encode(),
             b"skipped": json.dumps([{"key": s.key, "reason": s.reason, "count": s.count}
