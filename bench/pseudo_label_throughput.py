@@ -6,7 +6,7 @@ against a bare loop of the same model, batch size and threads over pre-decoded i
         [--mixed-precision auto|no|bf16] [--channels-last] [--compile BACKEND] [--out NAME]
     python bench/pseudo_label_throughput.py --rgb --workers 0 --channels-last --out pseudo_label_throughput_cifar10
 
-``--rgb``: CIFAR-10's case (configs/cifar10.yaml): 41,000 32 px RGB JPEGs labelled by cnn32_s (which
+``--rgb``: CIFAR-10's case (configs/cifar10.yaml): 41,000 32 px RGB JPEGs labelled by noisy_student_cnn32_s (which
 averages each image with its mirror image) unless --images, --size or --arch say otherwise.
 
 Writes bench/results/pseudo_label_throughput.json: ``ratio`` (stage / bare: the median over pairs of
@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=None, help="default: 28 (grayscale), 32 (--rgb)")
     ap.add_argument("--batch-size", type=int, default=512)
     ap.add_argument("--workers", type=int, default=1, help="DataLoader workers of the stage (config default: 1)")
-    ap.add_argument("--arch", default=None, help="default: resnet10t (grayscale), cnn32_s (--rgb)")
+    ap.add_argument("--arch", default=None, help="default: resnet10t (grayscale), noisy_student_cnn32_s (--rgb)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--mixed-precision", default="auto", help="pseudo_label.mixed_precision (auto: fp32 on CPU)")
     ap.add_argument("--channels-last", action="store_true", help="pseudo_label.channels_last")
@@ -42,7 +42,7 @@ def main() -> None:
     mode, chans = ("RGB", 3) if args.rgb else ("L", 1)
     args.images = args.images or (41000 if args.rgb else 59000)
     args.size = args.size or (32 if args.rgb else 28)
-    args.arch = args.arch or ("cnn32_s" if args.rgb else "resnet10t")
+    args.arch = args.arch or ("noisy_student_cnn32_s" if args.rgb else "resnet10t")
 
     import torch
     from accelerate import Accelerator

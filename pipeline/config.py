@@ -56,11 +56,13 @@ class DataConfig:
 class ModelConfig:
     """Round 0's architecture and how students grow in later rounds."""
 
-    arch: str = _k("resnet10t", "the teacher's timm architecture (or one of ours, such as cnn32_s)")
+    arch: str = _k("resnet10t", "the teacher's timm architecture (or one of ours, such as noisy_student_cnn32_s)")
     pretrained: bool | str = _k(False, "true: timm's pretrained weights; a path: a local weights file")
     image_size: int | None = _k(None, "input size in pixels (default: the data's own size)", lo=8)
     ladder: str | None = _k("resnet", "named family ladder the students climb (models.LADDERS)")
     students: list[str] | None = _k(None, "explicit student architecture per round 1, 2, ...; the last repeats")
+    license: str | None = _k(None, "licence of the weights written (config.json, README.md); null: none stated",
+                             runtime=True)
 
 
 @dataclass

@@ -256,7 +256,8 @@ def _finish(cfg: Config, k: int, out: Path, model: torch.nn.Module, data: Prepar
     if data.count("val"):
         scored["val"] = evaluation.test_set(data, "val")
     result = finish(out, model, data.class_names, prep, scored, cfg.evaluate, accelerator, metrics, card_fields,
-                    progress, cfg.data.max_bad_share, started=t0, earlier_s=metrics["pseudo_label_seconds"] or 0)
+                    progress, cfg.data.max_bad_share, started=t0, earlier_s=metrics["pseudo_label_seconds"] or 0,
+                    license=cfg.model.license)
     if accelerator.is_main_process:
         m = result["metrics"]
         scores = ", ".join(f"{split} top-1 {m[f'{split}_top1']:.2f}%" for split in ("test", "val")

@@ -42,6 +42,9 @@ def test_artifacts_of_every_round(experiment):
         assert not (d / "state").exists()
         card = json.loads((d / "card.json").read_text())
         assert card["round"] == k and card["files"]["model.safetensors"]
+        readme = (d / "README.md").read_text()  # the model card a hub shows
+        assert readme.startswith("---\ntags:\n- image-classification\n- timm") and "library_name: timm" in readme
+        assert f"| test | {card['metrics']['test_top1']:.2f} |" in readme and f"round {k}" in readme
         assert card["parents"]["data_manifest_sha256"]
         if k:
             assert card["parents"]["teacher_sha256"] == json.loads(

@@ -266,7 +266,7 @@ def test_cnn32_with_its_flip_average_exports_with_a_dynamic_batch(tmp_path):
     from pipeline.serve.export import export_model_dir, ort_session
 
     torch.manual_seed(0)
-    model = create_model("cnn32_s", 4, 3, channels=(8, 16, 16)).eval()
+    model = create_model("noisy_student_cnn32_s", 4, 3, channels=(8, 16, 16)).eval()
     save_model_dir(model, tmp_path / "m", [f"c{i}" for i in range(4)], [0.5] * 3, [0.25] * 3, 32, 3)
     record, worked = export_model_dir(tmp_path / "m")
     assert worked and record["check"]["max_abs_diff"] <= 1e-4

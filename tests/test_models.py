@@ -125,7 +125,7 @@ def test_cnn32_rebuilds_and_grows_deeper(tmp_path):
     from pipeline.modeling.models import create_model, grow_from, load_model_dir, save_model_dir
 
     torch.manual_seed(0)
-    small = create_model("cnn32_s", 10, 3, drop_rate=0.1, drop_path_rate=0.1)
+    small = create_model("noisy_student_cnn32_s", 10, 3, drop_rate=0.1, drop_path_rate=0.1)
     with torch.no_grad():
         for m in small.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -133,18 +133,71 @@ def test_cnn32_rebuilds_and_grows_deeper(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     small.eval()
     assert small(x).shape == (2, 10) and small.forward_features(x).shape[-1] == 3  # 31 -> 15 -> 7 -> 3
-    deeper = create_model("cnn32_s", 10, 3, depth=3).eval()
+    deeper = create_model("noisy_student_cnn32_s", 10, 3, depth=3).eval()
     assert grow_from(deeper, small.state_dict()) > 0
     assert torch.allclose(deeper(x), small(x), atol=1e-5)
     save_model_dir(deeper, tmp_path, [str(i) for i in range(10)], [0.5] * 3, [0.25] * 3, 32, 3)
     back, cfg = load_model_dir(tmp_path)
-    assert cfg["architecture"] == "cnn32_s" and models.num_params(back) == models.num_params(deeper)
+    assert cfg["architecture"] == "noisy_student_cnn32_s" and models.num_params(back) == models.num_params(deeper)
     with torch.no_grad():
         assert torch.equal(back(x), deeper(x))
-    assert models.num_params(create_model("cnn32_m", 10, 3)) > 2 * models.num_params(small)
-    thin = create_model("cnn32_s", 10, 3, channels=(16, 64, 64))  # distill.channels: the group widths
+    assert models.num_params(create_model("noisy_student_cnn32_m", 10, 3)) > 2 * models.num_params(small)
+    thin = create_model("noisy_student_cnn32_s", 10, 3, channels=(16, 64, 64))  # distill.channels: the group widths
     assert [g[0].out_channels for g in thin.groups] == [16, 64, 64]
     with pytest.raises(ConfigError, match="does not accept"):  # an unknown option is an error, not ignored
-        create_model("cnn32_s", 10, 3, widht=(16, 64, 64))
-    named = create_model("cnn32_s3", 10, 3)  # the registered deeper student: the same shapes as depth=3
+        create_model("noisy_student_cnn32_s", 10, 3, widht=(16, 64, 64))
+    named = create_model("noisy_student_cnn32_s3", 10, 3)  # the registered deeper student: the same shapes as depth=3
     assert {k: v.shape for k, v in named.state_dict().items()} == {k: v.shape for k, v in deeper.state_dict().items()}
+
+
+def _timm_only(directory, x_path) -> dict:
+    """Load ``directory`` in a fresh process that imports timm and nothing of ours; its logits on ``x``."""
+    import subprocess
+    import sys
+
+    code = ("import json, sys, timm, torch\nfrom safetensors.torch import load_file\n"
+            f"m = timm.create_model('local-dir:{directory}', pretrained=True).eval()\n"
+            f"x = load_file('{x_path}')['x']\n"
+            "print(json.dumps({'ours': sorted(k for k in sys.modules if k.split('.')[0] == 'pipeline'), "
+            "'logits': m(x).tolist()}))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_model_directories_of_timm_architectures_load_with_timm_alone(tmp_path):
+    """resnet18t is ours by name only: it is saved as timm's resnet10t plus ``layers``; the config
+    keeps no ImageNet tag, licence or origin; the licence is the config's."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = models.create_model("resnet18t", 4, 1, drop_rate=0.2).eval()
+    models.save_model_dir(model, tmp_path / "m", ["a", "b", "c", "d"], [0.5], [0.25], 16, 1, license="cc-by-4.0")
+    conf = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert conf["architecture"] == "resnet10t" and conf["model_args"]["layers"] == [2, 2, 2, 2]
+    pc = conf["pretrained_cfg"]
+    assert not {"tag", "origin_url", "hf_hub_id", "paper_ids"} & set(pc) and pc["license"] == "cc-by-4.0"
+    assert "source" not in conf
+    x = torch.randn(2, 1, 16, 16)
+    save_file({"x": x}, str(tmp_path / "x.safetensors"))
+    got = _timm_only(tmp_path / "m", tmp_path / "x.safetensors")
+    assert got["ours"] == []
+    with torch.no_grad():
+        assert torch.allclose(torch.tensor(got["logits"]), model(x), atol=1e-5)
+
+
+def test_our_own_architecture_names_its_origin_and_old_names_still_load(tmp_path):
+    import pipeline
+
+    model = models.create_model("noisy_student_cnn32_s", 10, 3).eval()
+    models.save_model_dir(model, tmp_path / "m", [str(i) for i in range(10)], [0.5] * 3, [0.25] * 3, 32, 3)
+    conf = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert conf["source"] == {"package": "noisy-student", "version": pipeline.__version__,
+                              "module": "pipeline.modeling.archs"}
+    conf["architecture"] = "cnn32_s"  # as an earlier version wrote it
+    (tmp_path / "m" / "config.json").write_text(json.dumps(conf))
+    with pytest.warns(UserWarning, match="deprecated"):
+        back, _ = models.load_model_dir(tmp_path / "m")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))

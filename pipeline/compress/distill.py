@@ -169,7 +169,8 @@ def _train_and_save(out: Path, student: torch.nn.Module, job: Job, arch: str, ca
                "train_seconds": stats[0]["seconds"], "train_img_s": stats[0]["img_s"]}
     return finish(out, student, ctx.names, ctx.prep, {"test": evaluation.test_set(ctx.data)},
                   cfg.evaluate, ctx.accelerator, metrics, {"role": "distilled", "arch": arch, "train": stats,
-                                                           **card_fields}, progress, cfg.data.max_bad_share)
+                                                           **card_fields}, progress, cfg.data.max_bad_share,
+                  license=cfg.model.license)
 
 
 def _student(dcfg: DistillConfig, num_classes: int, in_chans: int) -> torch.nn.Module:

@@ -70,7 +70,7 @@ def evaluate_models(cfg: Config, targets: list[tuple[str, Path, int | None]], te
     for label, directory, k in targets:
         m = evaluation.load(directory)
         cfg_json = read_json(directory / models.TIMM_CONFIG)
-        e = Entry(label, directory, k, arch=cfg_json.get("architecture", ""), params=models.num_params(m.model),
+        e = Entry(label, directory, k, arch=(m.card or {}).get("arch") or cfg_json.get("architecture", ""), params=models.num_params(m.model),
                   macs=evaluation.macs(m.model, m.model.default_cfg["input_size"][0], m.prep.size), card=m.card)
         e.clean = evaluation.clean(m, test, ecfg, accelerator, progress, cfg.data.max_bad_share)
         if robust:

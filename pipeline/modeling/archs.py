@@ -1,5 +1,11 @@
 """Architectures of our own, registered in timm's registry so every model directory rebuilds from its
-name (``timm.create_model("local-dir:...")`` after ``import pipeline.modeling.models``).
+name (``timm.create_model("local-dir:...")`` after ``import pipeline.modeling.archs``).
+
+``noisy_student_cnn32_*`` exist only here (the prefix says so; each model directory's config.json
+and README.md name the package and version that provide them). ``resnet18t``/``resnet34t`` are
+timm's resnet10t with more blocks: ``models.create_model`` builds them as ``resnet10t`` with
+``layers`` in ``model_args``, so their model directories load with timm alone; the registrations
+below, like the old ``cnn32_*`` names, only keep directories written by earlier versions loading.
 
 ``resnet18t`` and ``resnet34t`` are resnet10t made deeper: the same tiered 3-conv stem, average-pool
 downsampling and stage widths, with (2, 2, 2, 2) and (3, 4, 6, 3) basic blocks. Because every
@@ -13,7 +19,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import (
+    build_model_with_cfg,
+    generate_default_cfgs,
+    register_model,
+    register_model_deprecations,
+)
 from timm.models.resnet import BasicBlock, ResNet, _create_resnet
 from torch import nn
 
@@ -121,8 +132,9 @@ class Cnn32(nn.Module):
 
 # name -> (widths, depth); cnn32_s3 is cnn32_s one residual unit deeper per group: a larger student
 # that starts as its cnn32_s teacher (models.grow_from)
-_CNN32 = {"cnn32_s": ((32, 128, 128), 2), "cnn32_s3": ((32, 128, 128), 3), "cnn32_m": ((48, 192, 192), 2),
-          "cnn32_l": ((64, 256, 256), 2)}
+PREFIX = "noisy_student_"
+_CNN32 = {f"{PREFIX}cnn32_s": ((32, 128, 128), 2), f"{PREFIX}cnn32_s3": ((32, 128, 128), 3),
+          f"{PREFIX}cnn32_m": ((48, 192, 192), 2), f"{PREFIX}cnn32_l": ((64, 256, 256), 2)}
 
 default_cfgs.update(generate_default_cfgs({
     name: {"num_classes": 10, "input_size": (3, 32, 32), "pool_size": (3, 3), "crop_pct": 1.0,
@@ -141,24 +153,29 @@ def _cnn32(name: str, pretrained: bool, **kwargs) -> Cnn32:
 
 
 @register_model
-def cnn32_s(pretrained: bool = False, **kwargs) -> Cnn32:
+def noisy_student_cnn32_s(pretrained: bool = False, **kwargs) -> Cnn32:
     """widths (32, 128, 128): 0.5M parameters at depth 2."""
-    return _cnn32("cnn32_s", pretrained, **kwargs)
+    return _cnn32(f"{PREFIX}cnn32_s", pretrained, **kwargs)
 
 
 @register_model
-def cnn32_s3(pretrained: bool = False, **kwargs) -> Cnn32:
+def noisy_student_cnn32_s3(pretrained: bool = False, **kwargs) -> Cnn32:
     """cnn32_s with 3 conv layers per group: 0.80M parameters; grows from a cnn32_s."""
-    return _cnn32("cnn32_s3", pretrained, **kwargs)
+    return _cnn32(f"{PREFIX}cnn32_s3", pretrained, **kwargs)
 
 
 @register_model
-def cnn32_m(pretrained: bool = False, **kwargs) -> Cnn32:
+def noisy_student_cnn32_m(pretrained: bool = False, **kwargs) -> Cnn32:
     """widths (48, 192, 192): 1.1M parameters at depth 2."""
-    return _cnn32("cnn32_m", pretrained, **kwargs)
+    return _cnn32(f"{PREFIX}cnn32_m", pretrained, **kwargs)
 
 
 @register_model
-def cnn32_l(pretrained: bool = False, **kwargs) -> Cnn32:
+def noisy_student_cnn32_l(pretrained: bool = False, **kwargs) -> Cnn32:
     """widths (64, 256, 256): 2.0M parameters at depth 2."""
-    return _cnn32("cnn32_l", pretrained, **kwargs)
+    return _cnn32(f"{PREFIX}cnn32_l", pretrained, **kwargs)
+
+
+# the names of earlier versions: their model directories keep loading (timm warns and maps them)
+register_model_deprecations(__name__, {f"cnn32_{v}": f"{PREFIX}cnn32_{v}" for v in ("s", "s3", "m", "l")})
+OURS = frozenset(_CNN32)  # architectures only this package provides

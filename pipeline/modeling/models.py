@@ -14,10 +14,19 @@ import timm
 import torch
 from timm.models import save_for_hf
 
-from pipeline.artifacts import TMP_PREFIX, read_json, sha256_file
+import pipeline
+from pipeline.artifacts import TMP_PREFIX, read_json, sha256_file, write_json_atomic
 from pipeline.config import ConfigError, ModelConfig
 from pipeline.data.dataset import Preprocessing
-from pipeline.modeling import archs  # noqa: F401  (registers our architectures with timm)
+from pipeline.modeling import archs  # importing it registers our architectures with timm
+
+# Ours that are a timm architecture plus arguments: built (and so saved) as that, so their model
+# directories load with timm alone
+AS_TIMM: dict[str, tuple[str, dict]] = {"resnet18t": ("resnet10t", {"layers": [2, 2, 2, 2]}),
+                                        "resnet34t": ("resnet10t", {"layers": [3, 4, 6, 3]})}
+# pretrained_cfg fields that describe timm's published ImageNet weights, not weights trained here
+_NOT_OURS = ("tag", "license", "origin_url", "hf_hub_id", "hf_hub_filename", "paper_ids", "paper_name", "notes",
+             "url", "file", "source", "description")
 
 # Families ordered by size; a student takes the next rung after its teacher (compound scaling).
 LADDERS: dict[str, list[str]] = {
@@ -60,7 +69,8 @@ def create_model(arch: str, num_classes: int, in_chans: int, pretrained: bool | 
     ``model_args`` go to the timm constructor (e.g. ``channels`` of a ResNet); timm records them in
     the model directory's config.json, so ``load_model_dir`` rebuilds the same shape."""
     check_arch(arch)
-    kwargs: dict = {"num_classes": num_classes, "in_chans": in_chans, **model_args}
+    arch, base_args = AS_TIMM.get(arch, (arch, {}))
+    kwargs: dict = {"num_classes": num_classes, "in_chans": in_chans, **base_args, **model_args}
     if drop_rate:
         kwargs["drop_rate"] = drop_rate
     if drop_path_rate:
@@ -77,14 +87,19 @@ def create_model(arch: str, num_classes: int, in_chans: int, pretrained: bool | 
 
 
 def save_model_dir(model: torch.nn.Module, directory: Path, label_names: list[str], mean: list[float],
-                   std: list[float], image_size: int, in_chans: int) -> dict[str, str]:
-    """Write config.json + model.safetensors into ``directory`` atomically; return their sha256."""
+                   std: list[float], image_size: int, in_chans: int, license: str | None = None) -> dict[str, str]:
+    """Write config.json + model.safetensors into ``directory`` atomically; return their sha256.
+
+    config.json is timm's, less what describes timm's published weights (tag, licence, origin);
+    ``license`` is the config's ``model.license``; an architecture of ours names the package,
+    version and module that provide it (``source``), which timm itself ignores."""
     directory.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + "model-", dir=directory))
     try:
         save_for_hf(model, str(tmp), model_config={"label_names": list(label_names)}, safe_serialization=True,
                     data_config={"input_size": (in_chans, image_size, image_size), "mean": tuple(mean),
                                  "std": tuple(std), "crop_pct": 1.0, "interpolation": "bilinear"})
+        _own_config(tmp / TIMM_CONFIG, license)
         hashes = {}
         for name in (WEIGHTS, TIMM_CONFIG):
             hashes[name] = sha256_file(tmp / name)
@@ -92,6 +107,18 @@ def save_model_dir(model: torch.nn.Module, directory: Path, label_names: list[st
         return hashes
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _own_config(path: Path, license: str | None) -> None:
+    conf = read_json(path)
+    pc = conf["pretrained_cfg"]
+    for key in _NOT_OURS:
+        pc.pop(key, None)
+    if license:
+        pc["license"] = license
+    if conf["architecture"] in archs.OURS:
+        conf["source"] = {"package": "noisy-student", "version": pipeline.__version__, "module": archs.__name__}
+    write_json_atomic(path, conf)
 
 
 def load_model_dir(directory: str | Path) -> tuple[torch.nn.Module, dict]:
@@ -118,7 +145,7 @@ def grow_from(student: torch.nn.Module, teacher_state: dict[str, torch.Tensor]) 
     """Start ``student`` from a teacher's weights; returns how many student tensors had no source.
 
     The same architecture: an exact copy. A deeper one of the same family (resnet10t -> resnet18t,
-    cnn32_s -> cnn32_s3): every teacher tensor must exist in the student with its shape; each extra
+    noisy_student_cnn32_s -> noisy_student_cnn32_s3): every teacher tensor must exist in the student with its shape; each extra
     residual block has its last BatchNorm zeroed (timm's ``zero_init_last``), so the student starts
     as the teacher's function and spends its compute on the pseudo-labeled pool rather than on
     relearning it.

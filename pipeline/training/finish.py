@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline.artifacts import code_version, files_match, read_json, write_json_atomic
+from pipeline.artifacts import code_version, files_match, read_json, write_bytes_atomic, write_json_atomic
 from pipeline.config import EvaluateConfig
 from pipeline.data.dataset import Preprocessing
 from pipeline.evaluate import evaluation
-from pipeline.modeling import models
+from pipeline.modeling import model_card, models
 
 
 def card(directory: Path) -> dict | None:
@@ -34,7 +34,8 @@ def card(directory: Path) -> dict | None:
 
 def finish(out: Path, model: torch.nn.Module, names: list[str], prep: Preprocessing, scored: dict[str, evaluation.TestSet],
            ecfg: EvaluateConfig, accelerator, metrics: dict, card_fields: dict, progress: bool = True,
-           max_bad_share: float = 0.01, started: float | None = None, earlier_s: float = 0.0) -> dict:
+           max_bad_share: float = 0.01, started: float | None = None, earlier_s: float = 0.0,
+           license: str | None = None) -> dict:
     """Save ``model`` into ``out``, score it on each of ``scored`` (``{"test": ..., "val": ...}``: sets
     ``<split>_top1``, and ``test_samples``), write metrics and the card (``card_fields`` plus files,
     metrics, code version, time) and remove the training state. Every rank calls it; returns the card.
@@ -43,7 +44,7 @@ def finish(out: Path, model: torch.nn.Module, names: list[str], prep: Preprocess
     included, plus ``earlier_s`` (a round's pseudo-labeling, a separate stage)."""
     files: dict = {}
     if accelerator.is_main_process:
-        files = models.save_model_dir(model, out, names, prep.mean, prep.std, prep.size, prep.in_chans)
+        files = models.save_model_dir(model, out, names, prep.mean, prep.std, prep.size, prep.in_chans, license)
     accelerator.wait_for_everyone()
     loaded = evaluation.load(out, files.get(models.WEIGHTS))  # other ranks hash the file themselves
     for split, test in scored.items():
@@ -58,6 +59,8 @@ def finish(out: Path, model: torch.nn.Module, names: list[str], prep: Preprocess
         write_json_atomic(out / "metrics.json", metrics)
         result = {**card_fields, "files": files, "metrics": metrics, "code_version": code_version(),
                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        write_bytes_atomic(out / "README.md", model_card.readme(
+            result, read_json(out / models.TIMM_CONFIG), "/".join(out.parts[-2:]), license).encode())
         write_json_atomic(out / models.CARD, result)
         shutil.rmtree(out / "state", ignore_errors=True)
     accelerator.wait_for_everyone()
