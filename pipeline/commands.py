@@ -19,6 +19,7 @@ from pathlib import Path
 from pipeline.cli import choice, config_help, int_at_least, parse_args, run
 from pipeline.config import Config
 from pipeline.errors import ConfigError
+from pipeline.tracking import setup_logging
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,7 @@ def _main_of(cmd: Command, prog: str) -> Callable[[list[str]], int | None]:
             print(help_text(cmd, prog))
             return 0
         cfg, opts = parse_args(argv, {k: o.parse for k, o in cmd.options.items()})
+        setup_logging(cfg.progress)
         return cmd.body(cfg, opts)
     return main
 

@@ -183,6 +183,11 @@ class Config:
     runs_dir: str = _k("runs", "where experiments are written", runtime=True)
     budget: str | float | None = _k(None, "time budget for make iterate (60m, 1.5h, 900s): epochs planned from "
                                           "measured img/s; null: the config's fixed schedules", runtime=True)
+    progress: bool = _k(True, "progress bars (TQDM_DISABLE=1 also turns them off)", runtime=True)
+    log_with: list[Literal["tensorboard", "wandb", "mlflow"]] | None = _k(
+        None, "experiment trackers for per-step loss, lr, img/s and per-round metrics (under <run>/logs/)",
+        runtime=True)
+    log_every: int = _k(50, "optimizer steps between tracker points", lo=1, runtime=True)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TrainConfig = field(default_factory=TrainConfig)

@@ -39,6 +39,7 @@ from pipeline.evaluate import evaluation
 from pipeline.modeling import models
 from pipeline.pseudo import labeling, pseudo_labels, selection
 from pipeline.runtime import make_accelerator
+from pipeline.tracking import Trackers, log
 from pipeline.training import budget
 from pipeline.training.finish import card, finish
 from pipeline.training.objectives import NoisyStudent
@@ -142,7 +143,7 @@ def pseudo_label(cfg: Config, k: int, progress: bool = True, teacher_dir: Path |
         result = pseudo_labels.write_manifest(out, shards, teacher_dir, teacher_sha, names, stats,
                                               data.manifest_sha256, cfg.pseudo_label.tta)
         acc = stats.get("accuracy")
-        accelerator.print(
+        log.info(
             f"pseudo-labeled {stats['samples']} samples ({counts} now on {accelerator.num_processes} process(es), "
             f"{stats['img_s']:.0f} img/s), mean "
             f"confidence {stats['mean_confidence']:.3f}" + (f", accuracy {acc:.2f}%" if acc is not None else "")
@@ -167,7 +168,7 @@ def train_round(cfg: Config, k: int, progress: bool = True) -> dict:
     tcfg = for_round(cfg.teacher, 1) if k == 0 else for_round(cfg.student, k)
     job = Job(phase="train", cfg=tcfg, epochs=per_round(tcfg.epochs, 1), lr=tcfg.lr,
               labeled=_labeled_spec(cfg, data, prep, tcfg, accelerator), labeled_total=data.count("labeled"),
-              prep=prep, max_bad_share=cfg.data.max_bad_share)
+              prep=prep, max_bad_share=cfg.data.max_bad_share, log_with=cfg.log_with or [], log_every=cfg.log_every)
     parents: dict = {"data_manifest_sha256": data.manifest_sha256, "data_dir": str(data.dir)}
     pl_manifest, selection = _select_pseudo_labels(cfg, k, data, job, parents, accelerator) if k else ({}, {})
     model = _create_or_grow(cfg, k, data, prep, tcfg, parents, accelerator)
@@ -200,7 +201,7 @@ def _select_pseudo_labels(cfg: Config, k: int, data: PreparedData, job: Job, par
     job.objective = NoisyStudent(job.cfg.label_smoothing, cfg.student.unlabeled_weight)
     parents.update({"teacher_dir": str(teacher_dir), "teacher_sha256": teacher_sha,
                     "pseudo_labels_manifest_sha256": sha256_file(pl_dir / pseudo_labels.MANIFEST)})
-    accelerator.print(f"round {k}: student {arch_of(cfg, k)}, {chosen['samples']} pseudo-labeled samples per "
+    log.info(f"round {k}: student {arch_of(cfg, k)}, {chosen['samples']} pseudo-labeled samples per "
                       f"epoch ({chosen['kept']} kept at threshold {cfg.student.threshold})")
     return pl_manifest, chosen
 
@@ -210,7 +211,7 @@ def _create_or_grow(cfg: Config, k: int, data: PreparedData, prep: Preprocessing
     """Round k's model with its noise; a student with ``init_from_teacher`` starts from (grows from) its teacher."""
     arch = arch_of(cfg, k)
     if k == 0:
-        accelerator.print(f"round 0: teacher {arch} on {data.count('labeled')} labeled images")
+        log.info(f"round 0: teacher {arch} on {data.count('labeled')} labeled images")
     model = models.create_model(arch, len(data.class_names), prep.in_chans, cfg.model.pretrained if k == 0 else False,
                                 **noise.model_noise(tcfg))
     if k >= 1 and cfg.student.init_from_teacher:
@@ -236,7 +237,7 @@ def _train(cfg: Config, k: int, model: torch.nn.Module, job: Job, out: Path, pro
     if k >= 1 and cfg.student.finetune_epochs:
         ft = Job(phase="finetune", cfg=job.cfg, epochs=cfg.student.finetune_epochs, lr=cfg.student.finetune_lr,
                  labeled=job.labeled, labeled_total=job.labeled_total, prep=job.prep,
-                 max_bad_share=cfg.data.max_bad_share)
+                 max_bad_share=cfg.data.max_bad_share, log_with=job.log_with, log_every=job.log_every)
         stats.append(train(model, ft, out / "state", progress))
     return stats
 
@@ -260,9 +261,12 @@ def _finish(cfg: Config, k: int, out: Path, model: torch.nn.Module, data: Prepar
                     license=cfg.model.license)
     if accelerator.is_main_process:
         m = result["metrics"]
+        rounds = Trackers(cfg.log_with or [], cfg.run_dir, "rounds")  # one curve over the rounds: step = k
+        rounds.log({key: m[key] for key in ("test_top1", "val_top1", "pseudo_label_acc") if m.get(key) is not None}, k)
+        rounds.close()
         scores = ", ".join(f"{split} top-1 {m[f'{split}_top1']:.2f}%" for split in ("test", "val")
                            if m.get(f"{split}_top1") is not None)
-        accelerator.print(f"round {k}: {m['model']} {scores or 'not scored (evaluate.test=false, no val split)'} "
+        log.info(f"round {k}: {m['model']} {scores or 'not scored (evaluate.test=false, no val split)'} "
                           f"-> {out}")
     return result
 

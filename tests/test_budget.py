@@ -69,7 +69,7 @@ def test_a_recorded_plan_is_kept_and_another_budget_refused(tmp_path):
 def test_budgeted_iterate_plans_records_and_resumes_with_its_plan(tiny_data, tmp_path):
     ov = tiny_overrides(tiny_data, tmp_path / "runs", name="budgeted")
     r = stage("iterate.py", "round=1", "budget=8s", *ov)
-    assert "budget 8 s for rounds 0..1" in r.stdout and "budget: round 1 gets" in r.stdout
+    assert "budget 8 s for rounds 0..1" in r.stdout + r.stderr and "budget: round 1 gets" in r.stdout + r.stderr
     exp = tmp_path / "runs" / "budgeted"
     plan = json.loads((exp / "budget.json").read_text())
     assert plan["budget_s"] == 8 and plan["last_round"] == 1 and set(plan["phases"]) == {"0", "1"}

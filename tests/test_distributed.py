@@ -40,7 +40,7 @@ def test_two_processes_label_like_one(tiny_data, tmp_path):
     r = _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               str(ROOT / "stages" / "pseudo_label.py"), "round=1", *two])
-    assert "pseudo-labeled 200 samples (200 now on 2 process(es)" in r.stdout
+    assert "pseudo-labeled 200 samples (200 now on 2 process(es)" in r.stdout + r.stderr
     f1, k1, l1, p1 = _table(runs / "one")
     f2, k2, l2, p2 = _table(runs / "two")
     assert f1 == f2 and len(f1) == 4

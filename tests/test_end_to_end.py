@@ -187,7 +187,7 @@ def test_pseudo_label_resumes_per_shard(experiment):
     (pl_dir / "_manifest.json").unlink()
     (pl_dir / ".tmp-unlabeled-000002.parquet.abc").write_bytes(b"partial")
     r = stage("pseudo_label.py", "round=1", *ov)
-    assert "(50 now on 1 process(es)" in r.stdout
+    assert "(50 now on 1 process(es)" in r.stdout + r.stderr
     assert all(f.stat().st_mtime_ns == mtimes[f] for f in files if f != files[2])
     assert pq.read_table(files[2]).equals(reference)
     assert not list(pl_dir.glob(".tmp-*"))

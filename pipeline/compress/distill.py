@@ -44,6 +44,7 @@ from pipeline.modeling import models
 from pipeline.pseudo import labeling, pseudo_labels
 from pipeline.rounds import round_dir
 from pipeline.runtime import make_accelerator
+from pipeline.tracking import log
 from pipeline.training.finish import card, finish
 from pipeline.training.objectives import Batch, Objective
 from pipeline.training.trainer import Job, train
@@ -269,8 +270,9 @@ def _distill_student(cfg: Config, ctx: _Context, out: Path, progress: bool) -> d
                       world=acc.num_processes, seed=cfg.seed + 104729, buffer=5000, targets=targets, missing_label=-1,
                       with_label=targets is not None, rows=rows)
     job = Job(phase="distill", cfg=dcfg, epochs=epochs, lr=dcfg.lr, labeled=spec, labeled_total=total,
-              prep=ctx.prep, objective=objective, max_bad_share=cfg.data.max_bad_share)
-    acc.print(f"distill: {ctx.teacher_dir} ({teacher_params} params) -> {dcfg.arch} "
+              prep=ctx.prep, objective=objective, max_bad_share=cfg.data.max_bad_share,
+              log_with=cfg.log_with or [], log_every=cfg.log_every)
+    log.info(f"distill: {ctx.teacher_dir} ({teacher_params} params) -> {dcfg.arch} "
               f"({models.num_params(student)} params), {dcfg.mode}, T={dcfg.temperature}, "
               f"alpha={dcfg.alpha}, {epochs} epochs over {total} images")
     return _train_and_save(out, student, job, dcfg.arch, {"parents": ctx.parents, "distill": _relevant(dcfg),
@@ -296,8 +298,9 @@ def _labels_only(cfg: Config, ctx: _Context, progress: bool) -> dict:
                       world=acc.num_processes, seed=cfg.seed + 130363, buffer=2000,
                       rows=data.rows("labeled"))
     job = Job(phase="labels-only", cfg=dcfg, epochs=math.ceil(steps / per_epoch), lr=dcfg.lr, labeled=spec,
-              labeled_total=labeled_total, prep=ctx.prep, max_bad_share=cfg.data.max_bad_share)
-    acc.print(f"labels only: {dcfg.arch} on {labeled_total} labeled images, {job.epochs} epochs "
+              labeled_total=labeled_total, prep=ctx.prep, max_bad_share=cfg.data.max_bad_share,
+              log_with=cfg.log_with or [], log_every=cfg.log_every)
+    log.info(f"labels only: {dcfg.arch} on {labeled_total} labeled images, {job.epochs} epochs "
               f"(~{steps} steps, the distillation's budget)")
     parents = {"data_manifest_sha256": ctx.parents["data_manifest_sha256"]}
     return _train_and_save(lo_out, student, job, dcfg.arch, {"parents": parents, "distill": _relevant(dcfg),

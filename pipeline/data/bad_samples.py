@@ -9,11 +9,11 @@ stage's metrics, and the stage stops with a clear message once the skipped share
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
 from dataclasses import dataclass
 
 from pipeline.errors import DataError
+from pipeline.tracking import log
 
 MAX_WARNINGS = 20  # warning lines per log; the rest are counted (the metrics list examples)
 MAX_EXAMPLES = 100
@@ -56,11 +56,9 @@ class SkipLog:
         if not self.quiet:
             if len(self._warned) <= MAX_WARNINGS:
                 lost = f" ({item.count} samples)" if item.count > 1 else ""
-                print(f"warning: {self.stage}: skipped {item.where} {item.key}{lost}: {item.reason}",
-                      file=sys.stderr, flush=True)
+                log.warning(f"warning: {self.stage}: skipped {item.where} {item.key}{lost}: {item.reason}")
             elif len(self._warned) == MAX_WARNINGS + 1:
-                print(f"warning: {self.stage}: more bad samples; the rest are counted in the metrics",
-                      file=sys.stderr, flush=True)
+                log.warning(f"warning: {self.stage}: more bad samples; the rest are counted in the metrics")
         if self.expected and self.skipped > self.limit * self.expected:
             self._fail(self.expected)
 

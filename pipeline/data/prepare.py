@@ -38,6 +38,7 @@ from pipeline.data.images import BadImage, decode_image
 from pipeline.data.shards import iter_samples, write_shard
 from pipeline.data.sources import Source, is_torchvision_name, labeled_source, unlabeled_source
 from pipeline.errors import DataError
+from pipeline.tracking import bar
 
 SPLITS = ("labeled", "val", "unlabeled", "test")
 
@@ -142,11 +143,11 @@ def _read(source: Source, i: int, mode: str | None) -> tuple[bytes, str]:
 
 
 def _samples(split: str, source: Source, indices: np.ndarray, prefix: str, written: list, mode: str,
-             log: SkipLog, bar: tqdm):
+             log: SkipLog, shown: tqdm):
     """Shard samples of ``indices``; bad images are skipped into ``log``, the written indices
     appended to ``written``."""
     for i in indices.tolist():
-        bar.update(1)
+        shown.update(1)
         try:
             data, ext = _read(source, i, mode)
         except BadImage as e:
@@ -236,7 +237,7 @@ def _write(cfg: Config, out: Path, plan: dict, train: Source, progress: bool, t0
     size = cfg.data.shard_size
     has_truth = plan["unlabeled"][0].labels is not None  # the pool's true labels, kept aside
     with ExitStack() as stack:  # origins and truth tables written a shard at a time, renamed at the end
-        bar = stack.enter_context(tqdm(total=total, desc=f"prepare {out.name}", unit="img", disable=not progress))
+        shown = stack.enter_context(bar(progress, total=total, desc=f"prepare {out.name}", unit="img"))
         origins = _table_writer(stack, out / ORIGINS, _ORIGINS_SCHEMA)
         truth = _table_writer(stack, out / TRUTH, _TRUTH_SCHEMA) if has_truth else None
         for split, (source, indices, prefix) in plan.items():
@@ -244,7 +245,7 @@ def _write(cfg: Config, out: Path, plan: dict, train: Source, progress: bool, t0
             for s in range(math.ceil(len(indices) / size)):
                 chunk = indices[s * size:(s + 1) * size]
                 path = out / f"{split}-{s:06d}.tar"
-                entry, written = _shard(path, split, source, chunk, prefix, mode, log, bar)
+                entry, written = _shard(path, split, source, chunk, prefix, mode, log, shown)
                 if not written:
                     path.unlink(missing_ok=True)
                     continue
@@ -279,18 +280,18 @@ def _write(cfg: Config, out: Path, plan: dict, train: Source, progress: bool, t0
     return out
 
 
-def _shard(path: Path, split: str, source: Source, chunk, prefix: str, mode: str, log: SkipLog, bar
+def _shard(path: Path, split: str, source: Source, chunk, prefix: str, mode: str, log: SkipLog, shown
            ) -> tuple[dict, list[int]]:
     """Write one shard of ``chunk`` (or adopt it, finished by an earlier interrupted run of this same
     config); returns its manifest entry and the source indices it holds."""
     written: list[int] = []
     if not path.is_file():
-        return write_shard(path, _samples(split, source, chunk, prefix, written, mode, log, bar)), written
+        return write_shard(path, _samples(split, source, chunk, prefix, written, mode, log, shown)), written
     written = _written(path, prefix)
     log.use(len(written))
     if len(written) < len(chunk):  # bad samples left out when it was written
         log.skip(Skip(path.name, "-", "bad samples left out by an earlier run", len(chunk) - len(written)))
-    bar.update(len(chunk))
+    shown.update(len(chunk))
     return {"file": path.name, "samples": len(written), "bytes": path.stat().st_size,
             "sha256": sha256_file(path)}, written
 
@@ -319,11 +320,11 @@ def prepare_test(spec: str, cfg: Config, progress: bool = True) -> tuple[Path, d
     log = SkipLog("prepare test", cfg.data.max_bad_share, expected=len(indices))
     size = cfg.data.shard_size
     shards, written = [], []
-    with tqdm(total=len(indices), desc=f"prepare {out.name}", unit="img", disable=not progress) as bar:
+    with bar(progress, total=len(indices), desc=f"prepare {out.name}", unit="img") as shown:
         for s in range(math.ceil(len(indices) / size)):
             chunk = indices[s * size:(s + 1) * size]
             shards.append(write_shard(out / f"test-{s:06d}.tar",
-                                      _samples("test", source, chunk, "test", written, mode, log, bar)))
+                                      _samples("test", source, chunk, "test", written, mode, log, shown)))
     log.check()
     manifest = {"kind": "data", "config": identity, "class_names": source.class_names,
                 "num_classes": len(source.class_names),

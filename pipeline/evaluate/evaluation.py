@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from tqdm import tqdm
 
 from pipeline import failpoints
 from pipeline.artifacts import read_json, sha256_file, short_hash, write_json_atomic
@@ -30,6 +29,7 @@ from pipeline.data.shards import image_bytes, read_shard, sample_label
 from pipeline.data.transforms import eval_transform, normalize, to_input
 from pipeline.evaluate import calibration, corruptions, perturbations
 from pipeline.modeling import models
+from pipeline.tracking import bar
 
 EVAL_DIR = "eval"
 
@@ -141,7 +141,7 @@ def clean(m: LoadedModel, test: TestSet, ecfg: EvaluateConfig, accelerator, prog
                           ecfg.batch_size, ecfg.workers, accelerator.process_index, accelerator.num_processes, log,
                           dict(zip((s.name for s in test.shards), test.rows, strict=True)))
     probs, labels = [], []
-    for x, y in tqdm(loader, desc=f"clean {m.directory.name}", unit="batch", disable=not progress, leave=False):
+    for x, y in bar(progress, iterable=loader, desc=f"clean {m.directory.name}", unit="batch", leave=False):
         probs.append(fwd.probs(x, ecfg.batch_size))
         labels.append(y)
     nc = len(test.class_names)
@@ -235,8 +235,8 @@ def corruption(m: LoadedModel, test: TestSet, ecfg: EvaluateConfig, accelerator,
     for _, sl in units:
         clean_correct += (fwd.probs(images[sl], ecfg.batch_size).argmax(1) == labels[sl]).sum()
     pairs = [(ci, name, s) for ci, name in enumerate(names) for s in range(1, 6)]
-    for ci, name, s in tqdm(pairs, desc=f"corruptions {m.directory.name}", unit="pair", disable=not progress,
-                            leave=False):
+    for ci, name, s in bar(progress, iterable=pairs, desc=f"corruptions {m.directory.name}", unit="pair",
+                           leave=False):
         for j, sl in units:
             x = corruptions.corrupt(images[sl], name, s, seed=_seed(ecfg.seed, name, s, j))
             correct[ci, s - 1] += (fwd.probs(x, ecfg.batch_size).argmax(1) == labels[sl]).sum()
@@ -263,8 +263,8 @@ def perturbation(m: LoadedModel, test: TestSet, ecfg: EvaluateConfig, accelerato
     names = list(perturbations.PERTURBATIONS)
     flips = torch.zeros(len(names), dtype=torch.long)
     units = _units(len(images), ecfg.chunk, accelerator)
-    for pi, name in enumerate(tqdm(names, desc=f"perturbations {m.directory.name}", unit="kind",
-                                   disable=not progress, leave=False)):
+    for pi, name in enumerate(bar(progress, iterable=names, desc=f"perturbations {m.directory.name}",
+                                  unit="kind", leave=False)):
         for j, sl in units:
             seq = perturbations.sequence(images[sl], name, ecfg.frames, seed=_seed(ecfg.seed, name, j))
             n, f = seq.shape[:2]

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from tqdm import tqdm
 
 from pipeline import failpoints
 from pipeline.artifacts import clean_tmp
@@ -22,6 +21,7 @@ from pipeline.data.shards import image_bytes, read_shard
 from pipeline.data.transforms import eval_transform, normalize, to_input
 from pipeline.modeling import precision
 from pipeline.pseudo.pseudo_labels import parquet_name, validates, write_parquet
+from pipeline.tracking import bar
 
 
 class _ShardBatches(IterableDataset):
@@ -97,8 +97,8 @@ def label_shards(model: torch.nn.Module, shards: list[Path], out_dir: Path, *, s
         loader = DataLoader(ds, batch_size=None, num_workers=min(opts.workers, len(todo)),
                             pin_memory=torch.cuda.is_available())
         pending: dict[int, tuple[list, list, list]] = {}
-        bar = tqdm(total=total, desc=f"pseudo-label rank {accelerator.process_index}", unit="img",
-                   disable=not progress, smoothing=0.1)
+        shown = bar(progress, total=total, desc=f"pseudo-label rank {accelerator.process_index}", unit="img",
+                    smoothing=0.1)
         for si, keys, imgs, last, skips in loader:
             keys_acc, probs_acc, skips_acc = pending.setdefault(si, ([], [], []))
             skips_acc.extend(skips)
@@ -108,14 +108,14 @@ def label_shards(model: torch.nn.Module, shards: list[Path], out_dir: Path, *, s
                 keys_acc.extend(keys)
                 done += len(keys)
                 log.use(len(keys))
-                bar.update(len(keys))
+                shown.update(len(keys))
                 failpoints.hit("pseudo_label_batch")
             if last:
                 keys_acc, probs_acc, skips_acc = pending.pop(si)
                 probs = np.concatenate(probs_acc) if probs_acc else np.zeros((0, len(class_names)), np.float32)
                 write_parquet(out_dir / parquet_name(todo[si]), todo[si], keys_acc, probs, teacher_sha256,
                               class_names, opts.tta, skips_acc, teacher.dtype)
-        bar.close()
+        shown.close()
     log.check()
     return {"samples": done, "seconds": time.time() - t0, "bad_samples": log.metrics(), "precision": teacher.dtype}
 

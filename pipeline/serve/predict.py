@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 import tarfile
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +23,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from PIL import UnidentifiedImageError
-from tqdm import tqdm
 
 from pipeline import failpoints
 from pipeline.artifacts import atomic_path, read_json, sha256_file
@@ -43,6 +41,7 @@ from pipeline.data.transforms import eval_transform, normalize, to_input
 from pipeline.errors import DataError
 from pipeline.modeling.models import TIMM_CONFIG, WEIGHTS, load_model_dir, preprocessing
 from pipeline.serve.export import ort_session, require_onnx
+from pipeline.tracking import bar, log
 
 OUT_FORMATS = (".csv", ".parquet")
 MAX_WARNINGS = 20  # bad images named one per line; the rest only counted
@@ -307,13 +306,13 @@ def predict(model_spec: str | Path, input_spec: str, out: str | Path, *, topk: i
     mean, std = torch.tensor(clf.prep.mean), torch.tensor(clf.prep.std)
     bad: list[tuple[str, str]] = []
     done, t0 = 0, time.time()
-    bar = tqdm(total=total, desc=f"predict ({clf.backend})", unit="img")
+    shown = bar(total=total, desc=f"predict ({clf.backend})", unit="img")
 
     def on_bad(name: str, why: str) -> None:
         bad.append((name, why))
-        bar.update(1)
+        shown.update(1)
         if len(bad) <= max_warnings:
-            tqdm.write(f"warning: skipped bad image {name}: {why}", file=sys.stderr)
+            log.warning(f"warning: skipped bad image {name}: {why}")
 
     with atomic_path(out) as tmp:
         meta = {b"model": clf.source.encode(), b"model_sha256": clf.sha256.encode(),
@@ -323,7 +322,7 @@ def predict(model_spec: str | Path, input_spec: str, out: str | Path, *, topk: i
             for paths, x in _batches(items, clf.prep, batch_size, on_bad):
                 _write_rows(writer, paths, _softmax(clf.logits(normalize(x, mean, std))), names, k)
                 done += len(paths)
-                bar.update(len(paths))
+                shown.update(len(paths))
                 failpoints.hit("predict_batch")
             if not done and not bad:
                 raise ConfigError(f"input: no images in {input_spec}")
@@ -334,11 +333,11 @@ def predict(model_spec: str | Path, input_spec: str, out: str | Path, *, topk: i
                                 f"in {side}")
         finally:
             writer.close()
-            bar.close()
+            shown.close()
     side = _write_skipped(out, bad)
     if len(bad) > max_warnings:
-        print(f"warning: {len(bad) - max_warnings} more bad images not shown", file=sys.stderr)
+        log.warning(f"warning: {len(bad) - max_warnings} more bad images not shown")
     if bad:
-        print(f"warning: skipped {len(bad)} bad image(s) of {done + len(bad)}; listed in {side}", file=sys.stderr)
+        log.warning(f"warning: skipped {len(bad)} bad image(s) of {done + len(bad)}; listed in {side}")
     return {"images": done, "skipped": len(bad), "out": str(out), "skipped_file": str(side) if bad else None,
             "backend": clf.backend, "seconds": round(time.time() - t0, 2)}

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pipeline.artifacts import read_json, write_json_atomic
 from pipeline.config import ConfigError, parse_duration, per_round
+from pipeline.tracking import log
 from pipeline.training.trainer import images_per_step, steps_per_epoch, train
 
 PLAN_FILE = "budget.json"
@@ -133,13 +134,13 @@ def round_epochs(cfg, k: int, job, model, state_root: Path, accelerator, data_ma
             entry = plan_epochs(budget_s, spent_seconds(cfg.run_dir, data_manifest, k, pseudo_label_s), this, later,
                                 img_s * world)
             plan.record(k, entry)
-            accelerator.print(f"budget: round {k} gets {entry['share_s']:.0f} s of the {budget_s:.0f} s budget "
+            log.info(f"budget: round {k} gets {entry['share_s']:.0f} s of the {budget_s:.0f} s budget "
                               f"({entry['spent_s']:.0f} s spent): {entry['epochs']} epochs at {entry['img_s']:.0f} img/s "
                               f"(fixed schedule: {entry['fixed_epochs']}) -> {plan.path}")
         accelerator.wait_for_everyone()
         entry = BudgetPlan(cfg.run_dir, budget_s).get(k)
     else:
-        accelerator.print(f"budget: round {k} keeps its planned {entry['epochs']} epochs ({plan.path})")
+        log.info(f"budget: round {k} keeps its planned {entry['epochs']} epochs ({plan.path})")
     return entry
 
 
@@ -152,5 +153,5 @@ def start(cfg, last_round: int) -> None:
     if "last_round" not in plan.data:
         plan.data["last_round"] = last_round
         plan.record_meta()
-    print(f"budget {plan.budget_s:.0f} s for rounds 0..{plan.data['last_round']}: each round's epochs are planned "
+    log.info(f"budget {plan.budget_s:.0f} s for rounds 0..{plan.data['last_round']}: each round's epochs are planned "
           f"from the img/s of its first {PROBE_STEPS} steps ({plan.path})")

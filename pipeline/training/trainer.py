@@ -22,11 +22,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
-from tqdm import tqdm
 
 from pipeline import failpoints
 from pipeline.artifacts import TMP_PREFIX, read_json, write_json_atomic
-from pipeline.config import TrainConfig
+from pipeline.config import TrainConfig, flatten, to_dict
 from pipeline.data.bad_samples import SkipLog
 from pipeline.data.dataset import Preprocessing
 from pipeline.data.loaders import StreamSpec, endless_batches, epoch_batches
@@ -34,6 +33,7 @@ from pipeline.data.transforms import batch_augment, normalize
 from pipeline.errors import ConfigError
 from pipeline.modeling import precision
 from pipeline.runtime import make_accelerator
+from pipeline.tracking import Trackers, bar, log, write_summary
 from pipeline.training.objectives import Batch, Objective, Supervised
 
 
@@ -53,6 +53,8 @@ class Job:
     unlabeled_ratio: int = 0
     objective: Objective | None = None  # default: supervised CE with cfg.label_smoothing
     max_bad_share: float = 0.01  # data.max_bad_share: skipped share of samples that stops the run
+    log_with: list[str] = field(default_factory=list)  # the config's log_with: trackers under <out>/logs/
+    log_every: int = 50  # optimizer steps between tracker points
 
 
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
@@ -125,6 +127,7 @@ class _Run:
     start_epoch: int = 0
     elapsed: float = 0.0
     history: list = field(default_factory=list)
+    trackers: Trackers | None = None
 
 
 def train(model: torch.nn.Module, job: Job, state_root: Path, progress: bool = True, probe: int = 0) -> dict:
@@ -137,11 +140,13 @@ def train(model: torch.nn.Module, job: Job, state_root: Path, progress: bool = T
     of the model, since it is trained).
     """
     run = _setup(model, job)
+    run.trackers = Trackers(job.log_with if not probe else [], state_root.parent, job.phase, _scalars(job),
+                            run.accelerator.is_main_process)
     if not probe:
         _resume(run, state_root)
     acc, spe = run.accelerator, run.steps_per_epoch
-    bar = tqdm(total=spe * job.epochs, initial=run.start_epoch * spe, desc=job.phase, unit="step",
-               disable=not (progress and acc.is_main_process), smoothing=0.05)
+    steps = bar(progress and acc.is_main_process, total=spe * job.epochs, initial=run.start_epoch * spe,
+                desc=job.phase, unit="step", smoothing=0.05)
     world = acc.num_processes
     skips = SkipLog(job.phase + (f" (rank {acc.process_index})" if world > 1 else ""), job.max_bad_share,
                     quiet=not acc.is_main_process and world > 1)
@@ -156,17 +161,30 @@ def train(model: torch.nn.Module, job: Job, state_root: Path, progress: bool = T
             summed, last = _step(run, batches, epoch * spe + step)
             loss_sum += summed
             if probe and step + 1 >= min(probe, spe):
-                bar.close()
+                steps.close()
                 return {"img_s": (step + 1 - probed) * run.images_per_step / max(time.time() - t_probe, 1e-9)}
-            if (step + 1) % 10 == 0 or step + 1 == spe:
-                rate = (step + 1) * run.images_per_step / max(time.time() - t0, 1e-9)
-                bar.set_postfix(epoch=f"{epoch + 1}/{job.epochs}", loss=f"{last.item():.3f}", img_s=f"{rate:.0f}",
-                                lr=f"{run.scheduler.get_last_lr()[0]:.2e}")
-            bar.update(1)
+            _report(run, steps, epoch, step, last, t0)
         skips.check()
         _end_epoch(run, epoch, loss_sum, time.time() - t0, state_root)
-    bar.close()
+    steps.close()
+    run.trackers.close()
     return _finish(model, run, skips)
+
+
+def _report(run: _Run, steps, epoch: int, step: int, last: torch.Tensor, t0: float) -> None:
+    """Advance the bar; every 10 steps show loss, img/s and lr on it, every ``log_every`` send them to
+    the trackers (the only places the loss leaves the device during an epoch)."""
+    job, spe = run.job, run.steps_per_epoch
+    done = epoch * spe + step + 1
+    tracked = bool(run.trackers.trackers) and done % job.log_every == 0
+    if (step + 1) % 10 == 0 or step + 1 == spe or tracked:
+        point = {"loss": last.item(), "lr": run.scheduler.get_last_lr()[0],
+                 "img_s": (step + 1) * run.images_per_step / max(time.time() - t0, 1e-9)}
+        steps.set_postfix(epoch=f"{epoch + 1}/{job.epochs}", loss=f"{point['loss']:.3f}",
+                          img_s=f"{point['img_s']:.0f}", lr=f"{point['lr']:.2e}")
+        if tracked:
+            run.trackers.log({f"{job.phase}/{k}": v for k, v in point.items()}, done)
+    steps.update(1)
 
 
 def _setup(model: torch.nn.Module, job: Job) -> _Run:
@@ -207,7 +225,7 @@ def _resume(run: _Run, state_root: Path) -> None:
     if run.ema is not None:
         run.ema.module.load_state_dict(load_file(str(latest / EMA_FILE)))
     run.start_epoch, run.elapsed, run.history = info["epoch"] + 1, info["seconds"], list(info.get("history", []))
-    run.accelerator.print(f"resuming {run.job.phase} from {latest.name} (epoch {run.start_epoch}/{run.job.epochs})")
+    log.info(f"resuming {run.job.phase} from {latest.name} (epoch {run.start_epoch}/{run.job.epochs})")
 
 
 def _batches(job: Job, epoch: int, n: int, skips: SkipLog) -> Iterator[Batch]:
@@ -260,8 +278,13 @@ def _end_epoch(run: _Run, epoch: int, loss_sum: torch.Tensor, seconds: float, st
     acc, cfg = run.accelerator, run.job.cfg
     epoch_loss = acc.reduce(loss_sum, "mean").item() / (run.steps_per_epoch * cfg.grad_accum)
     run.elapsed += seconds
-    run.history.append({"epoch": epoch, "loss": round(epoch_loss, 5), "seconds": round(seconds, 2),
+    run.history.append({"epoch": epoch, "loss": round(epoch_loss, 5), "lr": run.scheduler.get_last_lr()[0],
+                        "seconds": round(seconds, 2),
                         "img_s": round(run.steps_per_epoch * run.images_per_step / seconds, 1)})
+    if acc.is_main_process:  # timm's summary.csv: one row per epoch, rewritten whole (a resume repeats none)
+        name = "summary.csv" if run.job.phase == "train" else f"summary-{run.job.phase}.csv"
+        write_summary(state_root.parent / name, run.history)
+        run.trackers.log({f"{run.job.phase}/epoch_loss": epoch_loss}, (epoch + 1) * run.steps_per_epoch)
     _save(acc, state_root, run.job.phase, epoch, {"epoch": epoch, "seconds": run.elapsed, "history": run.history,
                                                   "scheduler": run.scheduler.state_dict()}, run.ema)
     failpoints.hit("epoch_end")
@@ -286,6 +309,13 @@ def _finish(model: torch.nn.Module, run: _Run, skips: SkipLog) -> dict:
             "seconds": round(run.elapsed, 1), "precision": run.dtype, "compile": precision.compile_backend(job.cfg.compile),
             "img_s": round(samples / max(run.elapsed, 1e-9), 1), "history": history,
             "final_loss": history[-1]["loss"] if history else None, "bad_samples": bad}
+
+
+def _scalars(job: Job) -> dict:
+    """The phase's settings as the flat scalars trackers store (TensorBoard's hparams take no lists)."""
+    flat = flatten(to_dict(job.cfg))
+    return {"phase": job.phase, "epochs": job.epochs, **{k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                          for k, v in flat.items()}}
 
 
 EMA_FILE = "ema.safetensors"

@@ -1,0 +1,113 @@
+"""What a run tells the user and the tools around it: log lines (Python ``logging``), progress bars,
+experiment trackers (accelerate's TensorBoard, W&B, MLflow) and a ``summary.csv`` per training
+phase as timm's ``train.py`` writes one.
+
+Log lines go to the ``noisy_student`` logger: INFO on the main process, WARNING on the others, so
+a multi-process run prints each line once; ``NS_LOG_LEVEL`` (DEBUG, INFO, WARNING) changes it.
+Bars follow the config's ``progress`` and ``TQDM_DISABLE=1``. Trackers are off unless ``log_with``
+names them: only the main process writes, under ``<run>/logs/``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from pipeline.artifacts import write_bytes_atomic
+from pipeline.errors import ConfigError
+
+log = logging.getLogger("noisy_student")
+_SETTINGS = {"progress": True}
+
+
+class _BarSafeHandler(logging.Handler):
+    """Writes through ``tqdm.write`` (stderr), so a line never lands inside a progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+def setup_logging(progress: bool = True) -> None:
+    """The package logger (idempotent): INFO on the main process (``RANK`` 0), WARNING elsewhere,
+    ``NS_LOG_LEVEL`` to change it; and the config's ``progress`` switch for every bar."""
+    level = os.environ.get("NS_LOG_LEVEL", "INFO").strip().upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"NS_LOG_LEVEL: expected DEBUG, INFO, WARNING or ERROR, got {level!r}")
+    main_process = os.environ.get("RANK", "0") == "0"
+    log.setLevel(level if main_process else max(logging.WARNING, logging.getLevelName(level)))
+    if not log.handlers:
+        handler = _BarSafeHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    _SETTINGS["progress"] = progress
+
+
+def bars_off(progress: bool = True) -> bool:
+    """Whether bars are off: asked by the caller, by the config's ``progress`` or by ``TQDM_DISABLE``."""
+    return (not progress or not _SETTINGS["progress"]
+            or os.environ.get("TQDM_DISABLE", "").strip().lower() in ("1", "true", "yes"))
+
+
+def bar(progress: bool = True, **kwargs) -> tqdm:
+    """A tqdm bar that honours ``progress`` and ``TQDM_DISABLE``."""
+    return tqdm(disable=bars_off(progress), **kwargs)
+
+
+class Trackers:
+    """accelerate's trackers named by ``log_with`` for one run directory (main process only); a
+    no-op when none is named, so call sites need no branch."""
+
+    def __init__(self, log_with: list[str], run_dir: Path, run_name: str, config: dict | None = None,
+                 main_process: bool = True):
+        self.trackers: list = []
+        if not log_with or not main_process:
+            return
+        from accelerate import tracking  # imports each tracker's library only when it is used
+
+        classes = {"tensorboard": tracking.TensorBoardTracker, "wandb": tracking.WandBTracker,
+                   "mlflow": tracking.MLflowTracker}
+        for name in log_with:
+            try:
+                if name == "tensorboard":
+                    t = classes[name](run_name, logging_dir=str(run_dir / "logs"))
+                else:
+                    t = classes[name](run_name)
+            except (ImportError, ModuleNotFoundError) as e:
+                raise ConfigError(f"log_with: {name} is not installed ({e}); pip install {name}") from None
+            if hasattr(t, "start"):  # accelerate >= 1.x opens its writer here (init_trackers calls it)
+                t.start()
+            self.trackers.append(t)
+        if config:
+            for t in self.trackers:
+                t.store_init_configuration(config)
+
+    def log(self, values: dict, step: int) -> None:
+        for t in self.trackers:
+            t.log(values, step=step)
+
+    def close(self) -> None:
+        for t in self.trackers:
+            t.finish()
+        self.trackers = []
+
+
+def write_summary(path: Path, rows: list[dict]) -> None:
+    """``rows`` (one per epoch) as CSV, written whole and atomically: a resumed run rewrites it from
+    the checkpoint's history, so it never holds an epoch twice."""
+    if not rows:
+        return
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_bytes_atomic(path, buf.getvalue().encode())
