@@ -37,19 +37,23 @@ class _BarSafeHandler(logging.Handler):
 
 
 def setup_logging(progress: bool = True) -> None:
-    """The package logger (idempotent): INFO on the main process (``RANK`` 0), WARNING elsewhere,
+    """The package logger: INFO on the main process (``RANK`` 0), WARNING elsewhere,
     ``NS_LOG_LEVEL`` to change it; and the config's ``progress`` switch for every bar."""
     level = os.environ.get("NS_LOG_LEVEL", "INFO").strip().upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"NS_LOG_LEVEL: expected DEBUG, INFO, WARNING or ERROR, got {level!r}")
     main_process = os.environ.get("RANK", "0") == "0"
     log.setLevel(level if main_process else max(logging.WARNING, logging.getLevelName(level)))
-    if not log.handlers:
-        handler = _BarSafeHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
-        log.propagate = False
     _SETTINGS["progress"] = progress
+
+
+# the package's lines reach stderr also when it is used as a library (a caller may add handlers or
+# set propagate back); the stage commands then set the level from NS_LOG_LEVEL and the rank
+_handler = _BarSafeHandler()
+_handler.setFormatter(logging.Formatter("%(message)s"))
+log.addHandler(_handler)
+log.propagate = False
+log.setLevel(logging.INFO)
 
 
 def bars_off(progress: bool = True) -> bool:

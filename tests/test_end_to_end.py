@@ -24,7 +24,7 @@ def experiment(tiny_data, tmp_path_factory):
     before = {p: p.stat().st_mtime_ns for p in exp.rglob("*") if p.is_file()}
     r = stage("iterate.py", "round=2", *ov)
     untouched = all(p.stat().st_mtime_ns == t for p, t in before.items())
-    return {"runs": runs, "ov": ov, "exp": exp, "iterate_out": r.stdout, "rounds_0_1_untouched": untouched}
+    return {"runs": runs, "ov": ov, "exp": exp, "iterate_out": r.stdout + r.stderr, "rounds_0_1_untouched": untouched}
 
 
 def test_iterate_after_stages_only_runs_the_new_round(experiment):
