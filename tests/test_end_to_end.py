@@ -280,3 +280,40 @@ def test_recipe_search_never_scores_the_test_set(tiny_data, tmp_path):
     cleans = [json.loads(p.read_text()) for p in (tmp_path / "runs" / "search" / "round-0").glob("eval/clean-*.json")]
     assert cleans and all(c["test_set"].endswith("/val") for c in cleans)  # the val pass only, never the test set
     assert "| 0 | resnet10t | - | " in r.stdout and "val top-1" in r.stdout
+
+
+def test_a_webdataset_pool_is_pseudo_labeled_where_it_is(tiny_data, tmp_path):
+    """A pool written by webdataset's ShardWriter (plain and gzipped, extra members) is indexed, not
+    copied; its pseudo labels carry the original shard names and keys, and the extra members stay
+    reachable in the original shards."""
+    import gzip
+    import io
+
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    rng = np.random.default_rng(0)
+    with wds.ShardWriter(str(pool / "plain-%06d.tar"), maxcount=20) as sink:
+        for i in range(50):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(buf, format="PNG")
+            sink.write({"__key__": f"img{i:05d}", "png": buf.getvalue(), "json": {"i": i}, "txt": f"caption {i}"})
+    (pool / "gz-000000.tar.gz").write_bytes(gzip.compress((pool / "plain-000002.tar").read_bytes()))
+    (pool / "plain-000002.tar").unlink()
+    pattern = f"{pool}/plain-{{000000..000001}}.tar::{pool}/gz-000000.tar.gz"
+    runs = tmp_path / "runs"
+    ov = [*tiny_overrides(tiny_data, runs, name="inplace"), f"data.unlabeled={pattern}", "teacher.epochs=2",
+          "student.threshold=0"]
+    stage("prepare_data.py", *ov)
+    stage("iterate.py", "round=1", *ov)
+    labels = pq.read_table(runs / "inplace" / "pseudo_labels" / "round=1").to_pydict()
+    assert sorted(zip(labels["shard"], labels["key"], strict=True)) == sorted(
+        [("plain-000000.tar", f"img{i:05d}") for i in range(20)] + [("plain-000001.tar", f"img{i:05d}")
+                                                                    for i in range(20, 40)]
+        + [("gz-000000.tar.gz", f"img{i:05d}") for i in range(40, 50)])
+    assert not list((runs / "data").rglob("unlabeled-*.tar"))  # nothing copied
+    first = next(iter(wds.WebDataset(str(pool / "plain-000000.tar"), shardshuffle=False).decode()))
+    assert first["__key__"] == labels["key"][labels["shard"].index("plain-000000.tar")] and first["json"] == {"i": 0}

@@ -75,13 +75,13 @@ def test_http_shards_stream_through_curl(tmp_path):
         assert [s["__key__"] for s in iter_samples(f"{base}/s-000000.tar")] == [f"k{i}" for i in range(6)]
         with pytest.raises(ShardError, match="curl exited with 22"):
             list(iter_samples(f"{base}/missing-000000.tar"))
-        # a pool in a bucket: copied to local disk, then read by offset
-        from pipeline.data.sources import shard_pool_source
+        # a pool in a bucket: indexed where it is (streamed once to count it), never copied
+        from pipeline.data.sources import index_pool
 
-        src = shard_pool_source(f"{base}/{{s,missing}}-000000.tar", tmp_path / "cache")
-        assert [src.origin(i) for i in range(len(src))] == [f"s-000000.tar/k{i}" for i in range(6)]
-        assert src.get(5)[0] == _png(1, 5)
-        (miss,) = src.skipped
+        entries, skipped, usable = index_pool(f"{base}/{{s,missing}}-000000.tar")
+        assert [(e["url"], e["samples"], e["sha256"]) for e in entries] == [(f"{base}/s-000000.tar", 6, None)]
+        assert usable == 6 and not list(tmp_path.glob("cache*"))
+        (miss,) = skipped
         assert miss.where == "missing-000000.tar" and "curl exited with 22" in miss.reason
     finally:
         server.shutdown()

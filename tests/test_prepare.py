@@ -1,6 +1,5 @@
 import io
 import json
-import os
 import tarfile
 from pathlib import Path
 
@@ -11,9 +10,12 @@ from conftest import make_folder, tiny_overrides
 from PIL import Image
 
 from pipeline.config import ConfigError, load_config
+from pipeline.data.bad_samples import Skip
 from pipeline.data.dataset import PreparedData, data_dir
 from pipeline.data.prepare import load_manifest, prepare
-from pipeline.data.shards import iter_samples
+from pipeline.data.shards import iter_samples, read_shard
+from pipeline.data.sources import index_pool
+from pipeline.errors import DataError
 
 
 def _cfg(tiny_data, tmp_path, *extra):
@@ -223,39 +225,46 @@ def _pool_tars(root: Path) -> tuple[str, dict[str, bytes]]:
     return str(root / "pool-{000000..000002}.tar"), want
 
 
-def test_pool_from_shards_is_read_by_offset_not_held_in_memory(tiny_data, tmp_path):
-    from pipeline.data.sources import shard_pool_source
+def _pool_reads(data: PreparedData) -> tuple[dict, list]:
+    """What the stages read of the pool: {shard name/key: image bytes}, and the skips."""
+    got, skips = {}, []
+    for shard, rows in zip(data.shards("unlabeled"), data.rows("unlabeled").values(), strict=True):
+        for s in read_shard(shard, rows):
+            if isinstance(s, Skip):
+                skips.append(s)
+            else:
+                got[f"{Path(shard).name}/{s['__key__']}"] = s["png"]
+    return got, skips
 
+
+def test_a_pool_of_existing_shards_is_used_in_place(tiny_data, tmp_path):
+    """Plain, GNU and PAX tars and a gzipped one: indexed where they are, nothing copied; the stages
+    read the original keys and bytes."""
     pattern, want = _pool_tars(tmp_path / "pool")
-    cache = tmp_path / "cache"
-    src = shard_pool_source(pattern, cache)
-    assert len(src) == 15 and [s.key for s in src.skipped] == ["noimage"] * 3
-    assert {src.origin(i): src.get(i)[0] for i in range(len(src))} == want
-    assert [p.name for p in cache.iterdir()] == ["000002.tar"]  # only the gzipped shard was copied
-
-    fds = len(os.listdir("/proc/self/fd"))
-    src.close()  # the shards it keeps open between reads
-    assert len(os.listdir("/proc/self/fd")) == fds - 3
-    assert src.get(7)[0] == want[src.origin(7)]  # reopened on demand
-    src.close()
-
-    out = prepare(_cfg(tiny_data, tmp_path, f"data.unlabeled={pattern}", "data.max_bad_share=0.1"), progress=False)
+    cfg = _cfg(tiny_data, tmp_path, f"data.unlabeled={pattern}", "data.max_bad_share=0.1")
+    out = prepare(cfg, progress=False)
     m = load_manifest(out)
-    assert m["splits"]["unlabeled"]["count"] == 15 and m["bad_samples"]["skipped"] == 3
-    origins = {o["key"]: o["origin"] for o in pq.read_table(out / "sources.parquet").to_pylist()}
-    got = {origins[s["__key__"]]: s["png"] for s in _all_samples(PreparedData(out, m).shards("unlabeled"))}
-    assert got == want
-    assert not list(out.glob(".tmp-*"))  # the gzipped shard's copy is gone
+    split = m["splits"]["unlabeled"]
+    assert split["in_place"] and split["count"] == 15 and m["bad_samples"]["skipped"] == 3
+    assert [s["url"] for s in split["shards"]] == [str(tmp_path / "pool" / f"pool-{i:06d}.tar") for i in range(3)]
+    assert [s["samples"] for s in split["shards"]] == [6, 6, 6]  # 5 images and one sample without
+    assert not list(out.glob("unlabeled-*")) and not list(out.glob(".tmp-*"))
+    got, skips = _pool_reads(PreparedData.open(cfg))
+    assert got == want and [s.reason for s in skips] == ["no image member (has: txt)"] * 3
+    (tmp_path / "pool" / "pool-000001.tar").write_bytes(b"changed")  # not ours to rebuild: named
+    with pytest.raises(DataError, match="pool-000001.tar is missing or does not match its manifest: a pool shard"):
+        PreparedData.open(cfg)
 
 
 def test_a_damaged_pool_shard_keeps_the_samples_before_the_damage(tiny_data, tmp_path):
-    from pipeline.data.sources import shard_pool_source
-
     pattern, want = _pool_tars(tmp_path / "pool")
     first = tmp_path / "pool" / "pool-000000.tar"
     data = first.read_bytes()
     first.write_bytes(data[:len(data) // 2])  # cut in the middle of the shard
-    src = shard_pool_source(pattern, tmp_path / "cache")
-    kept = {src.origin(i) for i in range(len(src))}
-    assert 10 < len(kept) < 15 and kept < set(want)
-    assert any(s.reason.startswith("damaged tar") and s.where == "pool-000000.tar" for s in src.skipped)
+    entries, skipped, usable = index_pool(pattern)
+    assert 10 < usable < 15 and entries[0]["samples"] < 6
+    assert any(s.reason.startswith("damaged tar") and s.where == "pool-000000.tar" for s in skipped)
+    out = prepare(_cfg(tiny_data, tmp_path, f"data.unlabeled={pattern}", "data.max_bad_share=0.5"), progress=False)
+    got, skips = _pool_reads(PreparedData(out, load_manifest(out)))
+    assert len(got) == usable and set(got) < set(want)
+    assert not any("ends early" in s.reason for s in skips)  # the manifest's count is what can be read

@@ -59,6 +59,27 @@ def data_dir(cfg: Config) -> Path:
     return Path(cfg.runs_dir) / "data" / f"{slug or 'data'}-{short_hash(data_identity(cfg.data))}"
 
 
+def shard_location(directory: Path, entry: dict) -> Path | str:
+    """Where a manifest's shard is: in the data directory, or, for a pool read in place, where it
+    was found (a local path, or a URL as a string)."""
+    url = entry.get("url")
+    if url is None:
+        return directory / entry["file"]
+    return url if "://" in url else Path(url)
+
+
+def shard_matches(directory: Path, entry: dict, verify: str = "size") -> bool:
+    """Whether a shard is still the one its manifest describes: its size, and its sha256 when
+    ``verify`` is "sha256" and the manifest has one. A remote pool shard is taken as it is: there
+    is no cheap way to tell, and objects in a bucket are expected to stay put."""
+    loc = shard_location(directory, entry)
+    if isinstance(loc, str):
+        return True
+    if not loc.is_file() or (entry.get("bytes") is not None and loc.stat().st_size != entry["bytes"]):
+        return False
+    return not (verify == "sha256" and entry.get("sha256") and sha256_file(loc) != entry["sha256"])
+
+
 @dataclass
 class PreparedData:
     """A prepared data directory and its manifest."""
@@ -75,15 +96,16 @@ class PreparedData:
         if not mpath.is_file():
             raise ConfigError(f"prepared data not found in {d}: run stages/prepare_data.py with the same config")
         manifest = read_json(mpath)
-        shards = [(d / sh["file"], sh) for split in manifest["splits"].values() for sh in split["shards"]]
+        shards = [(shard_location(d, sh), sh) for split in manifest["splits"].values() for sh in split["shards"]]
         stats = [(str(p), sh["sha256"], (st.st_size, st.st_mtime_ns, st.st_ino) if (st := _stat(p)) else None)
                  for p, sh in shards]
         if _VERIFIED.get(d) != stats:  # hashed once per process while no file changes (iterate asks per stage)
-            for (p, sh), (_, _, st) in zip(shards, stats, strict=True):
-                if st is None or st[0] != sh["bytes"] or sha256_file(p) != sh["sha256"]:
-                    raise DataError(f"shard {p} is missing or does not match its manifest (sha256): it was changed "
-                                    f"or damaged after prepare; rerun stages/prepare_data.py with the same config "
-                                    f"to rebuild it")
+            for p, sh in shards:
+                if not shard_matches(d, sh, "sha256"):
+                    what = ("a pool shard read in place: it was changed or removed after prepare; restore it or "
+                            "prepare a new pool" if "url" in sh else "it was changed or damaged after prepare; rerun "
+                            "stages/prepare_data.py with the same config to rebuild it")
+                    raise DataError(f"shard {p} is missing or does not match its manifest: {what}")
             _VERIFIED[d] = stats
         return cls(d, manifest)
 
@@ -103,8 +125,9 @@ class PreparedData:
     def count(self, split: str) -> int:
         return int(self.manifest["splits"].get(split, {}).get("count", 0) or 0)
 
-    def shards(self, split: str) -> list[Path]:
-        return [self.dir / s["file"] for s in self.manifest["splits"].get(split, {}).get("shards", [])]
+    def shards(self, split: str) -> list[Path | str]:
+        """The split's shards in order: paths (in the data directory, or a pool's own) or URLs."""
+        return [shard_location(self.dir, s) for s in self.manifest["splits"].get(split, {}).get("shards", [])]
 
     def rows(self, split: str) -> dict[str, int]:
         """Shard file name -> sample count, as the manifest records it."""
@@ -121,8 +144,8 @@ class PreparedData:
         return Preprocessing.of(img["mode"], image_size or img["size"][0], img["mean"], img["std"])
 
 
-def _stat(p: Path):
-    return p.stat() if p.is_file() else None
+def _stat(p: Path | str):
+    return p.stat() if isinstance(p, Path) and p.is_file() else None
 
 
 _VERIFIED: dict[Path, list] = {}  # data dir -> the shard stats it was last verified with

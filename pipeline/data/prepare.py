@@ -33,10 +33,17 @@ from pipeline.artifacts import (
 )
 from pipeline.config import Config, ConfigError
 from pipeline.data.bad_samples import Skip, SkipLog
-from pipeline.data.dataset import MANIFEST, ORIGINS, TRUTH, data_dir, data_identity
+from pipeline.data.dataset import MANIFEST, ORIGINS, TRUTH, data_dir, data_identity, shard_matches
 from pipeline.data.images import BadImage, decode_image
 from pipeline.data.shards import iter_samples, write_shard
-from pipeline.data.sources import Source, is_torchvision_name, labeled_source, unlabeled_source
+from pipeline.data.sources import (
+    Source,
+    index_pool,
+    is_shard_pattern,
+    is_torchvision_name,
+    labeled_source,
+    unlabeled_source,
+)
 from pipeline.errors import DataError
 from pipeline.tracking import bar
 
@@ -51,10 +58,7 @@ def load_manifest(directory: Path, verify: str = "size") -> dict | None:
     manifest = read_json(mpath)
     for split in manifest["splits"].values():
         for shard in split["shards"]:
-            p = directory / shard["file"]
-            if not p.is_file() or p.stat().st_size != shard["bytes"]:
-                return None
-            if verify == "sha256" and sha256_file(p) != shard["sha256"]:
+            if not shard_matches(directory, shard, verify):
                 return None
     return manifest
 
@@ -97,9 +101,9 @@ def _subset(idx: np.ndarray, cap: int | None, rng: np.random.Generator) -> np.nd
     return idx if cap is None else idx[:cap]
 
 
-def _plan(cfg: Config, cache_dir: Path) -> tuple[dict[str, tuple[Source, np.ndarray, str]], Source]:
-    """For each split: (source, indices in write order, key prefix); ``cache_dir`` holds local
-    copies of remote or gzipped pool shards while the splits are written."""
+def _plan(cfg: Config) -> tuple[dict[str, tuple[Source, np.ndarray, str]], Source]:
+    """For each split to write: (source, indices in write order, key prefix). A pool of existing
+    shards has no entry: it is indexed where it is (``_pool_in_place``)."""
     d = cfg.data
     rng = np.random.default_rng(d.seed)
     train = labeled_source(d.source, True, d.root, d.download)
@@ -120,8 +124,8 @@ def _plan(cfg: Config, cache_dir: Path) -> tuple[dict[str, tuple[Source, np.ndar
         if len(rest) == 0:
             raise ConfigError("data.unlabeled=rest but no images are left after the labeled split")
         plan["unlabeled"] = (train, _subset(rest, d.max_unlabeled, rng), "train")
-    else:
-        pool = unlabeled_source(d.unlabeled, cache_dir)
+    elif not is_shard_pattern(d.unlabeled):
+        pool = unlabeled_source(d.unlabeled)
         plan["unlabeled"] = (pool, _subset(np.arange(len(pool)), d.max_unlabeled, rng), "pool")
     plan["test"] = (test, _subset(np.arange(len(test)), d.max_test, rng), "test")
     return plan, train
@@ -206,19 +210,14 @@ def prepare(cfg: Config, progress: bool = True) -> Path:
         for split in read_json(out / MANIFEST)["splits"].values():
             for shard in split["shards"]:
                 p = out / shard["file"]
-                if p.is_file() and (p.stat().st_size != shard["bytes"] or sha256_file(p) != shard["sha256"]):
+                if "url" not in shard and p.is_file() and not shard_matches(out, shard, "sha256"):
                     p.unlink()
-    t0 = time.time()
-    cache = out / f"{TMP_PREFIX}pool"
-    shutil.rmtree(cache, ignore_errors=True)  # a crashed run's copies
-    try:
-        return _prepare(cfg, out, cache, progress, t0)
-    finally:
-        shutil.rmtree(cache, ignore_errors=True)
+    shutil.rmtree(out / f"{TMP_PREFIX}pool", ignore_errors=True)  # copies made by earlier versions
+    return _prepare(cfg, out, progress, time.time())
 
 
-def _prepare(cfg: Config, out: Path, cache: Path, progress: bool, t0: float) -> Path:
-    plan, train = _plan(cfg, cache)
+def _prepare(cfg: Config, out: Path, progress: bool, t0: float) -> Path:
+    plan, train = _plan(cfg)
     try:
         return _write(cfg, out, plan, train, progress, t0)
     finally:
@@ -235,7 +234,7 @@ def _write(cfg: Config, out: Path, plan: dict, train: Source, progress: bool, t0
     splits: dict[str, dict] = {}
     num_classes = len(train.class_names)
     size = cfg.data.shard_size
-    has_truth = plan["unlabeled"][0].labels is not None  # the pool's true labels, kept aside
+    has_truth = "unlabeled" in plan and plan["unlabeled"][0].labels is not None  # the pool's labels, kept aside
     with ExitStack() as stack:  # origins and truth tables written a shard at a time, renamed at the end
         shown = stack.enter_context(bar(progress, total=total, desc=f"prepare {out.name}", unit="img"))
         origins = _table_writer(stack, out / ORIGINS, _ORIGINS_SCHEMA)
@@ -264,7 +263,10 @@ def _write(cfg: Config, out: Path, plan: dict, train: Source, progress: bool, t0
                                         minlength=num_classes).tolist()
             splits[split] = {"count": len(kept), "per_class": per_class, "shards": shards,
                              "source": source.name}
+        if "unlabeled" not in plan:
+            splits["unlabeled"] = _pool_in_place(cfg, log)
         log.check()
+    splits = {k: splits[k] for k in SPLITS if k in splits}
     mean, std = _channel_stats(plan["labeled"][0], plan["labeled"][1], mode)
     manifest = {
         "kind": "data", "config": data_identity(cfg.data), "seed": cfg.data.seed,
@@ -278,6 +280,15 @@ def _write(cfg: Config, out: Path, plan: dict, train: Source, progress: bool, t0
         manifest["unlabeled_truth"] = {"file": TRUTH, "sha256": sha256_file(out / TRUTH)}
     write_json_atomic(out / MANIFEST, manifest)
     return out
+
+
+def _pool_in_place(cfg: Config, log: SkipLog) -> dict:
+    """The unlabeled split as existing shards, indexed where they are (``sources.index_pool``)."""
+    d = cfg.data
+    entries, skipped, usable = index_pool(d.unlabeled, d.pool_check == "sha256", d.max_unlabeled)
+    log.extend(skipped)
+    log.use(usable)
+    return {"count": usable, "per_class": None, "shards": entries, "source": d.unlabeled, "in_place": True}
 
 
 def _shard(path: Path, split: str, source: Source, chunk, prefix: str, mode: str, log: SkipLog, shown

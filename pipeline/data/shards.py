@@ -212,19 +212,6 @@ def index_images(path: str | Path) -> Iterator[tuple[str, str, int]]:
         yield current, ext, offset
 
 
-def read_member(path: str | Path, offset: int, f=None) -> tuple[str, bytes]:
-    """(name, data) of the member whose first header block is at ``offset`` (from ``index_images``);
-    ``f``: the shard already open (binary), to save opening it again."""
-    if f is None:
-        with open(path, "rb") as f:
-            return read_member(path, offset, f)
-    f.seek(offset)
-    try:
-        return next(_tar_members(f))
-    except (StopIteration, tarfile.TarError, EOFError) as e:
-        raise OSError(f"no tar member at offset {offset} of {path}: {e or 'end of archive'}") from None
-
-
 class _Prefixed:
     """A stream with bytes already read from it put back in front (for gzip after a magic check)."""
 

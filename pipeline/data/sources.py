@@ -1,41 +1,33 @@
 """Reading each kind of image source into indexable (encoded bytes, label) items.
 
 Kinds: a torchvision dataset by name, an ImageFolder directory, a ``.tar``/``.tar.gz`` holding an
-ImageFolder tree, a directory or archive of unlabeled images in any layout, and existing
-webdataset shards. Encoded sources keep their original bytes; decoded ones (torchvision arrays)
+ImageFolder tree, a directory or archive of unlabeled images in any layout; and existing
+webdataset shards, which are indexed where they are (``index_pool``), never copied. Encoded sources keep their original bytes; decoded ones (torchvision arrays)
 are stored as lossless PNG. Archives are read member by member and never extracted, so member
 names cannot write anywhere.
 """
 
 from __future__ import annotations
 
-import gzip
 import io
 import os
-import shutil
 import tarfile
-import zlib
-from array import array
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
+from pipeline.artifacts import sha256_file
 from pipeline.config import ConfigError
 from pipeline.data.bad_samples import Skip
-from pipeline.data.remote import fetch_command, open_url
+from pipeline.data.remote import fetch_command
 from pipeline.data.shards import (
     IMAGE_KEYS,
     ShardError,
-    _Prefixed,
     expand_shards,
     index_images,
-    read_member,
     read_shard,
-    split_name,
 )
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -250,7 +242,8 @@ def labeled_source(spec: str, train: bool, root: str | None, download: bool) -> 
 
 
 def is_shard_pattern(spec: str) -> bool:
-    return (spec.endswith(".tar") and ("{" in spec or "::" in spec)
+    """Existing shards: a brace pattern or ``::`` list of .tar / .tar.gz / .tgz files, or URLs."""
+    return (spec.endswith(ARCHIVE_SUFFIXES) and ("{" in spec or "::" in spec)
             or spec.startswith(("http://", "https://", "s3://", "gs://", "pipe:")))
 
 
@@ -273,94 +266,63 @@ def iter_shard_images(pattern: str, skipped: list | None = None) -> Iterator[tup
             yield f"{name}/{sample['__key__']}", sample[ext], _ext("x." + ext)
 
 
-def _local_copy(url: str, cache_dir: Path, n: int) -> Path:
-    """A local, uncompressed copy of a remote or gzipped shard (so its members can be read by offset)."""
+def index_pool(spec: str, hash_local: bool = False, cap: int | None = None) -> tuple[list[dict], list[Skip], int]:
+    """Existing webdataset shards used where they are, as the unlabeled pool: for each shard its
+    location, sample count and, for a local file, its size (and sha256 when ``hash_local``), so
+    later stages can tell it changed. Nothing is copied; keys and extra members stay as they are.
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    dest = cache_dir / f"{n:06d}.tar"
-    stream = open_url(url)
-    try:
-        with open(dest, "wb") as out:
-            head = stream.read(2)
-            src = _Prefixed(head, stream)
-            shutil.copyfileobj(gzip.GzipFile(fileobj=src) if head == b"\x1f\x8b" else src, out, 1 << 20)
-    except (EOFError, zlib.error) as e:
-        raise OSError(f"cannot decompress: {e}") from None
-    finally:
-        stream.close()
-    return dest
-
-
-def shard_pool_source(spec: str, cache_dir: Path) -> Source:
-    """Unlabeled images in existing shards, read on demand by member offset.
-
-    Only an index is held (shard number and offset: 12 bytes an image), so preparing a pool
-    takes memory for the index, not for the images. Local plain shards are read where they
-    are; remote (http, s3, gs) and gzipped ones are first copied, uncompressed, into
-    ``cache_dir`` (disk, not RAM), which the caller removes when done.
+    Returns (manifest entries, what cannot be used as ``Skip`` records, usable samples). ``cap``
+    (``data.max_unlabeled``) keeps whole shards until it is reached.
     """
-    paths, names, sids, offs, skipped = _index_shards(spec, cache_dir)
-    handles: OrderedDict = OrderedDict()  # shard number -> open file, the most recent last
-    seen: dict[int, str] = {}  # origins of items read and not yet asked for (prepare asks right after)
-
-    def read(i: int) -> tuple[str, bytes]:
-        sid = int(sids[i])
-        f = handles.pop(sid, None)
-        if f is None:
-            if len(handles) >= 64:
-                handles.popitem(last=False)[1].close()
-            f = open(paths[sid], "rb")
-        handles[sid] = f
-        return read_member(paths[sid], int(offs[i]), f)
-
-    def get(i: int) -> tuple[bytes, str]:
-        member, data = read(i)
-        if len(seen) > 100_000:
-            seen.clear()
-        seen[i] = f"{names[sids[i]]}/{split_name(member)[0]}"
-        return data, _ext(member)
-
-    def origin(i: int) -> str:
-        return seen.pop(i, None) or f"{names[sids[i]]}/{split_name(read(i)[0])[0]}"
-
-    def close() -> None:
-        while handles:
-            handles.popitem()[1].close()
-
-    return Source(spec, None, None, get, origin, len(offs), skipped=skipped, close=close)
-
-
-def _index_shards(spec: str, cache_dir: Path) -> tuple[list[Path], list[str], np.ndarray, np.ndarray, list]:
-    """(local shard paths, their names, shard number and member offset of each image, skips) of a pattern."""
-    paths: list[Path] = []
-    names: list[str] = []
-    shard_ids, offsets = array("i"), array("q")
-    skipped: list = []
+    entries: list[dict] = []
+    skipped: list[Skip] = []
+    seen: dict[str, str] = {}
+    usable = 0
     for url in expand_shards(spec):
+        if cap is not None and usable >= cap:
+            break
         name = Path(url).name
-        try:
-            local = Path(url.removeprefix("file://"))
-            if fetch_command(url) is not None or _is_gzip(local):
-                local = _local_copy(url, cache_dir, len(paths))
-        except OSError as e:
-            skipped.append(Skip(name, "-", f"damaged tar: {e.strerror or e}"))
+        if name in seen:
+            raise ConfigError(f"data.unlabeled: two pool shards are named {name} ({seen[name]} and {url}); "
+                              "pseudo labels are filed by shard name, so names must be unique")
+        seen[name] = url
+        remote = fetch_command(url) is not None
+        where = url if remote else str(Path(url.removeprefix("file://")).resolve())
+        total, good = _count(where, remote, skipped)
+        if not total:
             continue
-        sid = len(paths)
-        paths.append(local)
-        names.append(name)
-        try:
-            for key, ext, offset in index_images(local):
-                if ext is None:
-                    skipped.append(Skip(name, key, "no image member"))
-                    continue
-                shard_ids.append(sid)
-                offsets.append(offset)
-        except ShardError as e:
-            skipped.append(Skip(name, f"after {e.after}" if e.after else "-", f"damaged tar: {e.reason}"))
-    if not offsets:
+        usable += good
+        entries.append({"file": name, "url": where, "samples": total,
+                        "bytes": None if remote else Path(where).stat().st_size,
+                        "sha256": sha256_file(where) if hash_local and not remote else None})
+    if not usable:
         raise ConfigError(f"no images in shards {spec}" + (f" ({skipped[0].where}: {skipped[0].reason})"
                                                            if skipped else ""))
-    return paths, names, np.frombuffer(shard_ids, np.int32), np.frombuffer(offsets, np.int64), skipped
+    return entries, skipped, usable
+
+
+def _count(where: str, remote: bool, skipped: list[Skip]) -> tuple[int, int]:
+    """(samples, samples with an image) of one shard; a plain local tar by its headers alone
+    (``shards.index_images``), a gzipped or remote one by reading it (``shards.read_shard``)."""
+    name, total, good = Path(where).name, 0, 0
+    if not remote and not _is_gzip(Path(where)):
+        try:
+            for key, ext, _ in index_images(where):
+                total += 1
+                if ext is None:
+                    skipped.append(Skip(name, key, "no image member"))
+                else:
+                    good += 1
+        except ShardError as e:
+            skipped.append(Skip(name, f"after {e.after}" if e.after else "-", f"damaged tar: {e.reason}", 0))
+        return total, good
+    for sample in read_shard(where):
+        if isinstance(sample, Skip):
+            skipped.append(sample)
+            total += sample.count if sample.reason.startswith("no image") else 0
+        else:
+            total, good = total + 1, good + 1
+    return total, good
 
 
 def _is_gzip(path: Path) -> bool:
@@ -371,13 +333,9 @@ def _is_gzip(path: Path) -> bool:
         return False
 
 
-def unlabeled_source(spec: str, cache_dir: Path | None = None) -> Source:
-    """An unlabeled source: a directory or archive of images in any layout, or shards (read by
-    offset; remote or gzipped shards are copied into ``cache_dir`` first)."""
-    if is_shard_pattern(spec):
-        if cache_dir is None:
-            raise ValueError("shard pools need a cache_dir for remote or gzipped shards")
-        return shard_pool_source(spec, cache_dir)
+def unlabeled_source(spec: str) -> Source:
+    """An unlabeled source to shard once: a directory or archive of images in any layout (existing
+    shards are not a source: ``index_pool`` reads them where they are)."""
     path = Path(spec).expanduser()
     if is_archive(path):
         return archive_source(path, labeled=False)
