@@ -87,6 +87,14 @@ def clean_tmp(directory: str | os.PathLike) -> None:
                 p.unlink(missing_ok=True)
 
 
+def clean_tmp_of(path: str | os.PathLike) -> None:
+    """Remove what an interrupted ``atomic_path(path)`` left (only that file's, in a folder that may
+    hold other things)."""
+    path = Path(path)
+    for p in path.parent.glob(f"{TMP_PREFIX}{path.name}.*") if path.parent.is_dir() else ():
+        p.unlink(missing_ok=True)
+
+
 _CODE_VERSION: str | None = None
 
 

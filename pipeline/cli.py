@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -86,6 +88,12 @@ def run(main: Callable[[list[str]], int | None]) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
+    except OSError as e:
+        if e.errno not in _ENVIRONMENT:
+            raise
+        print(f"error: {e.filename or 'a write'}: {os.strerror(e.errno).lower()} (rerun the same command once "
+              "it is fixed: finished work is kept)", file=sys.stderr)
+        code = 2
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)
         code = 130
@@ -94,6 +102,10 @@ def run(main: Callable[[list[str]], int | None]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     sys.exit(code)
+
+
+# what the machine, not the code, got wrong: one line naming the file, not a traceback
+_ENVIRONMENT = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 def _shutdown() -> None:

@@ -7,6 +7,7 @@ One config describes a whole experiment; every stage reads the sections it needs
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -289,13 +290,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"{key}: must be a finite number, got {number}")
+            return number
     elif tp is str:
         if isinstance(value, str) and value:
             return value
@@ -417,8 +423,9 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         cfg.name = stem
     if cfg.budget is not None:
         parse_duration(cfg.budget)
-    if "/" in cfg.name or cfg.name.startswith("."):
-        raise ConfigError(f"name: '{cfg.name}' must be a plain directory name")
+    for key, value in (("name", cfg.name), ("distill.name", cfg.distill.name)):  # outputs inside runs_dir
+        if "/" in value or "\\" in value or value.startswith(".") or not value.strip():
+            raise ConfigError(f"{key}: '{value}' must be a plain directory name (no '/', no leading '.')")
     _check_launcher_precision(cfg)
     for key in COMPILE_KEYS:
         section, field_name = key.split(".")

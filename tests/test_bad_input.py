@@ -293,6 +293,19 @@ def test_user_errors_exit_2_with_one_line(args, fragment, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("script", ["train.py", "pseudo_label.py", "iterate.py", "distill.py", "evaluate.py",
+                                    "export.py", "predict.py"])
+def test_every_stage_reads_the_config_the_same_way(script, tmp_path):
+    """The config errors above, in every other stage: one line, exit 2, before any work."""
+    for args, fragment in [(["teacher.lr=nan"], "teacher.lr: must be a finite number"),
+                           (["student.threshold=1.5"], "student.threshold: must be <= 1"),
+                           (["--config", "configs/none.yaml"], "config file not found"),
+                           (["distill.name=/abs"], "distill.name: '/abs' must be a plain directory name")]:
+        r = stage(script, f"runs_dir={tmp_path}", *args, check=False)
+        assert r.returncode == 2 and fragment in r.stderr, (script, args, r.stderr[-1000:])
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
 @pytest.mark.parametrize("script,args,fragment", [
     ("pseudo_label.py", ["round=1"], "teacher model not found or unfinished"),
     ("train.py", ["role=student", "round=1"], "needs the finished round 0 model"),

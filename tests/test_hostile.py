@@ -127,7 +127,11 @@ def test_model_directories_load_safetensors_only(tmp_path):
     d.mkdir()
     (d / "config.json").write_text('{"architecture": "resnet10t", "num_classes": 4}')
     (d / "pytorch_model.bin").write_bytes(pickle.dumps(_Boom(tmp_path / "unpickled")))
-    with pytest.raises(ConfigError, match="model.safetensors"):
+    with pytest.raises(ConfigError, match="needs config.json and model.safetensors"):
+        load_model_dir(d)
+    # a pickle under the safetensors name is refused as weights, never unpickled
+    (d / "model.safetensors").write_bytes(pickle.dumps(_Boom(tmp_path / "unpickled")))
+    with pytest.raises(ConfigError, match=r"model.safetensors: cannot be loaded as resnet10t weights in safetensors"):
         load_model_dir(d)
     assert not (tmp_path / "unpickled").exists()
 

@@ -53,7 +53,7 @@ def write_shard(path: Path, samples: Iterable[dict]) -> dict:
                         continue
                     _add_member(tf, f"{key}.{ext}", data if isinstance(data, bytes) else str(data).encode())
                 n += 1
-                failpoints.hit("shard_write")
+                failpoints.hit("shard_write", path)
     return {"file": path.name, "samples": n, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 

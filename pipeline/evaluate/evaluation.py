@@ -72,7 +72,7 @@ def load(directory: str | Path, weights_sha256: str | None = None) -> LoadedMode
     model, config = models.load_model_dir(directory)
     card_path = directory / models.CARD
     card = read_json(card_path) if card_path.is_file() else None
-    sha = weights_sha256 or (card or {}).get("files", {}).get(models.WEIGHTS) or sha256_file(directory / models.WEIGHTS)
+    sha = weights_sha256 or sha256_file(directory / models.WEIGHTS)  # never the card's: weights may change after it
     return LoadedModel(directory, model, models.preprocessing(config), list(config.get("label_names", [])), sha,
                        card)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import timm
 import torch
+from safetensors import SafetensorError
 from timm.models import save_for_hf
 
 import pipeline
@@ -126,9 +127,21 @@ def load_model_dir(directory: str | Path) -> tuple[torch.nn.Module, dict]:
     directory = Path(directory)
     if not (directory / TIMM_CONFIG).is_file() or not (directory / WEIGHTS).is_file():
         raise ConfigError(f"not a model directory (needs {TIMM_CONFIG} and {WEIGHTS}): {directory}")
-    model = timm.create_model(f"local-dir:{directory.resolve()}", pretrained=True)
+    try:
+        config = read_json(directory / TIMM_CONFIG)
+        arch = config["architecture"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{directory / TIMM_CONFIG}: not a timm model config ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:100]})") from None
+    if not isinstance(arch, str) or not timm.is_model(arch):
+        raise ConfigError(f"{directory / TIMM_CONFIG}: unknown architecture {arch!r} (not in timm or this package)")
+    try:
+        model = timm.create_model(f"local-dir:{directory.resolve()}", pretrained=True)
+    except (SafetensorError, RuntimeError, ValueError, KeyError, TypeError, OSError) as e:
+        raise ConfigError(f"{directory / WEIGHTS}: cannot be loaded as {arch} weights in safetensors format "
+                          f"({str(e).splitlines()[0][:120] or type(e).__name__})") from None
     model.eval()
-    return model, read_json(directory / TIMM_CONFIG)
+    return model, config
 
 
 def preprocessing(config: dict) -> Preprocessing:

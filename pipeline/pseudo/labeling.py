@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline import failpoints
+from pipeline import failpoints, tracking
 from pipeline.artifacts import clean_tmp
 from pipeline.config import PseudoLabelConfig
 from pipeline.data.bad_samples import Skip, SkipLog
@@ -20,7 +20,7 @@ from pipeline.data.images import BadImage
 from pipeline.data.shards import image_bytes, read_shard
 from pipeline.data.transforms import eval_transform, normalize, to_input
 from pipeline.modeling import precision
-from pipeline.pseudo.pseudo_labels import parquet_name, validates, write_parquet
+from pipeline.pseudo.pseudo_labels import listed_sha256, parquet_name, validates, write_parquet
 from pipeline.tracking import bar
 
 
@@ -85,8 +85,13 @@ def label_shards(model: torch.nn.Module, shards: list[Path], out_dir: Path, *, s
         clean_tmp(out_dir)
     accelerator.wait_for_everyone()
     mine = [s for s in sorted(shards)][accelerator.process_index::accelerator.num_processes]
+    listed = listed_sha256(out_dir)  # a file its manifest no longer matches is labeled again, never adopted
     todo = [str(s) for s in mine if not validates(out_dir / parquet_name(s), shard_rows[Path(s).name],
-                                                  teacher_sha256, class_names, opts.tta)]
+                                                  teacher_sha256, class_names, opts.tta, listed.get(parquet_name(s)))]
+    for s in todo:
+        if (out_dir / parquet_name(s)).is_file():
+            tracking.log.warning(f"warning: {out_dir / parquet_name(s)} does not match its manifest or is not valid: "
+                        "labeling its shard again")
     total = sum(shard_rows[Path(s).name] for s in todo)
     log = SkipLog("pseudo_label" + (f" (rank {accelerator.process_index})" if accelerator.num_processes > 1 else ""),
                   max_bad_share, expected=total)

@@ -65,7 +65,7 @@ def write_parquet(path: Path, shard: str, keys: list[str], probs: np.ndarray, te
     table = table.replace_schema_metadata(meta)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, row_group_size=65536)
-        failpoints.hit("parquet_write")
+        failpoints.hit("parquet_write", path)
 
 
 def read_meta(path: Path) -> dict:
@@ -79,16 +79,56 @@ def read_meta(path: Path) -> dict:
             "skipped_count": sum(int(x.get("count", 1)) for x in skipped)}
 
 
-def validates(path: Path, rows: int, teacher_sha256: str, class_names: list[str], tta: bool = False) -> bool:
-    """A finished file for this shard and this teacher (used to skip work on rerun)."""
+def validates(path: Path, rows: int, teacher_sha256: str, class_names: list[str], tta: bool = False,
+              sha256: str | None = None) -> bool:
+    """A finished file for this shard and this teacher (used to skip work on rerun): its metadata,
+    its content (``content_problem``) and, when a manifest listed it, its sha256."""
     if not path.is_file():
         return False
     try:
         meta = read_meta(path)
-    except (OSError, pa.ArrowException, ValueError):
+    except (OSError, pa.ArrowException, ValueError, json.JSONDecodeError):
         return False
     return (meta["rows"] + meta["skipped_count"] == rows and meta["teacher_sha256"] == teacher_sha256
-            and meta["class_names"] == class_names and meta["tta"] == tta)
+            and meta["class_names"] == class_names and meta["tta"] == tta
+            and (sha256 is None or sha256_file(path) == sha256) and content_problem(path, len(class_names)) is None)
+
+
+def listed_sha256(out_dir: Path) -> dict[str, str]:
+    """File name -> sha256 as the directory's manifest lists them (empty without a readable one)."""
+    try:
+        return {f["file"]: f["sha256"] for f in read_json(out_dir / MANIFEST)["files"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def content_problem(path: Path, num_classes: int) -> str | None:
+    """What is wrong with a pseudo-label file's content, naming the row, or None: the schema and
+    class count, probabilities that are finite, in [0, 1] and sum to 1, label = argmax and
+    confidence = max. Files are checked on every read, so an edited one is never trained on."""
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException, ValueError) as e:
+        return f"not a readable Parquet file ({str(e).splitlines()[0][:120]})"
+    want = schema(num_classes)
+    if table.schema.remove_metadata() != want:
+        have = ", ".join(f"{f.name}: {f.type}" for f in table.schema)
+        return f"schema is ({have}), expected {num_classes} classes as ({', '.join(f'{f.name}: {f.type}' for f in want)})"
+    n = table.num_rows
+    if not n:
+        return None
+    probs = table.column("probs").combine_chunks().flatten().to_numpy().reshape(n, num_classes)
+    label, conf = table.column("label").to_numpy(), table.column("confidence").to_numpy()
+    checks = (("probabilities are not finite", ~np.isfinite(probs).all(1)),
+              ("probabilities lie outside [0, 1]", ((probs < 0) | (probs > 1)).any(1)),
+              ("probabilities do not sum to 1", np.abs(probs.sum(1, dtype=np.float64) - 1) > 1e-3),
+              ("label is not the most probable class", label != probs.argmax(1)),
+              ("confidence is not the largest probability", np.abs(conf - probs.max(1)) > 1e-6))
+    for reason, bad in checks:
+        if bad.any():
+            return f"row {int(np.flatnonzero(bad)[0])}: {reason}"
+    return None
+
 
 
 def pool_stats(pl_dir: Path, shards: list[Path], names: list[str], truth_path: Path | None, threshold: float,
@@ -232,7 +272,10 @@ def check(out_dir: Path, shard_rows: dict[str, int], teacher_sha256: str, class_
         path = out_dir / f["file"]
         if not path.is_file() or sha256_file(path) != f["sha256"]:
             raise ConfigError(f"pseudo-label file {path} is missing or does not match its manifest (sha256): "
-                              f"delete {out_dir} and rerun stages/pseudo_label.py")
+                              f"rerun stages/pseudo_label.py to label its shard again")
+        problem = content_problem(path, len(class_names))
+        if problem is not None:
+            raise ConfigError(f"pseudo-label file {path}: {problem}; rerun stages/pseudo_label.py")
     extra = sorted(set(listed) - set(shard_rows))
     if extra:
         raise ConfigError(f"pseudo labels in {out_dir} list shards the data lacks: {extra[:3]}")

@@ -25,7 +25,7 @@ import torch
 from PIL import UnidentifiedImageError
 
 from pipeline import failpoints
-from pipeline.artifacts import atomic_path, read_json, sha256_file
+from pipeline.artifacts import atomic_path, clean_tmp_of, read_json, sha256_file
 from pipeline.config import ConfigError
 from pipeline.data.dataset import Preprocessing
 from pipeline.data.shards import expand_shards
@@ -314,6 +314,7 @@ def predict(model_spec: str | Path, input_spec: str, out: str | Path, *, topk: i
         if len(bad) <= max_warnings:
             log.warning(f"warning: skipped bad image {name}: {why}")
 
+    clean_tmp_of(out)  # a killed earlier run's partial file
     with atomic_path(out) as tmp:
         meta = {b"model": clf.source.encode(), b"model_sha256": clf.sha256.encode(),
                 b"backend": clf.backend.encode(), b"label_names": json.dumps(names).encode()}
@@ -323,7 +324,7 @@ def predict(model_spec: str | Path, input_spec: str, out: str | Path, *, topk: i
                 _write_rows(writer, paths, _softmax(clf.logits(normalize(x, mean, std))), names, k)
                 done += len(paths)
                 shown.update(len(paths))
-                failpoints.hit("predict_batch")
+                failpoints.hit("predict_batch", out)
             if not done and not bad:
                 raise ConfigError(f"input: no images in {input_spec}")
             if bad and len(bad) > max_bad_share * (done + len(bad)):

@@ -11,7 +11,9 @@ is a function of seed and epoch).
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -329,13 +331,19 @@ def _save(accelerator, state_root: Path, phase: str, epoch: int, progress: dict,
         shutil.rmtree(tmp, ignore_errors=True)
         state_root.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    try:
+        accelerator.save_state(str(tmp))
+    except RuntimeError:  # torch reports a full disk as "[enforce fail ...] file write failed"
+        shutil.rmtree(tmp, ignore_errors=True)
+        if shutil.disk_usage(state_root).free < 1 << 28:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp)) from None
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if ema is not None:
             save_file({k: v.contiguous() for k, v in ema.module.state_dict().items()}, str(tmp / EMA_FILE))
         write_json_atomic(tmp / "progress.json", progress)
-        failpoints.hit("checkpoint_write")
+        failpoints.hit("checkpoint_write", tmp)
         tmp.rename(final)
         for old in state_root.glob(f"{phase}-e*"):
             if old != final:

@@ -1,0 +1,181 @@
+"""Reliability, second pass: nothing adopted unchecked, one line for every user-caused failure.
+
+Each fault is injected through the stage entry points (a subprocess, as a user runs them)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import stage, tiny_overrides
+
+from pipeline.artifacts import sha256_file
+from pipeline.config import ConfigError, load_config
+from pipeline.modeling import models
+from pipeline.pseudo import pseudo_labels as pl
+
+
+def _last(r) -> str:
+    lines = r.stderr.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def _with_probs(table: pa.Table, probs: np.ndarray) -> pa.Table:
+    col = pa.FixedSizeListArray.from_arrays(pa.array(probs.astype(np.float32).ravel()), probs.shape[1])
+    return table.set_column(table.schema.get_field_index("probs"), "probs", col)
+
+
+def test_edited_pseudo_labels_are_labeled_again_or_refused_never_adopted(tiny_data, tmp_path):
+    runs = tmp_path / "runs"
+    ov = [*tiny_overrides(tiny_data, runs, name="t"), "teacher.epochs=2", "student.epochs=1"]
+    stage("prepare_data.py", *ov)
+    stage("train.py", "role=teacher", *ov)
+    stage("pseudo_label.py", "round=1", *ov)
+    d = runs / "t" / "pseudo_labels" / "round=1"
+    f, other = d / "unlabeled-000000.parquet", d / "unlabeled-000001.parquet"
+    t = pq.read_table(f)
+    nan = _with_probs(t, np.full((t.num_rows, 4), np.nan))
+    pq.write_table(nan, f)  # NaN probabilities, same schema and metadata
+    r = stage("train.py", "role=student", "round=1", *ov, check=False)
+    assert r.returncode == 2 and str(f) in _last(r) and "does not match its manifest" in _last(r), r.stderr[-2000:]
+    before = other.stat().st_mtime_ns
+    r = stage("pseudo_label.py", "round=1", *ov)  # labels exactly that shard again, with a warning naming it
+    assert f"{f} does not match its manifest" in r.stderr and other.stat().st_mtime_ns == before
+    assert pl.content_problem(f, 4) is None and pq.read_table(f).column("key") == t.column("key")
+    # the same edit with a manifest edited to match: the content check names file and row
+    pq.write_table(nan, f)
+    m = json.loads((d / pl.MANIFEST).read_text())
+    for e in m["files"]:
+        if e["file"] == f.name:
+            e["sha256"] = sha256_file(f)
+    (d / pl.MANIFEST).write_text(json.dumps(m))
+    r = stage("train.py", "role=student", "round=1", *ov, check=False)
+    assert r.returncode == 2 and _last(r).endswith(f"{f}: row 0: probabilities are not finite; rerun "
+                                                   "stages/pseudo_label.py"), r.stderr[-2000:]
+
+
+def test_pseudo_label_content_is_checked_column_by_column(tmp_path):
+    keys = [f"k{i}" for i in range(5)]
+    probs = np.random.default_rng(0).dirichlet(np.ones(4), 5).astype(np.float32)
+    f = tmp_path / "u-000000.parquet"
+    pl.write_parquet(f, "u-000000.tar", keys, probs, "t" * 64, ["a", "b", "c", "d"])
+    assert pl.content_problem(f, 4) is None
+    t = pq.read_table(f)
+    one_class = t.set_column(t.schema.get_field_index("label"), "label", pa.array(np.zeros(5, np.int32)))
+    first = int(np.flatnonzero(probs.argmax(1) != 0)[0])  # relabelled to one class: the first row it changed
+    cases = {
+        f"row {first}: label is not the most probable class": one_class,
+        "row 0: probabilities do not sum to 1": _with_probs(t, probs * 0.5),
+        "row 0: confidence is not the largest probability": t.set_column(
+            t.schema.get_field_index("confidence"), "confidence", pa.array(np.full(5, 0.01, np.float32))),
+        "schema is": t.rename_columns(["key", "shard", "label", "confidence", "p", "teacher_sha256"]),
+    }
+    for reason, table in cases.items():
+        pq.write_table(table, f)
+        assert reason in (pl.content_problem(f, 4) or ""), reason
+    pl.write_parquet(f, "u-000000.tar", keys, probs[:, :3] / probs[:, :3].sum(1, keepdims=True), "t" * 64, list("abc"))
+    assert "expected 4 classes" in pl.content_problem(f, 4)
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("teacher.lr=nan", "teacher.lr: must be a finite number, got nan"),
+    ("student.threshold=.inf", "student.threshold: must be a finite number, got inf"),
+    ("distill.temperature=-.inf", "distill.temperature: must be a finite number"),
+    ("distill.name=/tmp/elsewhere", "distill.name: '/tmp/elsewhere' must be a plain directory name"),
+    ("distill.name=../up", "distill.name: '../up' must be a plain directory name"),
+])
+def test_floats_are_finite_and_output_names_stay_inside_runs(override, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert fragment in str(e.value)
+
+
+@pytest.fixture()
+def model_dir(tmp_path):
+    torch.manual_seed(0)
+    d = tmp_path / "model"
+    models.save_model_dir(models.create_model("resnet10t", 4, 1).eval(), d, list("abcd"), [0.5], [0.25], 16, 1)
+    return d
+
+
+def _damage(d, kind: str, target) -> None:
+    w, c = d / models.WEIGHTS, d / models.TIMM_CONFIG
+    if kind == "truncated weights":
+        w.write_bytes(w.read_bytes()[:1000])
+    elif kind == "garbage weights":
+        w.write_bytes(b"\x00garbage" * 100)
+    elif kind == "a pickle named model.safetensors":
+        w.write_bytes(pickle.dumps(_Boom(target)))
+    elif kind == "unknown architecture":
+        c.write_text(json.dumps({**json.loads(c.read_text()), "architecture": "resnet_nonexistent"}))
+    elif kind == "invalid json":
+        c.write_text("{ not json")
+
+
+class _Boom:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (str(self.target), "w"))
+
+
+@pytest.mark.parametrize("kind,script,args,names", [
+    ("truncated weights", "predict.py", ["input={images}", "out={out}"], "model.safetensors"),
+    ("garbage weights", "export.py", [], "model.safetensors"),
+    ("a pickle named model.safetensors", "predict.py", ["input={images}", "out={out}"], "model.safetensors"),
+    ("unknown architecture", "evaluate.py", ["test={images}"], "config.json"),
+    ("invalid json", "export.py", [], "config.json"),
+])
+def test_a_damaged_model_directory_is_one_line_naming_the_file(model_dir, tmp_path, tiny_data, kind, script, args,
+                                                               names):
+    target = tmp_path / "unpickled"
+    _damage(model_dir, kind, target)
+    filled = [a.format(images=tiny_data["test"], out=tmp_path / "p.csv") for a in args]
+    r = stage(script, f"model={model_dir}" if script != "evaluate.py" else f"models={model_dir}", *filled,
+              f"runs_dir={tmp_path / 'runs'}", check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert str(model_dir / names) in _last(r), _last(r)
+    assert not target.exists()  # no pickle ever runs
+
+
+def test_a_result_is_keyed_by_the_weights_in_the_file_not_by_the_card(model_dir):
+    from pipeline.evaluate import evaluation
+
+    (model_dir / models.CARD).write_text(json.dumps({"files": {models.WEIGHTS: "0" * 64}}))
+    first = evaluation.load(model_dir).sha256
+    assert first == sha256_file(model_dir / models.WEIGHTS)
+    torch.manual_seed(1)
+    shutil.copy(model_dir / models.TIMM_CONFIG, model_dir / "keep.json")
+    models.save_model_dir(models.create_model("resnet10t", 4, 1).eval(), model_dir, list("abcd"), [0.5], [0.25], 16, 1)
+    assert evaluation.load(model_dir).sha256 not in (first, "0" * 64)
+
+
+def test_a_full_disk_or_a_read_only_folder_is_one_line_naming_the_path_and_a_rerun_resumes(tiny_data, tmp_path):
+    """Injected at the writes themselves (CI runs as root, so file modes would not stop it)."""
+    runs = tmp_path / "runs"
+    ov = [*tiny_overrides(tiny_data, runs, name="env"), "teacher.epochs=2"]
+    r = stage("prepare_data.py", *ov, env={"NS_FAILPOINT": "shard_write:3:enospc"}, check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "/labeled-000000.tar: no space left on device" in _last(r), r.stderr[-2000:]
+    stage("prepare_data.py", *ov)
+    r = stage("train.py", "role=teacher", *ov, env={"NS_FAILPOINT": "checkpoint_write:1:enospc"}, check=False)
+    assert r.returncode == 2 and "round-0/state/.tmp-train-e0000: no space left on device" in _last(r), r.stderr[-2000:]
+    stage("train.py", "role=teacher", *ov)
+    r = stage("pseudo_label.py", "round=1", *ov, env={"NS_FAILPOINT": "parquet_write:2:eacces"}, check=False)
+    assert r.returncode == 2 and "unlabeled-000001.parquet: permission denied" in _last(r), r.stderr[-2000:]
+    stage("pseudo_label.py", "round=1", *ov)
+    out = tmp_path / "preds.csv"
+    model = runs / "env" / "round-0"
+    (tmp_path / f".tmp-{out.name}.killed").write_text("a killed run's partial file")
+    r = stage("predict.py", f"model={model}", f"input={tiny_data['test']}", f"out={out}", "batch_size=8",
+              env={"NS_FAILPOINT": "predict_batch:1:enospc"}, check=False)
+    assert r.returncode == 2 and f"{out}: no space left on device" in _last(r), r.stderr[-2000:]
+    stage("predict.py", f"model={model}", f"input={tiny_data['test']}", f"out={out}")
+    assert out.is_file() and not list(tmp_path.glob(".tmp-*")) and not list(runs.rglob(".tmp-*"))
