@@ -51,6 +51,8 @@ class DataConfig:
     max_test: int | None = _k(None, "cap on the test set's size", lo=1)
     max_bad_share: float = _k(0.01, "share of a stage's samples that may be skipped as bad before it stops",
                               lo=0, hi=1, runtime=True)
+    max_image_pixels: int = _k(100_000_000, "images larger than this (width x height, read from the header) are "
+                                            "skipped as bad, on every decode path", lo=1, runtime=True)
     pool_check: Literal["size", "sha256"] = _k(
         "size", "how a pool of existing shards (read in place) is checked on each stage: size, or sha256 too",
         runtime=True)

@@ -179,3 +179,49 @@ def test_a_full_disk_or_a_read_only_folder_is_one_line_naming_the_path_and_a_rer
     assert r.returncode == 2 and f"{out}: no space left on device" in _last(r), r.stderr[-2000:]
     stage("predict.py", f"model={model}", f"input={tiny_data['test']}", f"out={out}")
     assert out.is_file() and not list(tmp_path.glob(".tmp-*")) and not list(runs.rglob(".tmp-*"))
+
+
+def _huge_png_header(w: int = 20000, h: int = 20000) -> bytes:
+    """A small PNG whose header claims ``w`` x ``h`` pixels (a decompression bomb's first bytes)."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (4, 4)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = struct.pack(">II", w, h)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def test_an_image_over_the_pixel_limit_is_a_counted_skip_and_one_odd_image_does_not_set_the_shape(tmp_path):
+    from conftest import make_folder
+    from PIL import Image
+
+    from pipeline.data.images import BadImage, decode_image, decode_tensor, set_max_pixels
+    from pipeline.data.prepare import load_manifest, prepare
+
+    with pytest.raises(BadImage, match="20000 x 20000 pixels is over data.max_image_pixels"):
+        decode_tensor(_huge_png_header(), "L")
+    try:
+        set_max_pixels(100)
+        with pytest.raises(BadImage, match="16 x 16 pixels is over data.max_image_pixels \\(100\\)"):
+            buf = __import__("io").BytesIO()
+            Image.new("RGB", (16, 16)).save(buf, format="BMP")  # the PIL path
+            decode_image(buf.getvalue(), "L")
+    finally:
+        set_max_pixels(100_000_000)
+    train, test = make_folder(tmp_path / "train", 30, 0), make_folder(tmp_path / "test", 5, 1)
+    (train / "class_0" / "bomb.png").write_bytes(_huge_png_header())
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(train / "class_1" / "odd.png")
+    for seed in range(3):  # whichever image a seed puts first, the majority decides
+        cfg = load_config(None, [f"runs_dir={tmp_path / 'runs'}", f"data.source={train}", f"data.test_source={test}",
+                                 "data.labeled_per_class=10", "data.shard_size=50", f"data.seed={seed}",
+                                 "data.max_bad_share=0.1"])
+        m = load_manifest(prepare(cfg, progress=False))
+        assert m["image"]["mode"] == "L" and m["image"]["size"] == [16, 16]
+        reasons = [e["reason"] for e in m["bad_samples"]["examples"]]
+        assert any("20000 x 20000 pixels is over data.max_image_pixels" in r for r in reasons), reasons

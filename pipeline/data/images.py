@@ -16,6 +16,32 @@ class BadImage(ValueError):
 
 
 _READ_MODE = {"L": tvio.ImageReadMode.GRAY.value, "RGB": tvio.ImageReadMode.RGB.value}
+LIMIT = {"max_pixels": 100_000_000}  # data.max_image_pixels, set by the stage commands
+
+
+def set_max_pixels(n: int) -> None:
+    """The largest image (width x height) any stage decodes; larger ones are skipped as bad."""
+    LIMIT["max_pixels"] = int(n)
+
+
+def _png_jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR or a JPEG's frame header, without decoding; None otherwise."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if data[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 9 <= len(data) and data[i] == 0xFF:
+        marker, length = data[i + 1], int.from_bytes(data[i + 2:i + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start-of-frame segment
+            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
+        i += 2 + length
+    return None
+
+
+def _check_size(w: int, h: int) -> None:
+    if w * h > LIMIT["max_pixels"]:
+        raise BadImage(f"{w} x {h} pixels is over data.max_image_pixels ({LIMIT['max_pixels']})")
 
 
 def decode_tensor(data: bytes, mode: str) -> torch.Tensor | None:
@@ -25,6 +51,10 @@ def decode_tensor(data: bytes, mode: str) -> torch.Tensor | None:
     Calls torchvision's decoding op itself: its Python wrapper (which warns on every call since
     torchvision 0.29) costs more than decoding a small PNG.
     """
+    size = _png_jpeg_size(data)
+    if size is None:
+        return None
+    _check_size(*size)  # before any pixel is decoded
     x = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     try:
         t = torch.ops.image.decode_image(x, _READ_MODE[mode], False)
@@ -48,7 +78,8 @@ def decode_image(data: bytes, mode: str) -> Image.Image:
         arr = t[0].numpy() if mode == "L" else t.permute(1, 2, 0).contiguous().numpy()
         return Image.frombuffer(mode, (w, h), arr, "raw", mode, 0, 1)  # no copy (fromarray copies)
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data))  # reads the header only
+        _check_size(*img.size)
         img.load()
         if img.mode == "I" or img.mode.startswith("I;16"):
             img = Image.fromarray((np.asarray(img).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8), "L")

@@ -12,6 +12,7 @@ import math
 import re
 import shutil
 import time
+from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -170,16 +171,23 @@ def _written(path: Path, prefix: str) -> list[int]:
     return [int(s["__key__"].rsplit("_", 1)[1]) for s in iter_samples(path) if s["__key__"].startswith(prefix)]
 
 
-def _probe_mode(source: Source, indices: np.ndarray) -> tuple[str, tuple[int, int]]:
-    """Image mode ("L" or "RGB") and size (h, w) of the first labeled image that decodes."""
-    for i in indices[:1000].tolist():
+def _probe_mode(source: Source, indices: np.ndarray, sample: int = 200) -> tuple[str, tuple[int, int]]:
+    """Image mode ("L" or "RGB") and size (h, w) of the dataset: the most common among a seeded
+    sample of labeled images (headers only), so one odd image cannot decide them; the others are
+    converted when read."""
+    modes: Counter = Counter()
+    sizes: Counter = Counter()
+    pick = indices if len(indices) <= sample else np.random.default_rng(0).choice(indices, sample, replace=False)
+    for i in pick.tolist():
         try:
-            img = Image.open(io.BytesIO(source.get(i)[0]))
-            img.load()
-        except (OSError, ValueError, SyntaxError):
+            img = Image.open(io.BytesIO(source.get(i)[0]))  # the header: no pixels decoded
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             continue
-        return ("L" if img.mode in ("L", "1", "I;16", "I") else "RGB"), img.size[::-1]
-    raise DataError(f"{source.name}: none of the first labeled images can be decoded")
+        modes["L" if img.mode in ("L", "1", "I;16", "I") else "RGB"] += 1
+        sizes[img.size[::-1]] += 1
+    if not modes:
+        raise DataError(f"{source.name}: none of {len(pick)} sampled labeled images can be read")
+    return modes.most_common(1)[0][0], sizes.most_common(1)[0][0]
 
 
 def _channel_stats(source: Source, indices: np.ndarray, mode: str, limit: int = 5000) -> tuple[list, list]:
