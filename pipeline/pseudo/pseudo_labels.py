@@ -102,6 +102,25 @@ def listed_sha256(out_dir: Path) -> dict[str, str]:
         return {}
 
 
+def _schema_problem(sch: pa.Schema, num_classes: int) -> str | None:
+    """The columns and their kinds, not Arrow's exact types (readers differ in list field names and
+    dictionary index widths)."""
+    want = schema(num_classes).names
+    if sch.names != want:
+        return f"schema is not a pseudo-label file's: columns {sch.names}, expected {want}"
+    t = {f.name: f.type for f in sch}
+    sha = t["teacher_sha256"]
+    kinds = (pa.types.is_string(t["key"]) and pa.types.is_string(t["shard"]) and pa.types.is_integer(t["label"])
+             and pa.types.is_floating(t["confidence"]) and pa.types.is_fixed_size_list(t["probs"])
+             and pa.types.is_floating(t["probs"].value_type)
+             and (pa.types.is_string(sha) or pa.types.is_dictionary(sha) and pa.types.is_string(sha.value_type)))
+    if not kinds:
+        return f"schema is not a pseudo-label file's: {', '.join(f'{f.name}: {f.type}' for f in sch)}"
+    if t["probs"].list_size != num_classes:
+        return f"schema holds {t['probs'].list_size} classes, expected {num_classes} classes"
+    return None
+
+
 def content_problem(path: Path, num_classes: int) -> str | None:
     """What is wrong with a pseudo-label file's content, naming the row, or None: the schema and
     class count, probabilities that are finite, in [0, 1] and sum to 1, label = argmax and
@@ -110,10 +129,9 @@ def content_problem(path: Path, num_classes: int) -> str | None:
         table = pq.read_table(path)
     except (OSError, pa.ArrowException, ValueError) as e:
         return f"not a readable Parquet file ({str(e).splitlines()[0][:120]})"
-    want = schema(num_classes)
-    if table.schema.remove_metadata() != want:
-        have = ", ".join(f"{f.name}: {f.type}" for f in table.schema)
-        return f"schema is ({have}), expected {num_classes} classes as ({', '.join(f'{f.name}: {f.type}' for f in want)})"
+    problem = _schema_problem(table.schema, num_classes)
+    if problem is not None:
+        return problem
     n = table.num_rows
     if not n:
         return None
