@@ -305,8 +305,8 @@ def test_a_webdataset_pool_is_pseudo_labeled_where_it_is(tiny_data, tmp_path):
     (pool / "plain-000002.tar").unlink()
     pattern = f"{pool}/plain-{{000000..000001}}.tar::{pool}/gz-000000.tar.gz"
     runs = tmp_path / "runs"
-    ov = [*tiny_overrides(tiny_data, runs, name="inplace"), f"data.unlabeled={pattern}", "teacher.epochs=2",
-          "student.threshold=0"]
+    ov = [*tiny_overrides(tiny_data, runs, name="inplace"), f"data.unlabeled={pattern}", "teacher.epochs=1",
+          "student.threshold=0", "student.epochs=1"]
     stage("prepare_data.py", *ov)
     stage("iterate.py", "round=1", *ov)
     labels = pq.read_table(runs / "inplace" / "pseudo_labels" / "round=1").to_pydict()

@@ -33,7 +33,7 @@ def _with_probs(table: pa.Table, probs: np.ndarray) -> pa.Table:
 
 def test_edited_pseudo_labels_are_labeled_again_or_refused_never_adopted(tiny_data, tmp_path):
     runs = tmp_path / "runs"
-    ov = [*tiny_overrides(tiny_data, runs, name="t"), "teacher.epochs=2", "student.epochs=1"]
+    ov = [*tiny_overrides(tiny_data, runs, name="t"), "teacher.epochs=1", "student.epochs=1"]
     stage("prepare_data.py", *ov)
     stage("train.py", "role=teacher", *ov)
     stage("pseudo_label.py", "round=1", *ov)
@@ -160,7 +160,7 @@ def test_a_result_is_keyed_by_the_weights_in_the_file_not_by_the_card(model_dir)
 def test_a_full_disk_or_a_read_only_folder_is_one_line_naming_the_path_and_a_rerun_resumes(tiny_data, tmp_path):
     """Injected at the writes themselves (CI runs as root, so file modes would not stop it)."""
     runs = tmp_path / "runs"
-    ov = [*tiny_overrides(tiny_data, runs, name="env"), "teacher.epochs=2"]
+    ov = [*tiny_overrides(tiny_data, runs, name="env"), "teacher.epochs=1"]
     r = stage("prepare_data.py", *ov, env={"NS_FAILPOINT": "shard_write:3:enospc"}, check=False)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "/labeled-000000.tar: no space left on device" in _last(r), r.stderr[-2000:]
