@@ -126,12 +126,21 @@ class _Boom:
         return (open, (str(self.target), "w"))
 
 
+@pytest.mark.parametrize("kind,names", [("truncated weights", "model.safetensors"),
+                                        ("garbage weights", "model.safetensors"),
+                                        ("unknown architecture", "config.json")])
+def test_every_loader_names_the_damaged_file(model_dir, tmp_path, kind, names):
+    """The loader every stage uses (the two stage runs below go through predict, export and evaluate)."""
+    _damage(model_dir, kind, tmp_path / "unpickled")
+    with pytest.raises(ConfigError) as e:
+        models.load_model_dir(model_dir)
+    assert str(e.value).startswith(str(model_dir / names))
+
+
 @pytest.mark.parametrize("kind,script,args,names", [
-    ("truncated weights", "predict.py", ["input={images}", "out={out}"], "model.safetensors"),
-    ("garbage weights", "export.py", [], "model.safetensors"),
     ("a pickle named model.safetensors", "predict.py", ["input={images}", "out={out}"], "model.safetensors"),
-    ("unknown architecture", "evaluate.py", ["test={images}"], "config.json"),
     ("invalid json", "export.py", [], "config.json"),
+    ("unknown architecture", "evaluate.py", ["test={images}"], "config.json"),
 ])
 def test_a_damaged_model_directory_is_one_line_naming_the_file(model_dir, tmp_path, tiny_data, kind, script, args,
                                                                names):
@@ -170,7 +179,6 @@ def test_a_full_disk_or_a_read_only_folder_is_one_line_naming_the_path_and_a_rer
     stage("train.py", "role=teacher", *ov)
     r = stage("pseudo_label.py", "round=1", *ov, env={"NS_FAILPOINT": "parquet_write:2:eacces"}, check=False)
     assert r.returncode == 2 and "unlabeled-000001.parquet: permission denied" in _last(r), r.stderr[-2000:]
-    stage("pseudo_label.py", "round=1", *ov)
     out = tmp_path / "preds.csv"
     model = runs / "env" / "round-0"
     (tmp_path / f".tmp-{out.name}.killed").write_text("a killed run's partial file")
