@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -63,12 +68,86 @@ def tiny_overrides(tiny_data: dict, runs: Path, name: str = "tiny") -> list[str]
 
 
 STAGE_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+# Read once at interpreter or library start: a run that changes them gets a real subprocess.
+_AT_START = ("OMP_", "MKL_", "TQDM_", "PYTHON", "LD_", "MALLOC")
+
+
+class StageServer:
+    """Client of ``tests/stage_server.py``: stage runs in forked children of a process that has
+    imported torch once, instead of ~5 s of imports per run (``NS_TEST_SUBPROCESS=1`` turns it off)."""
+
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+        self.buf = b""
+
+    def _start(self) -> subprocess.Popen:
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "stage_server.py")], env=STAGE_ENV,
+                                         cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            self.buf = b""
+            if json.loads(self._reply(120)).get("ready") is not True:
+                raise RuntimeError("stage server did not start")
+        return self.proc
+
+    def _reply(self, timeout: float) -> str:
+        """The next reply line; read from the raw pipe (a buffered reader could hold a line select misses)."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.proc.stdout], [], [], left)[0]:
+                raise TimeoutError("no reply from the stage server")
+            chunk = os.read(self.proc.stdout.fileno(), 4096)
+            if not chunk:
+                raise RuntimeError("the stage server died")
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line.decode()
+
+    def run(self, argv: list[str], env: dict, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+        proc = self._start()
+        with tempfile.TemporaryDirectory() as d:
+            out, err = Path(d) / "out", Path(d) / "err"
+            proc.stdin.write(json.dumps({"argv": argv, "env": env, "cwd": str(cwd), "stdout": str(out),
+                                         "stderr": str(err)}) + "\n")
+            proc.stdin.flush()
+            pid = json.loads(self._reply(60))["pid"]
+            try:
+                rc = json.loads(self._reply(timeout))["rc"]
+            except TimeoutError:
+                os.kill(pid, signal.SIGKILL)
+                self._reply(60)
+                raise subprocess.TimeoutExpired(argv, timeout) from None
+            return subprocess.CompletedProcess(argv, rc, out.read_text(errors="replace"), err.read_text(errors="replace"))
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(30)
+
+
+SERVER = StageServer()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stage_server():
+    yield
+    SERVER.close()
+
+
+def run_script(script: str, *args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python stages/<script> args`` with ``STAGE_ENV`` plus ``env``: through the stage server unless
+    ``env`` sets something read at interpreter start, then as a real subprocess."""
+    argv = [str(ROOT / "stages" / script), *args]
+    full = {**STAGE_ENV, **(env or {})}
+    if os.environ.get("NS_TEST_SUBPROCESS") == "1" or any(k.startswith(_AT_START) for k in (env or {})):
+        return subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=full, cwd=ROOT,
+                              timeout=timeout)
+    return SERVER.run(argv, full, ROOT, timeout)
 
 
 def stage(script: str, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run ``stages/<script>`` in a subprocess as a user would; raise with its output unless ``check`` is off."""
-    r = subprocess.run([sys.executable, str(ROOT / "stages" / script), *args], capture_output=True, text=True,
-                       env={**STAGE_ENV, **(env or {})}, cwd=ROOT, timeout=600)
+    """Run ``stages/<script>`` as a user would (``run_script``); raise with its output unless ``check`` is off."""
+    r = run_script(script, *args, env=env)
     if check and r.returncode != 0:
         raise AssertionError(f"{script} failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
     return r

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT, STAGE_ENV, stage, tiny_overrides
+from conftest import ROOT, STAGE_ENV, run_script, stage, tiny_overrides
 from safetensors.numpy import load_file
 
 from pipeline.failpoints import POINTS
@@ -27,8 +27,7 @@ from pipeline.failpoints import POINTS
 def killed(script: str, point: str, *args: str) -> subprocess.CompletedProcess:
     """Run a stage with a failpoint armed; assert it died by SIGKILL there."""
     assert point.split(":")[0] in POINTS
-    r = subprocess.run([sys.executable, str(ROOT / "stages" / script), *args], capture_output=True, text=True,
-                       env={**STAGE_ENV, "NS_FAILPOINT": point}, cwd=ROOT, timeout=600)
+    r = run_script(script, *args, env={"NS_FAILPOINT": point})
     assert r.returncode == -9, f"{script} was not killed at {point} ({r.returncode}):\n{r.stderr[-3000:]}"
     return r
 
