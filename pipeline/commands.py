@@ -191,9 +191,9 @@ def _main_of(cmd: Command, prog: str) -> Callable[[list[str]], int | None]:
             return 0
         cfg, opts = parse_args(argv, {k: o.parse for k, o in cmd.options.items()})
         setup_logging(cfg.progress)
-        from pipeline.data import images  # here, not at the top: --help must not import torch
+        from pipeline.data import limits  # lazily, as every library import here
 
-        images.set_max_pixels(cfg.data.max_image_pixels)
+        limits.set_limits(cfg.data.max_image_pixels, cfg.data.max_member_bytes)
         return cmd.body(cfg, opts)
     return main
 

@@ -53,6 +53,9 @@ class DataConfig:
                               lo=0, hi=1, runtime=True)
     max_image_pixels: int = _k(100_000_000, "images larger than this (width x height, read from the header) are "
                                             "skipped as bad, on every decode path", lo=1, runtime=True)
+    max_member_bytes: int = _k(256 * 2**20, "archive members, shard members and image files larger than this "
+                                            "(bytes, decompressed) are skipped as bad without being read",
+                               lo=1, runtime=True)
     pool_check: Literal["size", "sha256"] = _k(
         "size", "how a pool of existing shards (read in place) is checked on each stage: size, or sha256 too",
         runtime=True)

@@ -90,3 +90,39 @@ class SkipLog:
     def metrics(self) -> dict:
         return {"skipped": self.skipped, "used": self.used, "skipped_share": round(self.share, 6),
                 "limit": self.limit, "reasons": dict(self.reasons), "examples": self.examples}
+
+
+class Tally:
+    """Counts by reason, with examples, of what is not bad but must not pass silently.
+
+    Used for inputs passed over on purpose (files that are not images, images outside a class
+    folder, tar members of no sample, what a cap such as ``data.max_unlabeled`` leaves out: they do not
+    count against ``data.max_bad_share``) and for images converted to the dataset's mode or size.
+    """
+
+    def __init__(self):
+        self.reasons: Counter[str] = Counter()
+        self.examples: list[dict] = []
+
+    def add(self, where: str, reason: str, count: int = 1) -> None:
+        if count <= 0:
+            return
+        self.reasons[reason] += count
+        if len(self.examples) < MAX_EXAMPLES:
+            self.examples.append({"where": where, "reason": reason, "count": count})
+
+    def merge(self, other: Tally) -> None:
+        for e in other.examples:
+            if len(self.examples) < MAX_EXAMPLES:
+                self.examples.append(e)
+        self.reasons.update(other.reasons)
+
+    @property
+    def count(self) -> int:
+        return sum(self.reasons.values())
+
+    def summary(self) -> str:
+        return ", ".join(f"{n} {reason}" for reason, n in self.reasons.most_common())
+
+    def metrics(self) -> dict:
+        return {"count": self.count, "reasons": dict(self.reasons), "examples": self.examples}

@@ -10,18 +10,14 @@ import torch
 import torchvision.io as tvio
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.data.limits import OverLimit, check_pixels
+
 
 class BadImage(ValueError):
     """Image bytes that cannot become a picture of the model's input mode."""
 
 
 _READ_MODE = {"L": tvio.ImageReadMode.GRAY.value, "RGB": tvio.ImageReadMode.RGB.value}
-LIMIT = {"max_pixels": 100_000_000}  # data.max_image_pixels, set by the stage commands
-
-
-def set_max_pixels(n: int) -> None:
-    """The largest image (width x height) any stage decodes; larger ones are skipped as bad."""
-    LIMIT["max_pixels"] = int(n)
 
 
 def _png_jpeg_size(data: bytes) -> tuple[int, int] | None:
@@ -40,8 +36,11 @@ def _png_jpeg_size(data: bytes) -> tuple[int, int] | None:
 
 
 def _check_size(w: int, h: int) -> None:
-    if w * h > LIMIT["max_pixels"]:
-        raise BadImage(f"{w} x {h} pixels is over data.max_image_pixels ({LIMIT['max_pixels']})")
+    """The pixel limit (``limits``), checked from the header before any pixel is decoded."""
+    try:
+        check_pixels(w, h)
+    except OverLimit as e:
+        raise BadImage(str(e)) from None
 
 
 def decode_tensor(data: bytes, mode: str) -> torch.Tensor | None:

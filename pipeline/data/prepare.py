@@ -33,10 +33,10 @@ from pipeline.artifacts import (
     write_json_atomic,
 )
 from pipeline.config import Config, ConfigError
-from pipeline.data.bad_samples import Skip, SkipLog
+from pipeline.data.bad_samples import Skip, SkipLog, Tally
 from pipeline.data.dataset import MANIFEST, ORIGINS, TRUTH, data_dir, data_identity, shard_matches
 from pipeline.data.images import BadImage, decode_image
-from pipeline.data.shards import iter_samples, write_shard
+from pipeline.data.shards import image_bytes, iter_samples, write_shard
 from pipeline.data.sources import (
     Source,
     index_pool,
@@ -47,6 +47,7 @@ from pipeline.data.sources import (
 )
 from pipeline.errors import DataError
 from pipeline.tracking import bar
+from pipeline.tracking import log as tlog
 
 SPLITS = ("labeled", "val", "unlabeled", "test")
 
@@ -102,9 +103,10 @@ def _subset(idx: np.ndarray, cap: int | None, rng: np.random.Generator) -> np.nd
     return idx if cap is None else idx[:cap]
 
 
-def _plan(cfg: Config) -> tuple[dict[str, tuple[Source, np.ndarray, str]], Source]:
+def _plan(cfg: Config) -> tuple[dict[str, tuple[Source, np.ndarray, str]], Source, Tally]:
     """For each split to write: (source, indices in write order, key prefix). A pool of existing
-    shards has no entry: it is indexed where it is (``_pool_in_place``)."""
+    shards has no entry: it is indexed where it is (``_pool_in_place``). Also what the split and the
+    caps leave out, counted."""
     d = cfg.data
     rng = np.random.default_rng(d.seed)
     train = labeled_source(d.source, True, d.root, d.download)
@@ -121,15 +123,22 @@ def _plan(cfg: Config) -> tuple[dict[str, tuple[Source, np.ndarray, str]], Sourc
     lab, val, rest = _stratified(labels, per_class, d.val_per_class, rng, len(train.class_names))
     plan = {"labeled": (train, _subset(lab, None, rng), "train"),
             "val": (train, _subset(val, None, rng), "train")}
+    capped = Tally()
     if d.unlabeled == "rest":
         if len(rest) == 0:
             raise ConfigError("data.unlabeled=rest but no images are left after the labeled split")
         plan["unlabeled"] = (train, _subset(rest, d.max_unlabeled, rng), "train")
-    elif not is_shard_pattern(d.unlabeled):
-        pool = unlabeled_source(d.unlabeled)
-        plan["unlabeled"] = (pool, _subset(np.arange(len(pool)), d.max_unlabeled, rng), "pool")
+        capped.add(train.name, "training image past data.max_unlabeled", len(rest) - len(plan["unlabeled"][1]))
+    else:
+        capped.add(train.name, "training image past data.labeled_per_class + data.val_per_class "
+                               "(data.unlabeled is not rest)", len(rest))
+        if not is_shard_pattern(d.unlabeled):
+            pool = unlabeled_source(d.unlabeled)
+            plan["unlabeled"] = (pool, _subset(np.arange(len(pool)), d.max_unlabeled, rng), "pool")
+            capped.add(pool.name, "pool image past data.max_unlabeled", len(pool) - len(plan["unlabeled"][1]))
     plan["test"] = (test, _subset(np.arange(len(test)), d.max_test, rng), "test")
-    return plan, train
+    capped.add(test.name, "test image past data.max_test", len(test) - len(plan["test"][1]))
+    return plan, train, capped
 
 
 def _key(prefix: str, i: int) -> str:
@@ -147,17 +156,33 @@ def _read(source: Source, i: int, mode: str | None) -> tuple[bytes, str]:
     return data, ext
 
 
-def _samples(split: str, source: Source, indices: np.ndarray, prefix: str, written: list, mode: str,
+def _note_conversion(data: bytes, shape: tuple, where: str) -> None:
+    """Count an image whose header says another mode or size than the dataset's ``shape`` (mode,
+    (h, w), tally): it is converted whenever it is read."""
+    mode, (h, w), conversions = shape
+    try:
+        img = Image.open(io.BytesIO(data))  # the header only
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return
+    if img.mode != mode:
+        conversions.add(where, f"mode {img.mode} -> {mode}")
+    if img.size != (w, h):
+        conversions.add(where, f"size other than {w} x {h}")
+
+
+def _samples(split: str, source: Source, indices: np.ndarray, prefix: str, written: list, shape: tuple,
              log: SkipLog, shown: tqdm):
     """Shard samples of ``indices``; bad images are skipped into ``log``, the written indices
-    appended to ``written``."""
+    appended to ``written``, conversions counted in ``shape``'s tally."""
     for i in indices.tolist():
         shown.update(1)
         try:
-            data, ext = _read(source, i, mode)
+            data, ext = _read(source, i, shape[0])
         except BadImage as e:
             log.skip(Skip(source.origin(i), _key(prefix, i), str(e)))
             continue
+        if source.verify:
+            _note_conversion(data, shape, source.origin(i))
         sample = {"__key__": _key(prefix, i), ext: data}
         if source.labels is not None and split != "unlabeled":  # the pool's labels stay out of shards
             sample["cls"] = str(source.labels[i])
@@ -166,9 +191,16 @@ def _samples(split: str, source: Source, indices: np.ndarray, prefix: str, writt
         yield sample
 
 
-def _written(path: Path, prefix: str) -> list[int]:
-    """Source indices of the samples in a finished shard (from its keys)."""
-    return [int(s["__key__"].rsplit("_", 1)[1]) for s in iter_samples(path) if s["__key__"].startswith(prefix)]
+def _written(path: Path, prefix: str, shape: tuple) -> list[int]:
+    """Source indices of the samples in a finished shard (from its keys); their conversions counted."""
+    out = []
+    for s in iter_samples(path):
+        if s["__key__"].startswith(prefix):
+            out.append(int(s["__key__"].rsplit("_", 1)[1]))
+            data = image_bytes(s)
+            if data is not None:
+                _note_conversion(data, shape, f"{path.name}/{s['__key__']}")
+    return out
 
 
 def _probe_mode(source: Source, indices: np.ndarray, sample: int = 200) -> tuple[str, tuple[int, int]]:
@@ -225,20 +257,23 @@ def prepare(cfg: Config, progress: bool = True) -> Path:
 
 
 def _prepare(cfg: Config, out: Path, progress: bool, t0: float) -> Path:
-    plan, train = _plan(cfg)
+    plan, train, unused = _plan(cfg)
     try:
-        return _write(cfg, out, plan, train, progress, t0)
+        return _write(cfg, out, plan, train, unused, progress, t0)
     finally:
         for source, _, _ in plan.values():
             source.close()
 
 
-def _write(cfg: Config, out: Path, plan: dict, train: Source, progress: bool, t0: float) -> Path:
+def _write(cfg: Config, out: Path, plan: dict, train: Source, unused: Tally, progress: bool, t0: float) -> Path:
     mode, image_size = _probe_mode(train, plan["labeled"][1])
+    sources = {id(src): src for src, _, _ in plan.values()}.values()
     total = sum(len(ix) for _, ix, _ in plan.values())
-    log = SkipLog("prepare", cfg.data.max_bad_share, expected=total)
-    for source in {id(src): src for src, _, _ in plan.values()}.values():
+    log = SkipLog("prepare", cfg.data.max_bad_share, expected=total + sum(k.count for s in sources for k in s.skipped))
+    for source in sources:
         log.extend(source.skipped)
+        unused.merge(source.unused)
+    shape = (mode, image_size, Tally())
     splits: dict[str, dict] = {}
     num_classes = len(train.class_names)
     size = cfg.data.shard_size
@@ -252,7 +287,7 @@ def _write(cfg: Config, out: Path, plan: dict, train: Source, progress: bool, t0
             for s in range(math.ceil(len(indices) / size)):
                 chunk = indices[s * size:(s + 1) * size]
                 path = out / f"{split}-{s:06d}.tar"
-                entry, written = _shard(path, split, source, chunk, prefix, mode, log, shown)
+                entry, written = _shard(path, split, source, chunk, prefix, shape, log, shown)
                 if not written:
                     path.unlink(missing_ok=True)
                     continue
@@ -272,15 +307,17 @@ def _write(cfg: Config, out: Path, plan: dict, train: Source, progress: bool, t0
             splits[split] = {"count": len(kept), "per_class": per_class, "shards": shards,
                              "source": source.name}
         if "unlabeled" not in plan:
-            splits["unlabeled"] = _pool_in_place(cfg, log)
+            splits["unlabeled"] = _pool_in_place(cfg, log, unused)
         log.check()
+    _report(unused, shape[2])
     splits = {k: splits[k] for k in SPLITS if k in splits}
     mean, std = _channel_stats(plan["labeled"][0], plan["labeled"][1], mode)
     manifest = {
         "kind": "data", "config": data_identity(cfg.data), "seed": cfg.data.seed,
         "class_names": train.class_names, "num_classes": num_classes,
         "image": {"mode": mode, "size": list(image_size), "mean": mean, "std": std},
-        "splits": splits, "bad_samples": log.metrics(), "code_version": code_version(),
+        "splits": splits, "bad_samples": log.metrics(), "unused": unused.metrics(),
+        "conversions": shape[2].metrics(), "code_version": code_version(),
         "seconds": round(time.time() - t0, 1),
     }
     manifest["origins"] = {"file": ORIGINS, "sha256": sha256_file(out / ORIGINS)}
@@ -290,23 +327,32 @@ def _write(cfg: Config, out: Path, plan: dict, train: Source, progress: bool, t0
     return out
 
 
-def _pool_in_place(cfg: Config, log: SkipLog) -> dict:
+def _report(unused: Tally, conversions: Tally) -> None:
+    """One line each for inputs passed over and images converted (the manifest lists them)."""
+    if unused.count:
+        tlog.info(f"prepare: {unused.count} inputs not used ({unused.summary()}); listed in the manifest's unused")
+    if conversions.count:
+        tlog.info(f"prepare: {conversions.count} images differ from the dataset's mode or size and are converted "
+                  f"when read ({conversions.summary()}); listed in the manifest's conversions")
+
+
+def _pool_in_place(cfg: Config, log: SkipLog, unused: Tally) -> dict:
     """The unlabeled split as existing shards, indexed where they are (``sources.index_pool``)."""
     d = cfg.data
-    entries, skipped, usable = index_pool(d.unlabeled, d.pool_check == "sha256", d.max_unlabeled)
+    entries, skipped, usable = index_pool(d.unlabeled, d.pool_check == "sha256", d.max_unlabeled, unused)
     log.extend(skipped)
     log.use(usable)
     return {"count": usable, "per_class": None, "shards": entries, "source": d.unlabeled, "in_place": True}
 
 
-def _shard(path: Path, split: str, source: Source, chunk, prefix: str, mode: str, log: SkipLog, shown
+def _shard(path: Path, split: str, source: Source, chunk, prefix: str, shape: tuple, log: SkipLog, shown
            ) -> tuple[dict, list[int]]:
     """Write one shard of ``chunk`` (or adopt it, finished by an earlier interrupted run of this same
     config); returns its manifest entry and the source indices it holds."""
     written: list[int] = []
     if not path.is_file():
-        return write_shard(path, _samples(split, source, chunk, prefix, written, mode, log, shown)), written
-    written = _written(path, prefix)
+        return write_shard(path, _samples(split, source, chunk, prefix, written, shape, log, shown)), written
+    written = _written(path, prefix, shape)
     log.use(len(written))
     if len(written) < len(chunk):  # bad samples left out when it was written
         log.skip(Skip(path.name, "-", "bad samples left out by an earlier run", len(chunk) - len(written)))
@@ -335,21 +381,25 @@ def prepare_test(spec: str, cfg: Config, progress: bool = True) -> tuple[Path, d
     out.mkdir(parents=True, exist_ok=True)
     clean_tmp(out)
     indices = np.arange(len(source))
-    mode, _ = _probe_mode(source, indices)
-    log = SkipLog("prepare test", cfg.data.max_bad_share, expected=len(indices))
+    mode, image_size = _probe_mode(source, indices)
+    shape = (mode, image_size, Tally())
+    log = SkipLog("prepare test", cfg.data.max_bad_share, expected=len(indices) + sum(k.count for k in source.skipped))
+    log.extend(source.skipped)
     size = cfg.data.shard_size
     shards, written = [], []
     with bar(progress, total=len(indices), desc=f"prepare {out.name}", unit="img") as shown:
         for s in range(math.ceil(len(indices) / size)):
             chunk = indices[s * size:(s + 1) * size]
             shards.append(write_shard(out / f"test-{s:06d}.tar",
-                                      _samples("test", source, chunk, "test", written, mode, log, shown)))
+                                      _samples("test", source, chunk, "test", written, shape, log, shown)))
     log.check()
+    _report(source.unused, shape[2])
     manifest = {"kind": "data", "config": identity, "class_names": source.class_names,
                 "num_classes": len(source.class_names),
                 "splits": {"test": {"count": len(written), "shards": shards, "source": source.name,
                                     "per_class": np.bincount(np.asarray(source.labels)[np.asarray(written, dtype=np.int64)],
                                                              minlength=len(source.class_names)).tolist()}},
-                "bad_samples": log.metrics(), "code_version": code_version()}
+                "bad_samples": log.metrics(), "unused": source.unused.metrics(),
+                "conversions": shape[2].metrics(), "code_version": code_version()}
     write_json_atomic(out / MANIFEST, manifest)
     return out, manifest

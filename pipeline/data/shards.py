@@ -21,7 +21,8 @@ import webdataset as wds
 
 from pipeline import failpoints
 from pipeline.artifacts import atomic_path, sha256_file
-from pipeline.data.bad_samples import Skip
+from pipeline.data.bad_samples import Skip, Tally
+from pipeline.data.limits import member_problem
 from pipeline.data.remote import open_url
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
@@ -80,10 +81,11 @@ class ShardError(ValueError):
         super().__init__(f"shard {url} is damaged {where}: {reason}")
 
 
-def iter_samples(url: str | Path) -> Iterator[dict]:
+def iter_samples(url: str | Path, unused: Tally | None = None) -> Iterator[dict]:
     """Samples of one shard as ``{"__key__": ..., ext: bytes}``, in the shard's order.
 
-    Members are grouped by key as webdataset does; only regular files are read. A shard that
+    Members are grouped by key as webdataset does; only regular files are read. Members of no
+    sample (no extension, a ``__`` key, a link) are counted in ``unused`` when given. A shard that
     ends early raises ``ShardError`` after yielding every complete sample before the damage.
     """
     try:
@@ -96,7 +98,9 @@ def iter_samples(url: str | Path) -> Iterator[dict]:
         try:
             for name, data in _tar_members(stream):
                 key, ext = split_name(name)
-                if not ext or key.startswith("__") or ext.startswith("__"):
+                if data is None or not ext or key.startswith("__") or ext.startswith("__"):
+                    if unused is not None:
+                        unused.add(f"{Path(str(url)).name}/{name}", _outside_reason(data))
                     continue
                 if current is None or current["__key__"] != key:
                     if current is not None:
@@ -117,14 +121,15 @@ _REGULAR = (b"0", b"\0", b"7")  # regular file, old-style regular file, contiguo
 
 
 def _tar_members(stream, index: bool = False) -> Iterator[tuple]:
-    """(name, data) of each regular-file member of a tar stream (plain or gzip), read sequentially.
+    """(name, data) of each regular-file member of a tar stream (plain or gzip), read sequentially;
+    (name, None) for a link, device or fifo member (directories are passed over).
 
     A small reader of its own instead of ``tarfile``'s stream mode, which costs as much per member
     as a good part of decoding a small PNG: it checks each header's checksum, follows GNU long names
     and pax ``path``/``size`` records, skips every other member type, and raises EOFError for a
     stream that ends before its end-of-archive block.
 
-    ``index`` (a seekable, uncompressed file): (name, offset of the member's first header block)
+    ``index`` (a seekable, uncompressed file): (name, (offset of the member's first header block, size))
     instead, seeking past the data, so a pool can be indexed without holding its bytes.
     """
     end = os.fstat(stream.fileno()).st_size if index else 0
@@ -148,9 +153,16 @@ def _tar_members(stream, index: bool = False) -> Iterator[tuple]:
             return
         if not _checksum_ok(block, _octal(block[148:156]) or -1):
             raise tarfile.HeaderError("bad checksum in a member header")
-        size = int(pax["size"]) if "size" in pax else _octal(block[124:136])
+        size = _pax_size(pax["size"]) if "size" in pax else _octal(block[124:136])
         kind = block[156:157]
-        data, pos = _member_data(stream, size, index and kind in _REGULAR, pos, end)
+        if kind in _META and size > _MAX_META:
+            raise tarfile.HeaderError(f"a {size}-byte extended header (at most {_MAX_META})")
+        if kind in _META or index:
+            data, pos = _member_data(stream, size, index and kind not in _META, pos, end)
+        elif kind in _REGULAR and member_problem(size) is None:
+            data, pos = _member_data(stream, size, False, pos, end)
+        else:  # over data.max_member_bytes, or a link, directory, device: passed over, never held
+            data, pos = (Oversize(size) if kind in _REGULAR else b""), _pass_over(stream, size, pos)
         if kind == b"L":  # GNU long name of the next member
             long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
             continue
@@ -162,8 +174,32 @@ def _tar_members(stream, index: bool = False) -> Iterator[tuple]:
         name = long_name or pax.get("path") or _ustar_name(block)
         long_name, pax = None, {}
         if kind in _REGULAR:
-            yield (name, start) if index else (name, data)
+            yield (name, (start, size)) if index else (name, data)
+        elif kind != b"5":  # a link, device or fifo: no data of its own, but an input all the same
+            yield name, None
         start = pos
+
+
+class Oversize:
+    """Stands for a member's data that was not read: over ``data.max_member_bytes`` (``limits``)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+
+_META = (b"L", b"x", b"g")
+_MAX_META = 2**20  # a long name or pax record set is a few hundred bytes; more is damage or an attack
+
+
+def _pass_over(stream, size: int, pos: int) -> int:
+    """Read past a member's data and padding in 1 MiB pieces (a gzip or pipe cannot seek), holding none."""
+    left = size + (-size % _BLOCK)
+    while left:
+        got = len(_read_exact(stream, min(left, 2**20)))
+        if not got:
+            raise EOFError("unexpected end of data")
+        left -= got
+    return pos + _BLOCK + size + (-size % _BLOCK)
 
 
 def _member_data(stream, size: int, skip: bool, pos: int, end: int) -> tuple[bytes, int]:
@@ -185,31 +221,34 @@ def _member_data(stream, size: int, skip: bool, pos: int, end: int) -> tuple[byt
 _ZERO = bytes(_BLOCK)
 
 
-def index_images(path: str | Path) -> Iterator[tuple[str, str, int]]:
-    """(key, image extension, offset) of each sample's image member in a local, uncompressed shard.
+def index_images(path: str | Path, unused: Tally | None = None) -> Iterator[tuple[str, str | None, int, int]]:
+    """(key, image extension, offset, size) of each sample's image member in a local, uncompressed shard.
 
-    Reads headers only. Samples without an image member are yielded with extension None. Raises
-    ShardError (after yielding what comes before) for a damaged shard.
+    Reads headers only. Samples without an image member are yielded with extension None; members of
+    no sample go to ``unused``. Raises ShardError (after yielding what comes before) for a damaged shard.
     """
-    current, ext, offset, last = None, None, 0, None
+    current, ext, offset, size, last = None, None, 0, 0, None
     try:
         with open(path, "rb") as f:
-            for name, start in _tar_members(f, index=True):
+            for name, where in _tar_members(f, index=True):
                 key, e = split_name(name)
-                if not e or key.startswith("__") or e.startswith("__"):
+                if where is None or not e or key.startswith("__") or e.startswith("__"):
+                    if unused is not None:
+                        unused.add(f"{Path(path).name}/{name}", _outside_reason(where))
                     continue
+                start, n = where
                 if key != current:
                     if current is not None:
                         last = current
-                        yield current, ext, offset
-                    current, ext, offset = key, None, 0
+                        yield current, ext, offset, size
+                    current, ext, offset, size = key, None, 0, 0
                 e = e.lower()
                 if ext is None and e in IMAGE_KEYS:
-                    ext, offset = e, start
+                    ext, offset, size = e, start, n
     except (tarfile.TarError, EOFError, OSError) as err:
         raise ShardError(str(path), last, _tar_reason(err)) from None
     if current is not None:
-        yield current, ext, offset
+        yield current, ext, offset, size
 
 
 class _Prefixed:
@@ -243,9 +282,22 @@ def _octal(field: bytes) -> int:
     if field[:1] == b"\x80":  # GNU base-256 for sizes past 8 GiB
         return int.from_bytes(field[1:], "big")
     try:
-        return int(field, 8) if field else 0
+        value = int(field, 8) if field else 0
     except ValueError:
-        raise tarfile.HeaderError(f"bad number field {field[:12]!r} in a member header") from None
+        value = -1
+    if value < 0:
+        raise tarfile.HeaderError(f"bad number field {field[:12]!r} in a member header")
+    return value
+
+
+def _pax_size(text: str) -> int:
+    try:
+        size = int(text)
+    except ValueError:
+        size = -1
+    if size < 0:
+        raise tarfile.HeaderError(f"bad pax size {text[:20]!r}")
+    return size
 
 
 def _checksum_ok(block: bytes, stored: int) -> bool:
@@ -295,6 +347,10 @@ def _tar_reason(e: Exception) -> str:
     return "empty file" if "empty file" in text else text
 
 
+def _outside_reason(data) -> str:
+    return "tar member that is a link or device" if data is None else "tar member of no sample"
+
+
 def image_bytes(sample: dict) -> bytes | None:
     for k in IMAGE_KEYS:
         if k in sample:
@@ -302,13 +358,14 @@ def image_bytes(sample: dict) -> bytes | None:
     return None
 
 
-def read_shard(url: str | Path, expected: int | None = None, mod: int = 1, rem: int = 0) -> Iterator[dict | Skip]:
+def read_shard(url: str | Path, expected: int | None = None, mod: int = 1, rem: int = 0,
+               unused: Tally | None = None) -> Iterator[dict | Skip]:
     """The one reader every stage uses: each usable sample of one shard, and a ``Skip`` for each
     thing that is not (a sample without an image member, the lost tail of a damaged tar, a shard
     that ends before the ``expected`` count its manifest promised, an empty shard).
 
     ``mod``/``rem``: this consumer's share when several read one shard (``loaders.assign``); a lost tail
-    is counted within that share.
+    is counted within that share. ``unused``: where members of no sample are counted.
     """
     name = Path(url).name
     pos = 0
@@ -317,8 +374,12 @@ def read_shard(url: str | Path, expected: int | None = None, mod: int = 1, rem: 
         return 1 if expected is None else sum(1 for p in range(pos, expected) if p % mod == rem)
 
     try:
-        for pos, sample in enumerate(iter_samples(url), start=1):
+        for pos, sample in enumerate(iter_samples(url, unused), start=1):
             if (pos - 1) % mod != rem:
+                continue
+            big = next((k for k, v in sample.items() if isinstance(v, Oversize)), None)
+            if big is not None:
+                yield Skip(name, sample["__key__"], f"member {big}: {member_problem(sample[big].size)}")
                 continue
             if image_bytes(sample) is None:
                 members = ", ".join(sorted(k for k in sample if not k.startswith("__")))

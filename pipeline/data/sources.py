@@ -20,7 +20,8 @@ from PIL import Image
 
 from pipeline.artifacts import sha256_file
 from pipeline.config import ConfigError
-from pipeline.data.bad_samples import Skip
+from pipeline.data.bad_samples import Skip, Tally
+from pipeline.data.limits import member_problem
 from pipeline.data.remote import fetch_command
 from pipeline.data.shards import (
     IMAGE_KEYS,
@@ -56,6 +57,7 @@ class Source:
     size: int
     verify: bool = True  # decode each image at prepare time (False: bytes we encoded ourselves)
     skipped: list = field(default_factory=list)  # bad_samples.Skip met while listing the source
+    unused: Tally = field(default_factory=Tally)  # inputs passed over on purpose (not images...)
     close: Callable[[], None] = lambda: None  # release open files (shard pools keep some open)
 
 
@@ -166,65 +168,117 @@ def _safe_member(name: str) -> bool:
     return not name.startswith(("/", "\\")) and ".." not in parts
 
 
-def _archive_images(path: Path) -> list[tuple[str, bytes]]:
-    """(member name, bytes) of every regular image member; links and devices are ignored."""
+NOT_IMAGE = "file that is not an image (by its name)"
+HIDDEN = "hidden file"
+OUTSIDE_CLASS = "image outside a class folder"
+
+
+def _passed_over(name: str) -> str | None:
+    """Why a file or member name is not read as an image, or None for an image name."""
+    if Path(name).name.startswith("."):
+        return HIDDEN
+    return None if _is_image_name(name) else NOT_IMAGE
+
+
+def passed_over_member(m: tarfile.TarInfo) -> str | None:
+    """Why an archive member (not a directory) is not read as an image, or None."""
+    if not m.isreg():
+        return "archive member that is a link or device"
+    return "archive member with an unsafe name" if not _safe_member(m.name) else _passed_over(m.name)
+
+
+def _archive_images(path: Path, unused: Tally, skipped: list) -> list[tuple[str, bytes]]:
+    """(member name, bytes) of every regular image member within ``data.max_member_bytes``; the
+    others are counted in ``unused`` (not images, links, unsafe names) or ``skipped`` (too large)."""
     out = []
     try:
         with tarfile.open(path, "r:*") as tf:
             for m in tf:
-                if not m.isreg() or not _is_image_name(m.name) or not _safe_member(m.name):
+                if m.isdir():
                     continue
-                f = tf.extractfile(m)
-                if f is not None:
-                    out.append((m.name, f.read()))
+                why = passed_over_member(m)
+                if why:
+                    unused.add(f"{path.name}/{m.name}", why)
+                elif member_problem(m.size):
+                    skipped.append(Skip(path.name, m.name, member_problem(m.size)))
+                else:
+                    f = tf.extractfile(m)
+                    out.append((m.name, f.read() if f is not None else b""))
     except (tarfile.TarError, OSError, EOFError) as e:
         raise ConfigError(f"cannot read archive {path}: {e}") from None
     return out
 
 
 def _labeled_from_pairs(name: str, pairs: list[tuple[str, bytes]] | list[tuple[str, Path]],
-                        reader: Callable[[object], bytes]) -> Source:
-    """Class = the name of each image's parent directory (ImageFolder convention)."""
+                        unused: Tally) -> list[tuple[str, str, object]]:
+    """(class, name, payload) of each image: class = its parent directory (ImageFolder convention)."""
     items = []
     for member, payload in pairs:
         parts = Path(member).parts
         if len(parts) < 2:
+            unused.add(f"{name}/{member}", OUTSIDE_CLASS)
             continue
         items.append((parts[-2], member, payload))
     if not items:
         raise ConfigError(f"{name}: no images in class folders (expected <class>/<image> entries)")
+    return items
+
+
+def _labeled(name: str, items: list, reader: Callable[[object], bytes], unused: Tally, skipped: list) -> Source:
     items.sort(key=lambda t: t[1])
     classes = sorted({c for c, _, _ in items})
     index = {c: i for i, c in enumerate(classes)}
     labels = [index[c] for c, _, _ in items]
     return Source(name, labels, classes, lambda i: (reader(items[i][2]), _ext(items[i][1])),
-                  lambda i: str(items[i][1]), len(items))
+                  lambda i: str(items[i][1]), len(items), skipped=skipped, unused=unused)
+
+
+def _list_folder(path: Path, unused: Tally, skipped: list) -> list[Path]:
+    """Image files under ``path``, sorted; every other file is counted in ``unused``, an image over
+    ``data.max_member_bytes`` in ``skipped``."""
+    files = []
+    for p in sorted(path.rglob("*")):
+        if p.is_dir():
+            continue
+        rel = str(p.relative_to(path))
+        why = _passed_over(p.name) if p.is_file() else "not a regular file"
+        if why:
+            unused.add(f"{path}/{rel}", why)
+        elif member_problem(p.stat().st_size):
+            skipped.append(Skip(str(path), rel, member_problem(p.stat().st_size)))
+        else:
+            files.append(p)
+    return files
 
 
 def folder_source(path: Path, labeled: bool) -> Source:
     if not path.is_dir():
         raise ConfigError(f"directory not found: {path}")
-    files = sorted(p for p in path.rglob("*") if p.is_file() and _is_image_name(p.name))
-    if not files:
+    unused, skipped = Tally(), []
+    files = _list_folder(path, unused, skipped)
+    if not files and not skipped:
         raise ConfigError(f"no images found under {path}")
     rel = [(str(p.relative_to(path)), p) for p in files]
     if labeled:
-        return _labeled_from_pairs(str(path), rel, lambda p: Path(p).read_bytes())
+        items = _labeled_from_pairs(str(path), rel, unused)
+        return _labeled(str(path), items, lambda p: Path(p).read_bytes(), unused, skipped)
     return Source(str(path), None, None, lambda i: (files[i].read_bytes(), _ext(files[i].name)),
-                  lambda i: rel[i][0], len(files))
+                  lambda i: rel[i][0], len(files), skipped=skipped, unused=unused)
 
 
 def archive_source(path: Path, labeled: bool) -> Source:
     if not path.is_file():
         raise ConfigError(f"archive not found: {path}")
-    pairs = _archive_images(path)
-    if not pairs:
+    unused, skipped = Tally(), []
+    pairs = _archive_images(path, unused, skipped)
+    if not pairs and not skipped:
         raise ConfigError(f"no images found in archive {path}")
     if labeled:
-        return _labeled_from_pairs(str(path), pairs, lambda b: b)
+        return _labeled(str(path), _labeled_from_pairs(str(path), pairs, unused), lambda b: b,
+                        unused, skipped)
     pairs.sort(key=lambda t: t[0])
     return Source(str(path), None, None, lambda i: (pairs[i][1], _ext(pairs[i][0])),
-                  lambda i: pairs[i][0], len(pairs))
+                  lambda i: pairs[i][0], len(pairs), skipped=skipped, unused=unused)
 
 
 def labeled_source(spec: str, train: bool, root: str | None, download: bool) -> Source:
@@ -247,7 +301,8 @@ def is_shard_pattern(spec: str) -> bool:
             or spec.startswith(("http://", "https://", "s3://", "gs://", "pipe:")))
 
 
-def iter_shard_images(pattern: str, skipped: list | None = None) -> Iterator[tuple[str, bytes, str]]:
+def iter_shard_images(pattern: str, skipped: list | None = None,
+                      unused: Tally | None = None) -> Iterator[tuple[str, bytes, str]]:
     """(origin, image bytes, ext) of each sample in existing webdataset shards (``shards.read_shard``).
 
     What cannot be used (no image, a damaged shard's lost tail, an empty shard) is appended to
@@ -256,7 +311,7 @@ def iter_shard_images(pattern: str, skipped: list | None = None) -> Iterator[tup
 
     for url in expand_shards(pattern):
         name = Path(url).name
-        for sample in read_shard(url):
+        for sample in read_shard(url, unused=unused):
             if isinstance(sample, Skip):
                 if skipped is None:
                     raise ConfigError(f"shard {url}: {sample.reason}")
@@ -266,20 +321,25 @@ def iter_shard_images(pattern: str, skipped: list | None = None) -> Iterator[tup
             yield f"{name}/{sample['__key__']}", sample[ext], _ext("x." + ext)
 
 
-def index_pool(spec: str, hash_local: bool = False, cap: int | None = None) -> tuple[list[dict], list[Skip], int]:
+def index_pool(spec: str, hash_local: bool = False, cap: int | None = None,
+               unused: Tally | None = None) -> tuple[list[dict], list[Skip], int]:
     """Existing webdataset shards used where they are, as the unlabeled pool: for each shard its
     location, sample count and, for a local file, its size (and sha256 when ``hash_local``), so
     later stages can tell it changed. Nothing is copied; keys and extra members stay as they are.
 
     Returns (manifest entries, what cannot be used as ``Skip`` records, usable samples). ``cap``
-    (``data.max_unlabeled``) keeps whole shards until it is reached.
+    (``data.max_unlabeled``) keeps whole shards until it is reached; the shards past it, and members of
+    no sample, are counted in ``unused``.
     """
     entries: list[dict] = []
     skipped: list[Skip] = []
     seen: dict[str, str] = {}
     usable = 0
-    for url in expand_shards(spec):
+    urls = expand_shards(spec)
+    unused = Tally() if unused is None else unused
+    for n, url in enumerate(urls):
         if cap is not None and usable >= cap:
+            unused.add(spec, "shard past data.max_unlabeled (not read)", len(urls) - n)
             break
         name = Path(url).name
         if name in seen:
@@ -288,7 +348,7 @@ def index_pool(spec: str, hash_local: bool = False, cap: int | None = None) -> t
         seen[name] = url
         remote = fetch_command(url) is not None
         where = url if remote else str(Path(url.removeprefix("file://")).resolve())
-        total, good = _count(where, remote, skipped)
+        total, good = _count(where, remote, skipped, unused)
         if not total:
             continue
         usable += good
@@ -301,25 +361,26 @@ def index_pool(spec: str, hash_local: bool = False, cap: int | None = None) -> t
     return entries, skipped, usable
 
 
-def _count(where: str, remote: bool, skipped: list[Skip]) -> tuple[int, int]:
+def _count(where: str, remote: bool, skipped: list[Skip], unused: Tally) -> tuple[int, int]:
     """(samples, samples with an image) of one shard; a plain local tar by its headers alone
     (``shards.index_images``), a gzipped or remote one by reading it (``shards.read_shard``)."""
     name, total, good = Path(where).name, 0, 0
     if not remote and not _is_gzip(Path(where)):
         try:
-            for key, ext, _ in index_images(where):
+            for key, ext, _, size in index_images(where, unused):
                 total += 1
-                if ext is None:
-                    skipped.append(Skip(name, key, "no image member"))
+                problem = "no image member" if ext is None else member_problem(size)
+                if problem:
+                    skipped.append(Skip(name, key, problem if ext is None else f"member {ext}: {problem}"))
                 else:
                     good += 1
         except ShardError as e:
             skipped.append(Skip(name, f"after {e.after}" if e.after else "-", f"damaged tar: {e.reason}", 0))
         return total, good
-    for sample in read_shard(where):
+    for sample in read_shard(where, unused=unused):
         if isinstance(sample, Skip):
             skipped.append(sample)
-            total += sample.count if sample.reason.startswith("no image") else 0
+            total += sample.count if sample.reason.startswith(("no image", "member ")) else 0
         else:
             total, good = total + 1, good + 1
     return total, good

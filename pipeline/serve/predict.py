@@ -27,15 +27,16 @@ from PIL import UnidentifiedImageError
 from pipeline import failpoints
 from pipeline.artifacts import atomic_path, clean_tmp_of, read_json, sha256_file
 from pipeline.config import ConfigError
+from pipeline.data.bad_samples import Tally
 from pipeline.data.dataset import Preprocessing
+from pipeline.data.limits import member_problem
 from pipeline.data.shards import expand_shards
 from pipeline.data.sources import (
-    _is_image_name,
-    _safe_member,
     folder_source,
     is_archive,
     is_shard_pattern,
     iter_shard_images,
+    passed_over_member,
 )
 from pipeline.data.transforms import eval_transform, normalize, to_input
 from pipeline.errors import DataError
@@ -124,22 +125,30 @@ def load_classifier(spec: str | Path) -> Classifier:
 Item = tuple[str, bytes | None, str | None]  # (name, bytes, or None and why they could not be read)
 
 
-def _archive_items(path: Path) -> Iterator[Item]:
-    """Members of an archive in archive order, read as a stream (never extracted, never all in memory)."""
+def _archive_items(path: Path, unused: Tally) -> Iterator[Item]:
+    """Members of an archive in archive order, read as a stream (never extracted, never all in memory);
+    what is not an image goes to ``unused``, a member over ``data.max_member_bytes`` is a bad item."""
     try:
         with tarfile.open(path, "r|*") as tf:
             for m in tf:
-                if m.isreg() and _is_image_name(m.name) and _safe_member(m.name):
+                if m.isdir():
+                    continue
+                why = passed_over_member(m)
+                if why:
+                    unused.add(f"{path.name}/{m.name}", why)
+                elif member_problem(m.size):
+                    yield m.name, None, member_problem(m.size)
+                else:
                     f = tf.extractfile(m)
                     yield m.name, (f.read() if f is not None else b""), None
     except (tarfile.TarError, OSError, EOFError) as e:
         raise ConfigError(f"cannot read archive {path}: {e}") from None
 
 
-def _shard_items(pattern: str) -> Iterator[Item]:
+def _shard_items(pattern: str, unused: Tally) -> Iterator[Item]:
     """Samples of shards; a sample without an image or a damaged shard's lost tail is a bad item."""
     skipped: list = []
-    for origin, data, _ in iter_shard_images(pattern, skipped):
+    for origin, data, _ in iter_shard_images(pattern, skipped, unused):
         while skipped:
             s = skipped.pop(0)
             if s.count:  # an empty shard held no image to count
@@ -150,10 +159,13 @@ def _shard_items(pattern: str) -> Iterator[Item]:
             yield f"{s.where}/{s.key}", None, s.reason
 
 
-def _folder_items(path: Path) -> tuple[Iterator[Item], int]:
+def _folder_items(path: Path, unused: Tally) -> tuple[Iterator[Item], int]:
     src = folder_source(path, labeled=False)
+    unused.merge(src.unused)
 
     def items() -> Iterator[Item]:
+        for s in src.skipped:  # over data.max_member_bytes: never read
+            yield str(path / s.key), None, s.reason
         for i in range(len(src)):
             name = str(path / src.origin(i))
             try:
@@ -161,23 +173,25 @@ def _folder_items(path: Path) -> tuple[Iterator[Item], int]:
             except OSError as e:
                 yield name, None, f"unreadable: {e.strerror or e}"
 
-    return items(), len(src)
+    return items(), len(src) + len(src.skipped)
 
 
-def open_input(spec: str) -> tuple[Iterator[Item], int | None]:
-    """(items, count when known) for an image directory, an archive or a shard brace pattern."""
+def open_input(spec: str) -> tuple[Iterator[Item], int | None, Tally]:
+    """(items, count when known, what is passed over) for an image directory, an archive or a shard
+    brace pattern. The tally fills as the items are read."""
+    unused = Tally()
     if is_shard_pattern(spec):
         missing = [u for u in expand_shards(spec) if "://" not in u and not Path(u).is_file()]
         if missing:
             raise ConfigError(f"input: shard not found: {missing[0]}")
-        return _shard_items(spec), None
+        return _shard_items(spec, unused), None, unused
     path = Path(spec).expanduser()
     if is_archive(path):
         if not path.is_file():
             raise ConfigError(f"input: archive not found: {path}")
-        return _archive_items(path), None
+        return _archive_items(path, unused), None, unused
     if path.is_dir():
-        return _folder_items(path)
+        return (*_folder_items(path, unused), unused)
     raise ConfigError(f"input: '{spec}' is not an image directory, a .tar/.tar.gz archive or a shard pattern")
 
 
@@ -300,7 +314,7 @@ def predict(model_spec: str | Path, input_spec: str, out: str | Path, *, topk: i
     if topk < 1 or batch_size < 1:
         raise ConfigError("topk and batch_size must be >= 1")
     clf = load_classifier(model_spec)
-    items, total = open_input(input_spec)
+    items, total, unused = open_input(input_spec)
     names = clf.label_names
     k = min(topk, len(names))
     mean, std = torch.tensor(clf.prep.mean), torch.tensor(clf.prep.std)
@@ -340,5 +354,7 @@ def predict(model_spec: str | Path, input_spec: str, out: str | Path, *, topk: i
         log.warning(f"warning: {len(bad) - max_warnings} more bad images not shown")
     if bad:
         log.warning(f"warning: skipped {len(bad)} bad image(s) of {done + len(bad)}; listed in {side}")
+    if unused.count:
+        log.info(f"predict: {unused.count} inputs not used ({unused.summary()})")
     return {"images": done, "skipped": len(bad), "out": str(out), "skipped_file": str(side) if bad else None,
-            "backend": clf.backend, "seconds": round(time.time() - t0, 2)}
+            "unused": dict(unused.reasons), "backend": clf.backend, "seconds": round(time.time() - t0, 2)}
