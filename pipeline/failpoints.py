@@ -25,6 +25,7 @@ POINTS = {
     "parquet_write": "pseudo_label: a shard's Parquet written to its temporary name, before the rename",
     "eval_result": "evaluate: a result computed, before its JSON is written",
     "predict_batch": "predict: after each batch of predictions",
+    "onnx_write": "export: the ONNX graph written to its temporary name, before it is checked and renamed",
 }
 
 

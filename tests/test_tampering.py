@@ -187,6 +187,24 @@ def test_a_full_disk_or_a_read_only_folder_is_one_line_naming_the_path_and_a_rer
     assert r.returncode == 2 and f"{out}: no space left on device" in _last(r), r.stderr[-2000:]
     stage("predict.py", f"model={model}", f"input={tiny_data['test']}", f"out={out}")
     assert out.is_file() and not list(tmp_path.glob(".tmp-*")) and not list(runs.rglob(".tmp-*"))
+    ev = [f"models={model}", f"out={tmp_path / 'ev'}", "evaluate.robustness=false", *ov]
+    shutil.rmtree(model / "eval", ignore_errors=True)
+    r = stage("evaluate.py", *ev, env={"NS_FAILPOINT": "eval_result:1:enospc"}, check=False)
+    assert r.returncode == 2 and "round-0/eval/clean-" in _last(r) and ": no space left on device (rerun" in _last(r)
+    stage("evaluate.py", *ev)
+    assert list((model / "eval").glob("clean-*.json"))
+    r = stage("export.py", f"model={model}", env={"NS_FAILPOINT": "onnx_write:1:enospc"}, check=False)
+    assert r.returncode == 2 and "round-0/onnx/.tmp-model.onnx" in _last(r), r.stderr[-2000:]
+    assert ": no space left on device (rerun" in _last(r) and "Traceback" not in r.stderr
+    stage("export.py", f"model={model}")
+    assert (model / "onnx" / "model.onnx").is_file()
+    kd = [*ov, f"distill.teacher={model}", "distill.arch=resnet10t", "distill.epochs=1", "distill.batch_size=32",
+          "distill.workers=0", "distill.name=kd"]
+    r = stage("distill.py", *kd, env={"NS_FAILPOINT": "checkpoint_write:1:enospc"}, check=False)
+    assert r.returncode == 2 and "distilled/kd/state/.tmp-distill-e0000: no space left" in _last(r), r.stderr[-2000:]
+    stage("distill.py", *kd)
+    assert (runs / "env" / "distilled" / "kd" / "card.json").is_file()
+    assert not list(runs.rglob(".tmp-*"))
 
 
 def _huge_png_header(w: int = 20000, h: int = 20000) -> bytes:

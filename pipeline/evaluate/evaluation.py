@@ -103,7 +103,7 @@ def _cached(m: LoadedModel, kind: str, identity: dict) -> tuple[Path, dict | Non
 
 
 def _save(accelerator, path: Path, result: dict) -> dict:
-    failpoints.hit("eval_result")
+    failpoints.hit("eval_result", path)
     if accelerator.is_main_process and not path.exists():
         write_json_atomic(path, result)
     accelerator.wait_for_everyone()

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline import failpoints
 from pipeline.artifacts import atomic_path, clean_tmp, files_match, read_json, sha256_file, write_json_atomic
 from pipeline.config import ConfigError
 from pipeline.data.dataset import Preprocessing
@@ -172,6 +173,7 @@ def export_model_dir(model_dir: str | Path, out_dir: str | Path | None = None, *
     example = _random_inputs(prep, 2, torch.Generator().manual_seed(CHECK_SEED))
     with atomic_path(out / ONNX_FILE) as tmp:
         _export(model, example, tmp, exporter, opset)
+        failpoints.hit("onnx_write", tmp)
         diff = check_onnx(model, tmp, prep)
         if not diff <= tolerance:
             raise ConfigError(f"ONNX check failed: max abs logit difference {diff:.3g} exceeds tolerance "
