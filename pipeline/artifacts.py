@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -79,12 +80,21 @@ def files_match(directory: str | os.PathLike, files: dict[str, str]) -> bool:
 
 
 def clean_tmp(directory: str | os.PathLike) -> None:
-    """Remove leftovers of writes a crash interrupted."""
+    """Remove leftovers of writes a crash interrupted: ``.tmp-*`` files and directories (a model
+    directory or checkpoint being written) directly in ``directory``. Call it before this run
+    writes there, on one process."""
     directory = Path(directory)
     if directory.is_dir():
         for p in directory.glob(TMP_PREFIX + "*"):
-            if p.is_file():
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
                 p.unlink(missing_ok=True)
+
+
+def main_process() -> bool:
+    """Rank 0 (or no launcher): the one process that cleans leftovers before an Accelerator exists."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def clean_tmp_of(path: str | os.PathLike) -> None:

@@ -18,7 +18,7 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
 from pipeline import noise
-from pipeline.artifacts import read_json, sha256_file
+from pipeline.artifacts import clean_tmp, main_process, read_json, sha256_file
 from pipeline.config import (
     PER_ROUND_KEYS,
     RUNTIME_KEYS,
@@ -155,6 +155,8 @@ def pseudo_label(cfg: Config, k: int, progress: bool = True, teacher_dir: Path |
 def train_round(cfg: Config, k: int, progress: bool = True) -> dict:
     """Train round k's model (k=0 teacher, else student) unless it is already finished."""
     out = round_dir(cfg, k)
+    if main_process():
+        clean_tmp(out)  # a model directory a killed run was writing
     done = card(out)
     if done is not None:
         check_unchanged(cfg, k, done)

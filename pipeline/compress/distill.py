@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 
 from pipeline import noise
-from pipeline.artifacts import sha256_file
+from pipeline.artifacts import clean_tmp, main_process, sha256_file
 from pipeline.config import (
     RUNTIME_KEYS,
     Config,
@@ -211,6 +211,8 @@ def distill(cfg: Config, progress: bool = True) -> dict:
         raise ConfigError(f"distill.teacher: not a model directory: {teacher_dir}")
     teacher_sha = sha256_file(teacher_dir / models.WEIGHTS)
     out = cfg.run_dir / "distilled" / dcfg.name
+    if main_process():
+        clean_tmp(out)
     results = {}
     done = _finished(out, dcfg, teacher_sha)
     if done is not None:

@@ -242,10 +242,10 @@ def _channel_stats(source: Source, indices: np.ndarray, mode: str, limit: int = 
 def prepare(cfg: Config, progress: bool = True) -> Path:
     """Write the shards and manifest for ``cfg.data`` unless a matching manifest already exists."""
     out = data_dir(cfg)
+    clean_tmp(out)  # what a killed run left, finished or not
     if load_manifest(out, verify="sha256") is not None:
         return out
     out.mkdir(parents=True, exist_ok=True)
-    clean_tmp(out)
     if (out / MANIFEST).is_file():  # finished once, damaged since: rebuild what no longer matches
         for split in read_json(out / MANIFEST)["splits"].values():
             for shard in split["shards"]:
@@ -374,6 +374,7 @@ def prepare_test(spec: str, cfg: Config, progress: bool = True) -> tuple[Path, d
                 "mtime": None if is_torchvision_name(spec) else path.stat().st_mtime_ns if path.exists() else None}
     slug = re.sub(r"[^A-Za-z0-9]+", "_", path.name.split(".")[0]).strip("_").lower()
     out = Path(cfg.runs_dir) / "data" / f"test-{slug or 'data'}-{short_hash(identity)}"
+    clean_tmp(out)
     manifest = load_manifest(out)
     if manifest is not None:
         return out, manifest

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.artifacts import read_json, write_bytes_atomic, write_json_atomic
+from pipeline.artifacts import clean_tmp, read_json, write_bytes_atomic, write_json_atomic
 from pipeline.config import Config, ConfigError, to_dict
 from pipeline.data.dataset import PreparedData
 from pipeline.data.prepare import prepare_test
@@ -235,6 +235,13 @@ def evaluate(cfg: Config, model_dirs: list[str] | None = None, test_spec: str | 
             targets.append((p.name, p, None))
     else:
         targets = experiment_models(cfg)
+    if accelerator.is_main_process:  # what a killed evaluation left: results, report files
+        for _, d, _ in targets:
+            clean_tmp(Path(d) / evaluation.EVAL_DIR)
+        out = Path(out_dir) if out_dir else (cfg.run_dir if not model_dirs else None)
+        for d in (out, out / "plots") if out is not None else ():
+            clean_tmp(d)
+    accelerator.wait_for_everyone()
     if test_spec:
         if accelerator.is_main_process:
             prepare_test(test_spec, cfg, progress)

@@ -160,6 +160,7 @@ def export_model_dir(model_dir: str | Path, out_dir: str | Path | None = None, *
     source = _source_hashes(model_dir)
     settings = {"exporter": exporter, "opset": opset, "tolerance": tolerance,
                 "check_batches": list(CHECK_BATCHES), "check_seed": CHECK_SEED}
+    clean_tmp(out)  # what a killed export left
     prev = _up_to_date(out, source, settings)
     if prev is not None:
         return prev, False
@@ -168,7 +169,6 @@ def export_model_dir(model_dir: str | Path, out_dir: str | Path | None = None, *
 
     prep = preprocessing(config)
     out.mkdir(parents=True, exist_ok=True)
-    clean_tmp(out)
     t0 = time.time()
     example = _random_inputs(prep, 2, torch.Generator().manual_seed(CHECK_SEED))
     with atomic_path(out / ONNX_FILE) as tmp:
