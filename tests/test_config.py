@@ -127,6 +127,7 @@ def test_runtime_and_per_round_keys_come_from_field_metadata():
             "data.root", "distill.workers"} <= RUNTIME_KEYS
     assert not {"teacher.lr", "student.threshold", "pseudo_label.tta", "data.seed"} & RUNTIME_KEYS
     assert PER_ROUND_KEYS == {"student.epochs", "student.drop_rate", "student.drop_path_rate", "student.randaugment.m"}
-    assert flagged(DataConfig, "runtime") == {"root", "download", "max_bad_share", "pool_check", "max_image_pixels"}
+    assert flagged(DataConfig, "runtime") == {"root", "download", "max_bad_share", "pool_check", "max_image_pixels",
+                                                 "max_member_bytes"}
     assert data_identity(DataConfig(root="/a", download=False)) == data_identity(DataConfig(root="/b"))
     assert data_identity(DataConfig(seed=1)) != data_identity(DataConfig(seed=2))
