@@ -102,8 +102,7 @@ def test_pickle_members_of_a_shard_are_never_unpickled(tmp_path):
 
 def test_archive_members_outside_the_tree_are_never_read_or_written(tmp_path):
     from pipeline.data.bad_samples import Tally
-    from pipeline.data.sources import archive_source
-    from pipeline.serve.predict import _archive_items
+    from pipeline.data.sources import archive_members, archive_source
 
     arc = tmp_path / "pool.tar"
     with tarfile.open(arc, "w") as tf:
@@ -116,7 +115,7 @@ def test_archive_members_outside_the_tree_are_never_read_or_written(tmp_path):
         link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
         tf.addfile(link)
     unused = Tally()
-    assert [n for n, _, _ in _archive_items(arc, unused)] == ["ok/a.png"]
+    assert [n for n, _, _ in archive_members(arc, unused)] == ["ok/a.png"]
     assert unused.reasons == {"archive member with an unsafe name": 3, "archive member that is a link or device": 1}
     src = archive_source(arc, labeled=False)
     assert len(src) == 1 and src.origin(0) == "ok/a.png" and src.unused.reasons == unused.reasons

@@ -187,12 +187,12 @@ def passed_over_member(m: tarfile.TarInfo) -> str | None:
     return "archive member with an unsafe name" if not _safe_member(m.name) else _passed_over(m.name)
 
 
-def _archive_images(path: Path, unused: Tally, skipped: list) -> list[tuple[str, bytes]]:
-    """(member name, bytes) of every regular image member within ``data.max_member_bytes``; the
-    others are counted in ``unused`` (not images, links, unsafe names) or ``skipped`` (too large)."""
-    out = []
+def archive_members(path: Path, unused: Tally) -> Iterator[tuple[str, bytes | None, str | None]]:
+    """(member name, bytes, None) of each regular image member, in archive order, read as a stream
+    (never extracted); (name, None, why) for one over ``data.max_member_bytes``, never read. The rest
+    (not images, links, unsafe names) is counted in ``unused``; directories are not inputs."""
     try:
-        with tarfile.open(path, "r:*") as tf:
+        with tarfile.open(path, "r|*") as tf:
             for m in tf:
                 if m.isdir():
                     continue
@@ -200,12 +200,22 @@ def _archive_images(path: Path, unused: Tally, skipped: list) -> list[tuple[str,
                 if why:
                     unused.add(f"{path.name}/{m.name}", why)
                 elif member_problem(m.size):
-                    skipped.append(Skip(path.name, m.name, member_problem(m.size)))
+                    yield m.name, None, member_problem(m.size)
                 else:
                     f = tf.extractfile(m)
-                    out.append((m.name, f.read() if f is not None else b""))
+                    yield m.name, (f.read() if f is not None else b""), None
     except (tarfile.TarError, OSError, EOFError) as e:
         raise ConfigError(f"cannot read archive {path}: {e}") from None
+
+
+def _archive_images(path: Path, unused: Tally, skipped: list) -> list[tuple[str, bytes]]:
+    """(member name, bytes) of every image member that can be read; the rest counted."""
+    out = []
+    for name, data, why in archive_members(path, unused):
+        if why:
+            skipped.append(Skip(path.name, name, why))
+        else:
+            out.append((name, data))
     return out
 
 

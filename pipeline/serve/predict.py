@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import json
-import tarfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,14 +28,13 @@ from pipeline.artifacts import atomic_path, clean_tmp_of, read_json, sha256_file
 from pipeline.config import ConfigError
 from pipeline.data.bad_samples import Tally
 from pipeline.data.dataset import Preprocessing
-from pipeline.data.limits import member_problem
 from pipeline.data.shards import expand_shards
 from pipeline.data.sources import (
+    archive_members,
     folder_source,
     is_archive,
     is_shard_pattern,
     iter_shard_images,
-    passed_over_member,
 )
 from pipeline.data.transforms import eval_transform, normalize, to_input
 from pipeline.errors import DataError
@@ -125,26 +123,6 @@ def load_classifier(spec: str | Path) -> Classifier:
 Item = tuple[str, bytes | None, str | None]  # (name, bytes, or None and why they could not be read)
 
 
-def _archive_items(path: Path, unused: Tally) -> Iterator[Item]:
-    """Members of an archive in archive order, read as a stream (never extracted, never all in memory);
-    what is not an image goes to ``unused``, a member over ``data.max_member_bytes`` is a bad item."""
-    try:
-        with tarfile.open(path, "r|*") as tf:
-            for m in tf:
-                if m.isdir():
-                    continue
-                why = passed_over_member(m)
-                if why:
-                    unused.add(f"{path.name}/{m.name}", why)
-                elif member_problem(m.size):
-                    yield m.name, None, member_problem(m.size)
-                else:
-                    f = tf.extractfile(m)
-                    yield m.name, (f.read() if f is not None else b""), None
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise ConfigError(f"cannot read archive {path}: {e}") from None
-
-
 def _shard_items(pattern: str, unused: Tally) -> Iterator[Item]:
     """Samples of shards; a sample without an image or a damaged shard's lost tail is a bad item."""
     skipped: list = []
@@ -189,7 +167,7 @@ def open_input(spec: str) -> tuple[Iterator[Item], int | None, Tally]:
     if is_archive(path):
         if not path.is_file():
             raise ConfigError(f"input: archive not found: {path}")
-        return _archive_items(path, unused), None, unused
+        return archive_members(path, unused), None, unused
     if path.is_dir():
         return (*_folder_items(path, unused), unused)
     raise ConfigError(f"input: '{spec}' is not an image directory, a .tar/.tar.gz archive or a shard pattern")
