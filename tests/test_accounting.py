@@ -98,7 +98,7 @@ def _pool_shards(root: Path, gz: bool) -> tuple[str, int, dict]:
     ext = ".tar.gz" if gz else ".tar"
     for s in range(2):
         raw = io.BytesIO()
-        with tarfile.open(fileobj=raw, mode="w") as tf:
+        with tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as tf:
             _member(tf, "__meta__.json", b"{}")
             for i in range(6):
                 _member(tf, f"s{s}_{i}.png", _png(make_image(i % NUM_CLASSES, rng)))
@@ -106,14 +106,16 @@ def _pool_shards(root: Path, gz: bool) -> tuple[str, int, dict]:
             if s == 0:
                 _member(tf, "s0_noimg.txt", b"a caption without its image")
                 _member(tf, "s0_big.jpg", _noise(64, 3))
-            else:
+            else:  # a link with a long target (GNU: a 'K' header, then the link), a sample whose other member is too big
                 link = tarfile.TarInfo("s1_link.png")
-                link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+                link.type, link.linkname = tarfile.SYMTYPE, "/" + "x" * 150
                 tf.addfile(link)
+                _member(tf, "s1_npy.png", _png(make_image(0, rng)))
+                _member(tf, "s1_npy.npy", bytes(LIMIT + 1))
         data = raw.getvalue()
         (root / f"pool-{s:06d}{ext}").write_bytes(gzip.compress(data) if gz else data)
-    # inputs: 12 good + 2 bad samples + 2 metadata members + 1 link
-    return f"{root}/pool-{{000000..000001}}{ext}", 17, {"used": 12, "bad": 2, "unused": 3}
+    # inputs: 12 good + 3 bad samples + 2 metadata members + 1 link
+    return f"{root}/pool-{{000000..000001}}{ext}", 18, {"used": 12, "bad": 3, "unused": 3}
 
 
 def _prepare(tmp_path: Path, source: Path, test: Path, unlabeled: str, *extra: str) -> dict:
@@ -174,8 +176,11 @@ def test_every_input_is_used_skipped_or_counted_as_unused_whatever_the_layout(tm
     reasons = " ".join(m["unused"]["reasons"]) + " " + " ".join(m["bad_samples"]["reasons"])
     for _, _, fragment in fates:
         assert fragment in reasons
-    if pool_layout.startswith("shards"):
-        assert "tar member of no sample" in reasons and "tar member that is a link or device" in reasons
+    if pool_layout.startswith("shards"):  # the same counts whether the shards are read by headers or whole
+        assert m["unused"]["reasons"]["tar member of no sample"] == 2
+        assert m["unused"]["reasons"]["tar member that is not a regular file (link, device...)"] == 1
+        pool_bad = sum(e["count"] for e in m["bad_samples"]["examples"] if e["shard"].startswith("pool-"))
+        assert m["splits"]["unlabeled"]["count"] == 12 and pool_bad == 3, m["bad_samples"]["examples"]
     assert "inputs not used" in m["_log"]
     assert m["conversions"]["reasons"] == {"mode RGB -> L": 1, "size other than 16 x 16": 1}, m["conversions"]
     assert m["image"]["mode"] == "L" and m["image"]["size"] == [16, 16]
@@ -212,6 +217,29 @@ def test_an_oversized_member_is_passed_over_without_being_held_in_memory(tmp_pat
     assert peak < 8 * 2**20, peak
 
 
+def test_a_sample_of_many_members_each_under_the_limit_is_not_held_whole(tmp_path):
+    from pipeline.data.bad_samples import Skip
+    from pipeline.data.limits import set_limits
+    from pipeline.data.shards import read_shard
+
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tf:
+        _member(tf, "k.png", _png(make_image(0, np.random.default_rng(0))))
+        for i in range(5):
+            _member(tf, f"k.x{i:03d}", bytes(3000))
+        _member(tf, "j.png", _png(make_image(1, np.random.default_rng(1))))
+    shard = tmp_path / "many.tar.gz"
+    shard.write_bytes(gzip.compress(raw.getvalue()))
+    set_limits(max_member_bytes=8000)
+    try:
+        out = list(read_shard(shard))
+    finally:
+        set_limits(max_member_bytes=256 * 2**20)
+    assert [s["__key__"] for s in out if not isinstance(s, Skip)] == ["j"]
+    (skip,) = [s for s in out if isinstance(s, Skip)]
+    assert skip.key == "k" and skip.reason.startswith("its members together: ") and "8000" in skip.reason
+
+
 def test_an_oversized_pool_member_is_a_counted_skip_through_pseudo_label(tiny_data, tmp_path):
     """In a pool of existing shards read in place: counted by prepare, skipped by pseudo_label."""
     from conftest import tiny_overrides
@@ -223,7 +251,7 @@ def test_an_oversized_pool_member_is_a_counted_skip_through_pseudo_label(tiny_da
     r = stage("pseudo_label.py", "round=1", *ov)
     assert "s0_big" in r.stderr and "over data.max_member_bytes" in r.stderr
     labels = tmp_path / "runs" / "big" / "pseudo_labels" / "round=1"
-    assert json.loads((labels / "_manifest.json").read_text())["stats"]["skipped"] == 2
+    assert json.loads((labels / "_manifest.json").read_text())["stats"]["skipped"] == 3  # no image, the big image, the big .npy beside an image
     named = json.loads(pq.read_metadata(labels / "pool-000000.parquet").metadata[b"skipped"])  # each file names its own
     assert {x["key"]: x["reason"] for x in named}["s0_big"].endswith("over data.max_member_bytes (4000)")
     # predict over a folder: the README is counted as not used, the oversized image skipped and listed

@@ -106,7 +106,10 @@ def iter_samples(url: str | Path, unused: Tally | None = None) -> Iterator[dict]
                     if current is not None:
                         last = current["__key__"]
                         yield current
-                    current = {"__key__": key, "__url__": str(url)}
+                    current, held = {"__key__": key, "__url__": str(url)}, 0
+                held += data.size if isinstance(data, Oversize) else len(data)
+                if member_problem(held) and not isinstance(data, Oversize):  # many members, each under the limit
+                    data = Oversize(held, whole_sample=True)
                 current[ext.lower()] = data
         except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
             raise ShardError(str(url), last, _tar_reason(e)) from None
@@ -169,7 +172,7 @@ def _tar_members(stream, index: bool = False) -> Iterator[tuple]:
         if kind == b"x":  # pax extended header of the next member
             pax = _pax_records(data)
             continue
-        if kind == b"g":  # pax global header: nothing we use
+        if kind in (b"g", b"K", b"V"):  # pax global header, a link's long target, a volume label: not inputs
             continue
         name = long_name or pax.get("path") or _ustar_name(block)
         long_name, pax = None, {}
@@ -181,13 +184,18 @@ def _tar_members(stream, index: bool = False) -> Iterator[tuple]:
 
 
 class Oversize:
-    """Stands for a member's data that was not read: over ``data.max_member_bytes`` (``limits``)."""
+    """Stands for a member's data that was not read (or, ``whole_sample``, let go of): over
+    ``data.max_member_bytes`` (``limits``) alone or with the sample's earlier members."""
 
-    def __init__(self, size: int):
-        self.size = size
+    def __init__(self, size: int, whole_sample: bool = False):
+        self.size, self.whole_sample = size, whole_sample
+
+    def reason(self, ext: str) -> str:
+        what = "its members together" if self.whole_sample else f"member {ext}"
+        return f"{what}: {member_problem(self.size)}"
 
 
-_META = (b"L", b"x", b"g")
+_META = (b"L", b"K", b"x", b"g")  # GNU long name and long link name, pax headers
 _MAX_META = 2**20  # a long name or pax record set is a few hundred bytes; more is damage or an attack
 
 
@@ -222,7 +230,8 @@ _ZERO = bytes(_BLOCK)
 
 
 def index_images(path: str | Path, unused: Tally | None = None) -> Iterator[tuple[str, str | None, int, int]]:
-    """(key, image extension, offset, size) of each sample's image member in a local, uncompressed shard.
+    """(key, image extension, offset, largest member size) of each sample in a local, uncompressed shard
+    (the offset is the image member's).
 
     Reads headers only. Samples without an image member are yielded with extension None; members of
     no sample go to ``unused``. Raises ShardError (after yielding what comes before) for a damaged shard.
@@ -243,8 +252,9 @@ def index_images(path: str | Path, unused: Tally | None = None) -> Iterator[tupl
                         yield current, ext, offset, size
                     current, ext, offset, size = key, None, 0, 0
                 e = e.lower()
+                size = max(size, n)  # any member over the limit makes the sample unusable, as read_shard does
                 if ext is None and e in IMAGE_KEYS:
-                    ext, offset, size = e, start, n
+                    ext, offset = e, start
     except (tarfile.TarError, EOFError, OSError) as err:
         raise ShardError(str(path), last, _tar_reason(err)) from None
     if current is not None:
@@ -348,7 +358,7 @@ def _tar_reason(e: Exception) -> str:
 
 
 def _outside_reason(data) -> str:
-    return "tar member that is a link or device" if data is None else "tar member of no sample"
+    return "tar member that is not a regular file (link, device...)" if data is None else "tar member of no sample"
 
 
 def image_bytes(sample: dict) -> bytes | None:
@@ -379,7 +389,7 @@ def read_shard(url: str | Path, expected: int | None = None, mod: int = 1, rem: 
                 continue
             big = next((k for k, v in sample.items() if isinstance(v, Oversize)), None)
             if big is not None:
-                yield Skip(name, sample["__key__"], f"member {big}: {member_problem(sample[big].size)}")
+                yield Skip(name, sample["__key__"], sample[big].reason(big))
                 continue
             if image_bytes(sample) is None:
                 members = ", ".join(sorted(k for k in sample if not k.startswith("__")))

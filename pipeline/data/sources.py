@@ -381,7 +381,7 @@ def _count(where: str, remote: bool, skipped: list[Skip], unused: Tally) -> tupl
                 total += 1
                 problem = "no image member" if ext is None else member_problem(size)
                 if problem:
-                    skipped.append(Skip(name, key, problem if ext is None else f"member {ext}: {problem}"))
+                    skipped.append(Skip(name, key, problem if ext is None else f"member: {problem}"))
                 else:
                     good += 1
         except ShardError as e:
@@ -390,7 +390,7 @@ def _count(where: str, remote: bool, skipped: list[Skip], unused: Tally) -> tupl
     for sample in read_shard(where, unused=unused):
         if isinstance(sample, Skip):
             skipped.append(sample)
-            total += sample.count if sample.reason.startswith(("no image", "member ")) else 0
+            total += sample.count if sample.reason.startswith(("no image", "member", "its members")) else 0
         else:
             total, good = total + 1, good + 1
     return total, good
