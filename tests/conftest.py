@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -107,17 +108,28 @@ class StageServer:
         proc = self._start()
         with tempfile.TemporaryDirectory() as d:
             out, err = Path(d) / "out", Path(d) / "err"
-            proc.stdin.write(json.dumps({"argv": argv, "env": env, "cwd": str(cwd), "stdout": str(out),
-                                         "stderr": str(err)}) + "\n")
-            proc.stdin.flush()
-            pid = json.loads(self._reply(60))["pid"]
+            pid = None
             try:
+                proc.stdin.write(json.dumps({"argv": argv, "env": env, "cwd": str(cwd), "stdout": str(out),
+                                             "stderr": str(err)}) + "\n")
+                proc.stdin.flush()
+                pid = json.loads(self._reply(60))["pid"]
                 rc = json.loads(self._reply(timeout))["rc"]
-            except TimeoutError:
-                os.kill(pid, signal.SIGKILL)
-                self._reply(60)
-                raise subprocess.TimeoutExpired(argv, timeout) from None
+            except BaseException as e:  # a timeout, Ctrl-C: the replies may be out of step, so start afresh
+                if pid is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                self._stop()
+                if isinstance(e, TimeoutError):
+                    raise subprocess.TimeoutExpired(argv, timeout) from None
+                raise
             return subprocess.CompletedProcess(argv, rc, out.read_text(errors="replace"), err.read_text(errors="replace"))
+
+    def _stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
 
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -182,7 +182,7 @@ def test_every_input_is_used_skipped_or_counted_as_unused_whatever_the_layout(tm
         pool_bad = sum(e["count"] for e in m["bad_samples"]["examples"] if e["shard"].startswith("pool-"))
         assert m["splits"]["unlabeled"]["count"] == 12 and pool_bad == 3, m["bad_samples"]["examples"]
     assert "inputs not used" in m["_log"]
-    assert m["conversions"]["reasons"] == {"mode RGB -> L": 1, "size other than 16 x 16": 1}, m["conversions"]
+    assert m["conversions"]["reasons"] == {"mode RGB -> L and size other than 16 x 16": 1}, m["conversions"]
     assert m["image"]["mode"] == "L" and m["image"]["size"] == [16, 16]
 
 

@@ -164,10 +164,10 @@ def _note_conversion(data: bytes, shape: tuple, where: str) -> None:
         img = Image.open(io.BytesIO(data))  # the header only
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return
-    if img.mode != mode:
-        conversions.add(where, f"mode {img.mode} -> {mode}")
-    if img.size != (w, h):
-        conversions.add(where, f"size other than {w} x {h}")
+    kinds = [f"mode {img.mode} -> {mode}"] if img.mode != mode else []
+    kinds += [f"size other than {w} x {h}"] if img.size != (w, h) else []
+    if kinds:  # one count an image
+        conversions.add(where, " and ".join(kinds))
 
 
 def _samples(split: str, source: Source, indices: np.ndarray, prefix: str, written: list, shape: tuple,

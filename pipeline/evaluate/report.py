@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.artifacts import clean_tmp, read_json, write_bytes_atomic, write_json_atomic
+from pipeline.artifacts import clean_tmp, clean_tmp_of, read_json, write_bytes_atomic, write_json_atomic
 from pipeline.config import Config, ConfigError, to_dict
 from pipeline.data.dataset import PreparedData
 from pipeline.data.prepare import prepare_test
@@ -109,6 +109,9 @@ def summary_rows(entries: list[Entry]) -> list[dict]:
                      "pseudo_label_acc": metrics.get("pseudo_label_acc"),
                      "train_seconds": metrics.get("train_seconds"), "train_img_s": metrics.get("train_img_s")})
     return rows
+
+
+REPORT_FILES = ("report.md", "report.html", "report.json")
 
 
 def write_report(cfg: Config, entries: list[Entry], test: evaluation.TestSet, out_dir: Path) -> Path:
@@ -239,8 +242,11 @@ def evaluate(cfg: Config, model_dirs: list[str] | None = None, test_spec: str | 
         for _, d, _ in targets:
             clean_tmp(Path(d) / evaluation.EVAL_DIR)
         out = Path(out_dir) if out_dir else (cfg.run_dir if not model_dirs else None)
-        for d in (out, out / "plots") if out is not None else ():
-            clean_tmp(d)
+        if out is not None:  # a folder the user may share with other files: only our own names
+            for name in REPORT_FILES:
+                clean_tmp_of(out / name)
+            for p in (out / "plots").glob(".tmp-*.png.*") if (out / "plots").is_dir() else ():
+                p.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     if test_spec:
         if accelerator.is_main_process:

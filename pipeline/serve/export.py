@@ -25,7 +25,14 @@ import numpy as np
 import torch
 
 from pipeline import failpoints
-from pipeline.artifacts import atomic_path, clean_tmp, files_match, read_json, sha256_file, write_json_atomic
+from pipeline.artifacts import (
+    atomic_path,
+    clean_tmp_of,
+    files_match,
+    read_json,
+    sha256_file,
+    write_json_atomic,
+)
 from pipeline.config import ConfigError
 from pipeline.data.dataset import Preprocessing
 from pipeline.data.transforms import normalize
@@ -160,7 +167,8 @@ def export_model_dir(model_dir: str | Path, out_dir: str | Path | None = None, *
     source = _source_hashes(model_dir)
     settings = {"exporter": exporter, "opset": opset, "tolerance": tolerance,
                 "check_batches": list(CHECK_BATCHES), "check_seed": CHECK_SEED}
-    clean_tmp(out)  # what a killed export left
+    for name in (ONNX_FILE, TIMM_CONFIG, CARD, EXPORT_JSON):  # what a killed export left (out= may be any folder)
+        clean_tmp_of(out / name)
     prev = _up_to_date(out, source, settings)
     if prev is not None:
         return prev, False
