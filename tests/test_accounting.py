@@ -263,3 +263,26 @@ def test_an_oversized_pool_member_is_a_counted_skip_through_pseudo_label(tiny_da
     assert "1 inputs not used (1 file that is not an image (by its name))" in r.stderr
     assert len(out.read_text().splitlines()) == 2
     assert "sub/big.png," in (tmp_path / "p.csv.skipped.csv").read_text()
+
+
+def test_a_large_pool_read_in_place_counts_in_the_share_its_skips_are_judged_against(tmp_path):
+    """3 samples without an image among 203 pool samples: 1.3 % of the data, under a 5 % limit, though
+    more than 5 % of the 36 labeled and test images that prepare writes."""
+    from pipeline.data.shards import write_shard
+
+    rng = np.random.default_rng(0)
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for s in range(2):
+        samples = [{"__key__": f"s{s}_{i}", "png": _png(make_image(i % NUM_CLASSES, rng))} for i in range(100)]
+        samples += [{"__key__": f"s{s}_bad{i}", "txt": b"no image"} for i in range(1 + s)]
+        write_shard(pool / f"pool-{s:06d}.tar", samples)
+    source = _materialise(_labeled_files(6, 0), tmp_path / "train", "folder")
+    test = _materialise(_labeled_files(3, 1), tmp_path / "test", "folder")
+    runs = tmp_path / "runs"
+    stage("prepare_data.py", f"runs_dir={runs}", f"data.source={source}", f"data.test_source={test}",
+          f"data.unlabeled={pool}/pool-{{000000..000001}}.tar", "data.labeled_per_class=4",
+          "data.val_per_class=2", "data.max_bad_share=0.05")
+    (manifest,) = (runs / "data").glob("*/manifest.json")
+    m = json.loads(manifest.read_text())
+    assert m["bad_samples"]["skipped"] == 3 and m["splits"]["unlabeled"]["count"] == 200

@@ -340,8 +340,10 @@ def _pool_in_place(cfg: Config, log: SkipLog, unused: Tally) -> dict:
     """The unlabeled split as existing shards, indexed where they are (``sources.index_pool``)."""
     d = cfg.data
     entries, skipped, usable = index_pool(d.unlabeled, d.pool_check == "sha256", d.max_unlabeled, unused)
-    log.extend(skipped)
+    if log.expected is not None:  # the pool's samples count in the share its skips are judged against
+        log.expected += usable + sum(k.count for k in skipped)
     log.use(usable)
+    log.extend(skipped)
     return {"count": usable, "per_class": None, "shards": entries, "source": d.unlabeled, "in_place": True}
 
 
