@@ -20,6 +20,34 @@ class BadImage(ValueError):
 _READ_MODE = {"L": tvio.ImageReadMode.GRAY.value, "RGB": tvio.ImageReadMode.RGB.value}
 
 
+_PNG_MODES = {2: "RGB", 3: "P", 4: "LA", 6: "RGBA"}
+_JPEG_MODES = {1: "L", 3: "RGB", 4: "CMYK"}
+
+
+def header_mode_size(data: bytes) -> tuple[str, tuple[int, int]] | None:
+    """(PIL's mode name, (width, height)) from a PNG's IHDR or a JPEG's frame header, without
+    decoding (PIL's ``Image.open`` costs ~10x more); None for other formats."""
+    size = _png_jpeg_size(data)
+    if size is None:
+        return None
+    if data[:2] == b"\xff\xd8":
+        mode = _JPEG_MODES.get(_jpeg_components(data))
+    else:
+        depth, kind = data[24], data[25]
+        mode = ({1: "1", 16: "I;16"}.get(depth, "L") if kind == 0 else _PNG_MODES.get(kind))
+    return (mode, size) if mode else None
+
+
+def _jpeg_components(data: bytes) -> int | None:
+    i = 2
+    while i + 10 <= len(data) and data[i] == 0xFF:
+        marker, length = data[i + 1], int.from_bytes(data[i + 2:i + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return data[i + 9]
+        i += 2 + length
+    return None
+
+
 def _png_jpeg_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from a PNG's IHDR or a JPEG's frame header, without decoding; None otherwise."""
     if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:

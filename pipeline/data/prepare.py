@@ -35,7 +35,7 @@ from pipeline.artifacts import (
 from pipeline.config import Config, ConfigError
 from pipeline.data.bad_samples import Skip, SkipLog, Tally
 from pipeline.data.dataset import MANIFEST, ORIGINS, TRUTH, data_dir, data_identity, shard_matches
-from pipeline.data.images import BadImage, decode_image
+from pipeline.data.images import BadImage, decode_image, header_mode_size
 from pipeline.data.shards import image_bytes, iter_samples, write_shard
 from pipeline.data.sources import (
     Source,
@@ -160,12 +160,15 @@ def _note_conversion(data: bytes, shape: tuple, where: str) -> None:
     """Count an image whose header says another mode or size than the dataset's ``shape`` (mode,
     (h, w), tally): it is converted whenever it is read."""
     mode, (h, w), conversions = shape
-    try:
-        img = Image.open(io.BytesIO(data))  # the header only
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return
-    kinds = [f"mode {img.mode} -> {mode}"] if img.mode != mode else []
-    kinds += [f"size other than {w} x {h}"] if img.size != (w, h) else []
+    found = header_mode_size(data)
+    if found is None:  # not PNG or JPEG: PIL reads the header
+        try:
+            img = Image.open(io.BytesIO(data))
+            found = img.mode, img.size
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            return
+    kinds = [f"mode {found[0]} -> {mode}"] if found[0] != mode else []
+    kinds += [f"size other than {w} x {h}"] if found[1] != (w, h) else []
     if kinds:  # one count an image
         conversions.add(where, " and ".join(kinds))
 
