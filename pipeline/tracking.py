@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.artifacts import write_bytes_atomic
+from pipeline.artifacts import main_process, write_bytes_atomic
 from pipeline.errors import ConfigError
 
 log = logging.getLogger("noisy_student")
@@ -42,8 +42,7 @@ def setup_logging(progress: bool = True) -> None:
     level = os.environ.get("NS_LOG_LEVEL", "INFO").strip().upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"NS_LOG_LEVEL: expected DEBUG, INFO, WARNING or ERROR, got {level!r}")
-    main_process = os.environ.get("RANK", "0") == "0"
-    log.setLevel(level if main_process else max(logging.WARNING, logging.getLevelName(level)))
+    log.setLevel(level if main_process() else max(logging.WARNING, logging.getLevelName(level)))
     _SETTINGS["progress"] = progress
 
 

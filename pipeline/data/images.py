@@ -10,7 +10,7 @@ import torch
 import torchvision.io as tvio
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.data.limits import OverLimit, check_pixels
+from pipeline.data.limits import pixel_problem
 
 
 class BadImage(ValueError):
@@ -31,19 +31,23 @@ def header_mode_size(data: bytes) -> tuple[str, tuple[int, int]] | None:
     if size is None:
         return None
     if data[:2] == b"\xff\xd8":
-        mode = _JPEG_MODES.get(_jpeg_components(data))
-    else:
+        i = _jpeg_frame(data)
+        mode = _JPEG_MODES.get(data[i + 9]) if i + 9 < len(data) else None
+    elif len(data) >= 26:
         depth, kind = data[24], data[25]
         mode = ({1: "1", 16: "I;16"}.get(depth, "L") if kind == 0 else _PNG_MODES.get(kind))
+    else:
+        mode = None
     return (mode, size) if mode else None
 
 
-def _jpeg_components(data: bytes) -> int | None:
+def _jpeg_frame(data: bytes) -> int | None:
+    """Offset of a JPEG's start-of-frame segment (size, then component count), or None."""
     i = 2
-    while i + 10 <= len(data) and data[i] == 0xFF:
+    while i + 9 <= len(data) and data[i] == 0xFF:
         marker, length = data[i + 1], int.from_bytes(data[i + 2:i + 4], "big")
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            return data[i + 9]
+            return i
         i += 2 + length
     return None
 
@@ -52,23 +56,17 @@ def _png_jpeg_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from a PNG's IHDR or a JPEG's frame header, without decoding; None otherwise."""
     if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
         return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    if data[:2] != b"\xff\xd8":
+    i = _jpeg_frame(data) if data[:2] == b"\xff\xd8" else None
+    if i is None:
         return None
-    i = 2
-    while i + 9 <= len(data) and data[i] == 0xFF:
-        marker, length = data[i + 1], int.from_bytes(data[i + 2:i + 4], "big")
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start-of-frame segment
-            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
-        i += 2 + length
-    return None
+    return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
 
 
 def _check_size(w: int, h: int) -> None:
     """The pixel limit (``limits``), checked from the header before any pixel is decoded."""
-    try:
-        check_pixels(w, h)
-    except OverLimit as e:
-        raise BadImage(str(e)) from None
+    problem = pixel_problem(w, h)
+    if problem:
+        raise BadImage(problem)
 
 
 def decode_tensor(data: bytes, mode: str) -> torch.Tensor | None:

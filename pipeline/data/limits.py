@@ -12,10 +12,6 @@ from __future__ import annotations
 LIMITS = {"max_image_pixels": 100_000_000, "max_member_bytes": 256 * 2**20}
 
 
-class OverLimit(ValueError):
-    """An input over one of the limits; the message names the config key."""
-
-
 def set_limits(max_image_pixels: int | None = None, max_member_bytes: int | None = None) -> None:
     if max_image_pixels is not None:
         LIMITS["max_image_pixels"] = int(max_image_pixels)
@@ -31,15 +27,9 @@ def member_problem(size: int) -> str | None:
     return None
 
 
-def check_pixels(width: int, height: int) -> None:
-    """Raise OverLimit for an image larger than ``data.max_image_pixels``."""
+def pixel_problem(width: int, height: int) -> str | None:
+    """Why an image of ``width`` x ``height`` is not decoded, or None."""
     limit = LIMITS["max_image_pixels"]
     if width * height > limit:
-        raise OverLimit(f"{width} x {height} pixels is over data.max_image_pixels ({limit})")
-
-
-def check_member(size: int) -> None:
-    """Raise OverLimit for a member or file larger than ``data.max_member_bytes``."""
-    problem = member_problem(size)
-    if problem:
-        raise OverLimit(problem)
+        return f"{width} x {height} pixels is over data.max_image_pixels ({limit})"
+    return None

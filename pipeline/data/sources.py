@@ -197,10 +197,11 @@ def archive_members(path: Path, unused: Tally) -> Iterator[tuple[str, bytes | No
                 if m.isdir():
                     continue
                 why = passed_over_member(m)
+                problem = None if why else member_problem(m.size)
                 if why:
                     unused.add(f"{path.name}/{m.name}", why)
-                elif member_problem(m.size):
-                    yield m.name, None, member_problem(m.size)
+                elif problem:
+                    yield m.name, None, problem
                 else:
                     f = tf.extractfile(m)
                     yield m.name, (f.read() if f is not None else b""), None
@@ -252,10 +253,11 @@ def _list_folder(path: Path, unused: Tally, skipped: list) -> list[Path]:
             continue
         rel = str(p.relative_to(path))
         why = _passed_over(p.name) if p.is_file() else "not a regular file"
+        problem = None if why else member_problem(p.stat().st_size)
         if why:
             unused.add(f"{path}/{rel}", why)
-        elif member_problem(p.stat().st_size):
-            skipped.append(Skip(str(path), rel, member_problem(p.stat().st_size)))
+        elif problem:
+            skipped.append(Skip(str(path), rel, problem))
         else:
             files.append(p)
     return files

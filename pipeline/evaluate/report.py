@@ -12,7 +12,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.artifacts import clean_tmp, clean_tmp_of, read_json, write_bytes_atomic, write_json_atomic
+from pipeline.artifacts import (
+    TMP_PREFIX,
+    clean_tmp,
+    clean_tmp_of,
+    read_json,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 from pipeline.config import Config, ConfigError, to_dict
 from pipeline.data.dataset import PreparedData
 from pipeline.data.prepare import prepare_test
@@ -245,7 +252,7 @@ def evaluate(cfg: Config, model_dirs: list[str] | None = None, test_spec: str | 
         if out is not None:  # a folder the user may share with other files: only our own names
             for name in REPORT_FILES:
                 clean_tmp_of(out / name)
-            for p in (out / "plots").glob(".tmp-*.png.*") if (out / "plots").is_dir() else ():
+            for p in (out / "plots").glob(f"{TMP_PREFIX}*.png.*") if (out / "plots").is_dir() else ():
                 p.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     if test_spec:
