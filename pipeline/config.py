@@ -97,7 +97,10 @@ class TrainConfig:
     label_smoothing: float = _k(0.1, "label smoothing of the labeled loss", lo=0, hi=1)
     grad_accum: int = _k(1, "gradient accumulation steps per optimizer step", lo=1)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = _k(
-        "auto", "autocast: auto = bf16 on GPU and bf16-capable CPUs, else fp32")
+        "auto", "autocast: auto = bf16 on GPU and on CPUs with native bf16 (avx512_bf16, AMX), else fp32")
+    clip_grad: float | None = _k(None, "clip the gradient norm to this (null: no clipping)", lo=0, lo_open=True)
+    max_nonfinite_steps: int = _k(3, "non-finite steps in a row (skipped) that stop an fp32 run; bf16 falls "
+                                     "back to fp32 at the first", lo=1, runtime=True)
     channels_last: bool = _k(False, "channels_last memory format")
     compile: bool | str = _k(False, "torch.compile: true (inductor) or a backend name; slow first steps",
                              runtime=True)

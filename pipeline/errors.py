@@ -14,3 +14,8 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """The input data (images, shards, archives), not a config."""
+
+
+class NumericError(UserError):
+    """Training or a model's outputs went non-finite (NaN or inf): a recipe (learning rate, precision,
+    clipping) or a model the user can change; nothing non-finite is written as a result."""

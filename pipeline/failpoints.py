@@ -1,7 +1,8 @@
 """Named crash points for the fault-injection tests: ``NS_FAILPOINT=name:N`` SIGKILLs the process
 the N-th time it reaches ``hit("name")`` (``name:N@R``: only on global rank R). ``name:N:enospc``
 and ``name:N:eacces`` raise the OSError a full disk or a read-only directory gives at that write
-instead (CI runs as root, which file modes do not stop).
+instead (CI runs as root, which file modes do not stop). Fault points ask ``due("name")`` and
+inject the fault themselves; ``N-M`` (or ``N-``: from N on) makes it due on several hits.
 
 A SIGKILL cannot be caught or cleaned up after, so it is the honest model of a preempted machine,
 an OOM kill or a power cut. Without the variable ``hit`` costs one dict lookup.
@@ -27,32 +28,46 @@ POINTS = {
     "predict_batch": "predict: after each batch of predictions",
     "onnx_write": "export: the ONNX graph written to its temporary name, before it is checked and renamed",
 }
+# where the library calls due(): faults it injects itself instead of a crash
+FAULTS = {
+    "nonfinite_grad": "train/distill: after each backward pass, one gradient set to NaN (any CPU's bf16 NaN)",
+}
 
 
 _FAULTS = {"enospc": errno.ENOSPC, "eacces": errno.EACCES}
 
 
-def _spec() -> tuple[str, int, int | None, str] | None:
+def _spec() -> tuple[str, int, float, int | None, str] | None:
     raw = os.environ.get("NS_FAILPOINT")
     if not raw:
         return None
     name, _, rest = raw.partition(":")
     rest, _, fault = rest.partition(":")
     count, _, rank = rest.partition("@")
-    return name, int(count or 1), (int(rank) if rank else None), fault
+    first, dash, last = count.partition("-")
+    start = int(first or 1)
+    end = (int(last) if last else float("inf")) if dash else start
+    return name, start, end, (int(rank) if rank else None), fault
+
+
+def due(name: str) -> bool:
+    """Count a hit of ``name``; True when ``NS_FAILPOINT`` names it and this hit is in its range."""
+    spec = _spec()
+    if spec is None or spec[0] != name:
+        return False
+    if spec[3] is not None and int(os.environ.get("RANK", "0")) != spec[3]:
+        return False
+    _counts[name] = _counts.get(name, 0) + 1
+    return spec[1] <= _counts[name] <= spec[2]
 
 
 def hit(name: str, path: str | os.PathLike | None = None) -> None:
     """SIGKILL this process (or raise the named OSError about ``path``) if ``NS_FAILPOINT`` names
     this point and its count is reached."""
-    spec = _spec()
-    if spec is None or spec[0] != name:
+    if not due(name):
         return
-    if spec[2] is not None and int(os.environ.get("RANK", "0")) != spec[2]:
-        return
-    _counts[name] = _counts.get(name, 0) + 1
-    if _counts[name] == spec[1]:
-        if spec[3] in _FAULTS:
-            code = _FAULTS[spec[3]]
-            raise OSError(code, os.strerror(code), str(path) if path is not None else None)
-        os.kill(os.getpid(), signal.SIGKILL)
+    fault = _spec()[4]
+    if fault in _FAULTS:
+        code = _FAULTS[fault]
+        raise OSError(code, os.strerror(code), str(path) if path is not None else None)
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -131,7 +131,7 @@ def pseudo_label(cfg: Config, k: int, progress: bool = True, teacher_dir: Path |
     mine = labeling.label_shards(
         model, shards, out, shard_rows=rows, teacher_sha256=teacher_sha, class_names=names,
         prep=models.preprocessing(mconfig), opts=cfg.pseudo_label, accelerator=accelerator, progress=progress,
-        max_bad_share=cfg.data.max_bad_share)
+        max_bad_share=cfg.data.max_bad_share, model_name=str(teacher_dir))
     counts = accelerator.gather(torch.tensor([mine["samples"]], device=accelerator.device)).sum().item()
     accelerator.wait_for_everyone()
     result = {}
@@ -170,7 +170,8 @@ def train_round(cfg: Config, k: int, progress: bool = True) -> dict:
     tcfg = for_round(cfg.teacher, 1) if k == 0 else for_round(cfg.student, k)
     job = Job(phase="train", cfg=tcfg, epochs=per_round(tcfg.epochs, 1), lr=tcfg.lr,
               labeled=_labeled_spec(cfg, data, prep, tcfg, accelerator), labeled_total=data.count("labeled"),
-              prep=prep, max_bad_share=cfg.data.max_bad_share, log_with=cfg.log_with or [], log_every=cfg.log_every)
+              prep=prep, max_bad_share=cfg.data.max_bad_share, log_with=cfg.log_with or [], log_every=cfg.log_every,
+              run_dir=cfg.run_dir)
     parents: dict = {"data_manifest_sha256": data.manifest_sha256, "data_dir": str(data.dir)}
     pl_manifest, selection = _select_pseudo_labels(cfg, k, data, job, parents, accelerator) if k else ({}, {})
     model = _create_or_grow(cfg, k, data, prep, tcfg, parents, accelerator)
@@ -239,7 +240,8 @@ def _train(cfg: Config, k: int, model: torch.nn.Module, job: Job, out: Path, pro
     if k >= 1 and cfg.student.finetune_epochs:
         ft = Job(phase="finetune", cfg=job.cfg, epochs=cfg.student.finetune_epochs, lr=cfg.student.finetune_lr,
                  labeled=job.labeled, labeled_total=job.labeled_total, prep=job.prep,
-                 max_bad_share=cfg.data.max_bad_share, log_with=job.log_with, log_every=job.log_every)
+                 max_bad_share=cfg.data.max_bad_share, log_with=job.log_with, log_every=job.log_every,
+                 run_dir=job.run_dir)
         stats.append(train(model, ft, out / "state", progress))
     return stats
 

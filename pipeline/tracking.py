@@ -110,7 +110,7 @@ def write_summary(path: Path, rows: list[dict]) -> None:
     if not rows:
         return
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), extrasaction="ignore")
+    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for row in rows for k in row)), restval="")
     writer.writeheader()
     writer.writerows(rows)
     write_bytes_atomic(path, buf.getvalue().encode())

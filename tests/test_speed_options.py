@@ -26,7 +26,7 @@ from pipeline.pseudo import pseudo_labels as pl
 
 def test_auto_precision_is_bf16_for_training_where_the_cpu_has_it_and_fp32_for_cpu_inference():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert precision.resolve("auto", cpu) == ("bf16" if precision.cpu_has_bf16() else "fp32")
+    assert precision.resolve("auto", cpu) == ("bf16" if precision.cpu_has_native_bf16() else "fp32")
     assert precision.resolve("auto", cpu, inference=True) == "fp32"
     assert precision.resolve("auto", gpu, inference=True) == "bf16"
     assert precision.resolve("fp16", cpu) == "fp32" and precision.resolve("fp16", gpu) == "fp16"

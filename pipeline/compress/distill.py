@@ -40,7 +40,7 @@ from pipeline.data.dataset import PreparedData, Preprocessing
 from pipeline.data.loaders import StreamSpec
 from pipeline.data.transforms import train_transform
 from pipeline.evaluate import evaluation
-from pipeline.modeling import models
+from pipeline.modeling import finite, models
 from pipeline.pseudo import labeling, pseudo_labels
 from pipeline.rounds import round_dir
 from pipeline.runtime import make_accelerator
@@ -72,8 +72,9 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, 
 class OnlineKD(Objective):
     """The teacher labels the exact (augmented, mixed) batch the student is about to see."""
 
-    def __init__(self, teacher: torch.nn.Module, temperature: float, alpha: float, mixup: float = 0.0):
-        self.teacher = teacher.eval()
+    def __init__(self, teacher: torch.nn.Module, temperature: float, alpha: float, mixup: float = 0.0,
+                 name: str = "teacher"):
+        self.teacher, self.name = teacher.eval(), name
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.temperature, self.alpha, self.mixup = temperature, alpha, mixup
@@ -90,6 +91,7 @@ class OnlineKD(Objective):
             self.labels_b = batch.labels[perm]
         with torch.no_grad():
             self.teacher_logits = self.teacher(x).float()
+        finite.check_outputs(self.teacher_logits, self.name, "logits")
         return x
 
     def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -132,7 +134,7 @@ def default_teacher(cfg: Config) -> Path:
 
 def _offline_targets(cfg: Config, out: Path, teacher: torch.nn.Module, teacher_sha: str, shards: list[Path],
                      rows: dict[str, int], names: list[str], prep: Preprocessing, data: PreparedData, accelerator,
-                     progress: bool) -> Path:
+                     progress: bool, model_name: str) -> Path:
     """The teacher's probabilities for every labeled and unlabeled sample (cached, resumable per shard)."""
     tdir = out / "targets"
     try:
@@ -145,7 +147,8 @@ def _offline_targets(cfg: Config, out: Path, teacher: torch.nn.Module, teacher_s
     labeling.label_shards(teacher, shards, tdir, shard_rows=rows, teacher_sha256=teacher_sha,
                                class_names=names, prep=prep, opts=PseudoLabelConfig(
                                    batch_size=cfg.pseudo_label.batch_size, workers=cfg.pseudo_label.workers),
-                               accelerator=accelerator, progress=progress, max_bad_share=cfg.data.max_bad_share)
+                               accelerator=accelerator, progress=progress, max_bad_share=cfg.data.max_bad_share,
+                               model_name=model_name)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         stats = {"samples": sum(rows.values())}
@@ -263,17 +266,17 @@ def _distill_student(cfg: Config, ctx: _Context, out: Path, progress: bool) -> d
         teacher = teacher.to(memory_format=torch.channels_last)
     if dcfg.mode == "offline":
         tdir = _offline_targets(cfg, out, teacher, ctx.teacher_sha, shards, rows, ctx.names, ctx.prep, data, acc,
-                                progress)
+                                progress, str(ctx.teacher_dir))
         objective, targets = OfflineKD(dcfg.temperature, dcfg.alpha), TeacherTargets(tdir)
     else:
-        objective, targets = OnlineKD(teacher, dcfg.temperature, dcfg.alpha, dcfg.mixup), None
+        objective, targets = OnlineKD(teacher, dcfg.temperature, dcfg.alpha, dcfg.mixup, str(ctx.teacher_dir)), None
     spec = StreamSpec(shards=[str(s) for s in shards], mode=ctx.prep.mode,
                       transform=train_transform(ctx.prep.size, dcfg), rank=acc.process_index,
                       world=acc.num_processes, seed=cfg.seed + 104729, buffer=5000, targets=targets, missing_label=-1,
                       with_label=targets is not None, rows=rows)
     job = Job(phase="distill", cfg=dcfg, epochs=epochs, lr=dcfg.lr, labeled=spec, labeled_total=total,
               prep=ctx.prep, objective=objective, max_bad_share=cfg.data.max_bad_share,
-              log_with=cfg.log_with or [], log_every=cfg.log_every)
+              log_with=cfg.log_with or [], log_every=cfg.log_every, run_dir=cfg.run_dir)
     log.info(f"distill: {ctx.teacher_dir} ({teacher_params} params) -> {dcfg.arch} "
               f"({models.num_params(student)} params), {dcfg.mode}, T={dcfg.temperature}, "
               f"alpha={dcfg.alpha}, {epochs} epochs over {total} images")
@@ -301,7 +304,7 @@ def _labels_only(cfg: Config, ctx: _Context, progress: bool) -> dict:
                       rows=data.rows("labeled"))
     job = Job(phase="labels-only", cfg=dcfg, epochs=math.ceil(steps / per_epoch), lr=dcfg.lr, labeled=spec,
               labeled_total=labeled_total, prep=ctx.prep, max_bad_share=cfg.data.max_bad_share,
-              log_with=cfg.log_with or [], log_every=cfg.log_every)
+              log_with=cfg.log_with or [], log_every=cfg.log_every, run_dir=cfg.run_dir)
     log.info(f"labels only: {dcfg.arch} on {labeled_total} labeled images, {job.epochs} epochs "
               f"(~{steps} steps, the distillation's budget)")
     parents = {"data_manifest_sha256": ctx.parents["data_manifest_sha256"]}

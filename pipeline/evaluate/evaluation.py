@@ -28,7 +28,7 @@ from pipeline.data.loaders import eval_batches
 from pipeline.data.shards import image_bytes, read_shard, sample_label
 from pipeline.data.transforms import eval_transform, normalize, to_input
 from pipeline.evaluate import calibration, corruptions, perturbations
-from pipeline.modeling import models
+from pipeline.modeling import finite, models
 from pipeline.tracking import bar
 
 EVAL_DIR = "eval"
@@ -114,7 +114,7 @@ class _Forward:
     """uint8 batches -> top-1 / probabilities with a model's own normalisation."""
 
     def __init__(self, m: LoadedModel, device):
-        self.model = m.model.to(device).eval()
+        self.model, self.name = m.model.to(device).eval(), str(m.directory)
         self.device = device
         self.mean = torch.tensor(m.prep.mean, device=device)
         self.std = torch.tensor(m.prep.std, device=device)
@@ -123,7 +123,9 @@ class _Forward:
     def probs(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
         out = [self.model(normalize(x[i:i + batch_size].to(self.device), self.mean, self.std)).float().softmax(1)
                for i in range(0, len(x), batch_size)]
-        return torch.cat(out).cpu() if out else torch.zeros(0, self.model.num_classes)
+        probs = torch.cat(out).cpu() if out else torch.zeros(0, self.model.num_classes)
+        finite.check_outputs(probs, self.name, "probabilities")
+        return probs
 
 
 def clean(m: LoadedModel, test: TestSet, ecfg: EvaluateConfig, accelerator, progress: bool = True,

@@ -19,7 +19,10 @@ import pipeline
 from pipeline.artifacts import TMP_PREFIX, read_json, sha256_file, write_json_atomic
 from pipeline.config import ConfigError, ModelConfig
 from pipeline.data.dataset import Preprocessing
-from pipeline.modeling import archs  # importing it registers our architectures with timm
+from pipeline.modeling import (
+    archs,  # importing it registers our architectures with timm
+    finite,
+)
 
 # Ours that are a timm architecture plus arguments: built (and so saved) as that, so their model
 # directories load with timm alone
@@ -94,6 +97,7 @@ def save_model_dir(model: torch.nn.Module, directory: Path, label_names: list[st
     config.json is timm's, less what describes timm's published weights (tag, licence, origin);
     ``license`` is the config's ``model.license``; an architecture of ours names the package,
     version and module that provide it (``source``), which timm itself ignores."""
+    finite.check_weights(model.state_dict(), str(directory), "save")
     directory.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + "model-", dir=directory))
     try:
@@ -140,6 +144,7 @@ def load_model_dir(directory: str | Path) -> tuple[torch.nn.Module, dict]:
     except (SafetensorError, RuntimeError, ValueError, KeyError, TypeError, OSError) as e:
         raise ConfigError(f"{directory / WEIGHTS}: cannot be loaded as {arch} weights in safetensors format "
                           f"({str(e).splitlines()[0][:120] or type(e).__name__})") from None
+    finite.check_weights(model.state_dict(), str(directory / WEIGHTS), "load")
     model.eval()
     return model, config
 

@@ -1,27 +1,44 @@
 """Speed settings of a model's forward pass: mixed precision (autocast) and torch.compile.
 
-Training and inference read ``auto`` differently. Training takes bf16 wherever the hardware has
-it (GPU, bf16-capable CPUs). Inference takes it on GPU only, so the pseudo labels of a CPU run
-stay exact fp32 unless a config asks otherwise.
+Training and inference read ``auto`` differently. Training takes bf16 where the hardware computes
+it natively (GPU, x86 CPUs with avx512_bf16 or AMX); where a CPU only emulates bf16 it is slower
+than fp32, so ``auto`` takes fp32 there. Inference takes bf16 on GPU only, so the pseudo labels of
+a CPU run stay exact fp32 unless a config asks otherwise. A training phase that met a non-finite
+step in bf16 records a fallback in the experiment directory (``FALLBACK``): later phases and
+rounds of that experiment train in fp32.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+from pathlib import Path
 
 import torch
 
+from pipeline.artifacts import read_json, write_json_atomic
 from pipeline.errors import ConfigError
 
 # what a run records: the precision its forward passes actually ran in
 PRECISIONS = ("fp32", "bf16", "fp16")
+FALLBACK = "precision.json"  # in an experiment directory: bf16 went non-finite there, train in fp32
+_NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
 
 
-def cpu_has_bf16() -> bool:
+@functools.cache
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes bf16 in hardware (Linux x86 flags: avx512_bf16 or amx_bf16).
+
+    oneDNN runs bf16 on any AVX-512 CPU, but without these instructions it converts in software
+    and is slower than fp32 (bench/results/precision_speed.json)."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return bool(_NATIVE_BF16_FLAGS & set(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return False
 
 
 def resolve(mode: str, device: torch.device, inference: bool = False) -> str:
@@ -33,10 +50,33 @@ def resolve(mode: str, device: torch.device, inference: bool = False) -> str:
     if mode == "auto":
         if device.type == "cuda":
             return "bf16"
-        return "bf16" if not inference and device.type == "cpu" and cpu_has_bf16() else "fp32"
+        return "bf16" if not inference and device.type == "cpu" and cpu_has_native_bf16() else "fp32"
     if mode == "no" or (mode == "fp16" and device.type != "cuda"):
         return "fp32"
     return mode
+
+
+def for_training(mode: str, device: torch.device, run_dir: Path | None) -> tuple[str, str | None]:
+    """A training phase's precision and, when it is not what ``resolve`` gives, why: an experiment
+    whose bf16 training went non-finite before trains in fp32."""
+    dtype = resolve(mode, device)
+    fallback = read_fallback(run_dir) if dtype == "bf16" and run_dir is not None else None
+    if fallback is None:
+        return dtype, None
+    return "fp32", f"bf16 went non-finite earlier in this experiment ({fallback['where']}; {run_dir / FALLBACK})"
+
+
+def record_fallback(run_dir: Path, where: str) -> None:
+    """Note in ``run_dir`` that bf16 training went non-finite at ``where`` (the first time only)."""
+    path = run_dir / FALLBACK
+    if not path.is_file():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, {"precision": "fp32", "where": where})
+
+
+def read_fallback(run_dir: Path) -> dict | None:
+    path = run_dir / FALLBACK
+    return read_json(path) if path.is_file() else None
 
 
 def autocast(precision: str, device: torch.device):

@@ -19,7 +19,7 @@ from pipeline.data.dataset import Preprocessing
 from pipeline.data.images import BadImage
 from pipeline.data.shards import image_bytes, read_shard
 from pipeline.data.transforms import eval_transform, normalize, to_input
-from pipeline.modeling import precision
+from pipeline.modeling import finite, precision
 from pipeline.pseudo.pseudo_labels import listed_sha256, parquet_name, validates, write_parquet
 from pipeline.tracking import bar
 
@@ -73,12 +73,14 @@ class _ShardBatches(IterableDataset):
 
 def label_shards(model: torch.nn.Module, shards: list[Path], out_dir: Path, *, shard_rows: dict[str, int],
                  teacher_sha256: str, class_names: list[str], prep: Preprocessing, opts: PseudoLabelConfig,
-                 accelerator, progress: bool = True, max_bad_share: float = 0.01) -> dict:
+                 accelerator, progress: bool = True, max_bad_share: float = 0.01, model_name: str | None = None) -> dict:
     """Label this rank's unfinished shards; returns this rank's {"samples", "seconds", "precision"}.
 
     ``opts``: batch size and workers; ``tta`` averages the softmax of each image and its mirror
     image (flip test-time augmentation, no noise); ``mixed_precision`` (``precision.resolve``),
     ``channels_last`` and ``compile`` change speed, and the precision used is recorded in each file.
+    Outputs that are not finite stop the pass before their shard's file is written (``model_name``
+    names the model in that one line).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
@@ -95,7 +97,7 @@ def label_shards(model: torch.nn.Module, shards: list[Path], out_dir: Path, *, s
     total = sum(shard_rows[Path(s).name] for s in todo)
     log = SkipLog("pseudo_label" + (f" (rank {accelerator.process_index})" if accelerator.num_processes > 1 else ""),
                   max_bad_share, expected=total)
-    teacher = _Teacher(model, prep, opts, accelerator.device)
+    teacher = _Teacher(model, prep, opts, accelerator.device, model_name or f"teacher {teacher_sha256[:12]}")
     done, t0 = 0, time.time()
     if todo:
         ds = _ShardBatches(todo, prep.mode, eval_transform(prep.size), opts.batch_size, shard_rows)
@@ -128,8 +130,9 @@ def label_shards(model: torch.nn.Module, shards: list[Path], out_dir: Path, *, s
 class _Teacher:
     """The un-noised teacher as the pass runs it: on the device, in eval mode, with the speed options."""
 
-    def __init__(self, model: torch.nn.Module, prep: Preprocessing, opts: PseudoLabelConfig, device: torch.device):
-        self.model, self.device, self.opts = model.to(device).eval(), device, opts
+    def __init__(self, model: torch.nn.Module, prep: Preprocessing, opts: PseudoLabelConfig, device: torch.device,
+                 name: str):
+        self.model, self.device, self.opts, self.name = model.to(device).eval(), device, opts, name
         if opts.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         precision.compile_model(self.model, opts.compile)
@@ -145,4 +148,5 @@ class _Teacher:
             p = torch.softmax(self.model(x).float(), dim=1)
             if self.opts.tta:
                 p = (p + torch.softmax(self.model(x.flip(3)).float(), dim=1)) / 2
+        finite.check_outputs(p, self.name, "probabilities")
         return p.cpu().numpy()

@@ -38,6 +38,7 @@ from pipeline.data.sources import (
 )
 from pipeline.data.transforms import eval_transform, normalize, to_input
 from pipeline.errors import DataError
+from pipeline.modeling.finite import check_outputs
 from pipeline.modeling.models import TIMM_CONFIG, WEIGHTS, load_model_dir, preprocessing
 from pipeline.serve.export import ort_session, require_onnx
 from pipeline.tracking import bar, log
@@ -313,7 +314,9 @@ def predict(model_spec: str | Path, input_spec: str, out: str | Path, *, topk: i
         writer = _CsvRows(tmp) if out.suffix.lower() == ".csv" else _ParquetRows(tmp, meta)
         try:
             for paths, x in _batches(items, clf.prep, batch_size, on_bad):
-                _write_rows(writer, paths, _softmax(clf.logits(normalize(x, mean, std))), names, k)
+                logits = clf.logits(normalize(x, mean, std))
+                check_outputs(logits, clf.source, "logits")
+                _write_rows(writer, paths, _softmax(logits), names, k)
                 done += len(paths)
                 shown.update(len(paths))
                 failpoints.hit("predict_batch", out)

@@ -2,7 +2,8 @@
 
 What the loss is belongs to the job's objective (``objectives.py``); the loop only moves batches:
 each step takes a labeled batch and, when the job has an unlabeled stream (a student), an
-unlabeled batch ``unlabeled_ratio`` times larger, both through one forward pass. After every
+unlabeled batch ``unlabeled_ratio`` times larger, both through one forward pass. A step whose loss
+or gradient norm is not finite changes nothing (``guard.py``). After every
 epoch ``accelerator.save_state`` writes ``state/<phase>-eNNNN`` (to a temporary name, then
 renamed), so a killed run resumes at the last finished epoch with the same data order (the order
 is a function of seed and epoch).
@@ -36,6 +37,7 @@ from pipeline.errors import ConfigError
 from pipeline.modeling import precision
 from pipeline.runtime import make_accelerator
 from pipeline.tracking import Trackers, bar, log, write_summary
+from pipeline.training.guard import StepGuard
 from pipeline.training.objectives import Batch, Objective, Supervised
 
 
@@ -57,6 +59,7 @@ class Job:
     max_bad_share: float = 0.01  # data.max_bad_share: skipped share of samples that stops the run
     log_with: list[str] = field(default_factory=list)  # the config's log_with: trackers under <out>/logs/
     log_every: int = 50  # optimizer steps between tracker points
+    run_dir: Path | None = None  # the experiment's directory: where a bf16 fallback is recorded and read
 
 
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
@@ -118,7 +121,8 @@ class _Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     ema: object | None
     objective: Objective
-    dtype: str
+    guard: StepGuard
+    precision_reason: str | None  # why the phase started in another precision than its config's
     autocast: object
     scaler: object | None
     augment: object | None
@@ -157,17 +161,18 @@ def train(model: torch.nn.Module, job: Job, state_root: Path, progress: bool = T
         run.wrapped.train()
         batches = _batches(job, epoch, spe * job.cfg.grad_accum, skips)
         loss_sum = torch.zeros((), device=acc.device)
+        skipped_before = run.guard.skipped
         for step in range(spe):
             if probe and step == min(PROBE_WARMUP, min(probe, spe) - 1):  # the steps measured start here
                 t_probe, probed = time.time(), step
-            summed, last = _step(run, batches, epoch * spe + step)
+            summed, last = _step(run, batches, epoch, step)
             loss_sum += summed
             if probe and step + 1 >= min(probe, spe):
                 steps.close()
                 return {"img_s": (step + 1 - probed) * run.images_per_step / max(time.time() - t_probe, 1e-9)}
             _report(run, steps, epoch, step, last, t0)
         skips.check()
-        _end_epoch(run, epoch, loss_sum, time.time() - t0, state_root)
+        _end_epoch(run, epoch, loss_sum, time.time() - t0, state_root, run.guard.skipped - skipped_before)
     steps.close()
     run.trackers.close()
     return _finish(model, run, skips)
@@ -204,9 +209,12 @@ def _setup(model: torch.nn.Module, job: Job) -> _Run:
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     # the scheduler's and the EMA's state are saved by us (JSON, safetensors), not registered with
     # Accelerate, whose custom checkpoints are pickles it loads with weights_only=False
-    dtype = precision.resolve(cfg.mixed_precision, device)
+    dtype, reason = precision.for_training(cfg.mixed_precision, device, job.run_dir)
+    if reason:
+        log.info(f"{job.phase}: fp32 instead of bf16: {reason}")
+    guard = StepGuard(job.phase, cfg.max_nonfinite_steps, dtype, buffers=list(model.buffers()))
     return _Run(job=job, accelerator=accelerator, wrapped=wrapped, optimizer=optimizer, scheduler=scheduler, ema=ema,
-                objective=job.objective or Supervised(cfg.label_smoothing), dtype=dtype,
+                objective=job.objective or Supervised(cfg.label_smoothing), guard=guard, precision_reason=reason,
                 autocast=precision.autocast(dtype, device), scaler=precision.grad_scaler(dtype),
                 augment=batch_augment(cfg),  # None: the stream's per-image transform did it
                 mean=torch.tensor(job.prep.mean, device=device), std=torch.tensor(job.prep.std, device=device),
@@ -227,6 +235,8 @@ def _resume(run: _Run, state_root: Path) -> None:
     if run.ema is not None:
         run.ema.module.load_state_dict(load_file(str(latest / EMA_FILE)))
     run.start_epoch, run.elapsed, run.history = info["epoch"] + 1, info["seconds"], list(info.get("history", []))
+    run.guard.resume(info)
+    run.autocast = precision.autocast(run.guard.precision, run.accelerator.device)
     log.info(f"resuming {run.job.phase} from {latest.name} (epoch {run.start_epoch}/{run.job.epochs})")
 
 
@@ -245,9 +255,13 @@ def _batches(job: Job, epoch: int, n: int, skips: SkipLog) -> Iterator[Batch]:
         yield Batch(torch.cat([xl, xu]), yl, len(xl), soft)
 
 
-def _step(run: _Run, batches: Iterator[Batch], global_step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over ``grad_accum`` batches: (summed loss, last batch's loss), detached."""
+def _step(run: _Run, batches: Iterator[Batch], epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over ``grad_accum`` batches: (summed loss, last batch's loss), detached.
+
+    A non-finite loss or gradient norm skips the update (``guard.py``); the schedule and the data
+    move on either way, so a skipped step costs one batch, never the alignment of a resume."""
     acc, cfg = run.accelerator, run.job.cfg
+    saved = run.guard.snapshot()
     summed = torch.zeros((), device=acc.device)
     for micro in range(cfg.grad_accum):
         batch = next(batches).to(acc.device)
@@ -262,33 +276,56 @@ def _step(run: _Run, batches: Iterator[Batch], global_step: int) -> tuple[torch.
             scaled = loss / cfg.grad_accum
             acc.backward(run.scaler.scale(scaled) if run.scaler is not None else scaled)
         summed += loss.detach()
-    if run.scaler is not None:
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-    else:
-        run.optimizer.step()
+    if failpoints.due("nonfinite_grad"):
+        next(p for p in run.wrapped.parameters() if p.grad is not None).grad.fill_(float("nan"))
+    norm = _grad_norm(run)
+    if run.guard.finite(summed, norm, acc):
+        if cfg.clip_grad is not None:
+            torch.nn.utils.clip_grads_with_norm_(run.wrapped.parameters(), cfg.clip_grad, norm)
+        if run.scaler is not None:
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+        else:
+            run.optimizer.step()
+        if run.ema is not None:
+            run.ema.update(acc.unwrap_model(run.wrapped), step=epoch * run.steps_per_epoch + step)
+        run.guard.passed()
+    elif run.guard.skip(saved, summed, norm, epoch, step):  # bf16 -> fp32 for the rest of the phase
+        run.autocast = precision.autocast("fp32", acc.device)
+        if acc.is_main_process and run.job.run_dir is not None:
+            precision.record_fallback(run.job.run_dir, f"{run.job.phase} in {run.job.run_dir.name}, epoch "
+                                                       f"{epoch + 1}, step {step + 1}")
     run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
-    if run.ema is not None:
-        run.ema.update(acc.unwrap_model(run.wrapped), step=global_step)
     failpoints.hit("train_step")
     return summed, loss.detach()
 
 
-def _end_epoch(run: _Run, epoch: int, loss_sum: torch.Tensor, seconds: float, state_root: Path) -> None:
-    """Record the epoch and checkpoint it (the point a killed run resumes from)."""
+def _grad_norm(run: _Run) -> torch.Tensor:
+    """The gradients' total 2-norm in one fused reduction (unscaled first under fp16)."""
+    if run.scaler is not None:
+        run.scaler.unscale_(run.optimizer)
+    grads = [p.grad for p in run.wrapped.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=run.accelerator.device)
+
+
+def _end_epoch(run: _Run, epoch: int, loss_sum: torch.Tensor, seconds: float, state_root: Path,
+               skipped: int) -> None:
+    """Record the epoch (``skipped``: its non-finite steps) and checkpoint it (the point a killed run resumes from)."""
     acc, cfg = run.accelerator, run.job.cfg
     epoch_loss = acc.reduce(loss_sum, "mean").item() / (run.steps_per_epoch * cfg.grad_accum)
     run.elapsed += seconds
     run.history.append({"epoch": epoch, "loss": round(epoch_loss, 5), "lr": run.scheduler.get_last_lr()[0],
                         "seconds": round(seconds, 2),
-                        "img_s": round(run.steps_per_epoch * run.images_per_step / seconds, 1)})
+                        "img_s": round(run.steps_per_epoch * run.images_per_step / seconds, 1),
+                        "nonfinite_steps": skipped, "precision": run.guard.precision})
     if acc.is_main_process:  # timm's summary.csv: one row per epoch, rewritten whole (a resume repeats none)
         name = "summary.csv" if run.job.phase == "train" else f"summary-{run.job.phase}.csv"
         write_summary(state_root.parent / name, run.history)
         run.trackers.log({f"{run.job.phase}/epoch_loss": epoch_loss}, (epoch + 1) * run.steps_per_epoch)
     _save(acc, state_root, run.job.phase, epoch, {"epoch": epoch, "seconds": run.elapsed, "history": run.history,
-                                                  "scheduler": run.scheduler.state_dict()}, run.ema)
+                                                  "scheduler": run.scheduler.state_dict(), **run.guard.state()},
+          run.ema)
     failpoints.hit("epoch_end")
 
 
@@ -308,7 +345,8 @@ def _finish(model: torch.nn.Module, run: _Run, skips: SkipLog) -> dict:
                skipped_share=round(counts[0] / max(counts[0] + counts[1], 1), 6))
     history = run.history
     return {"phase": job.phase, "epochs": job.epochs, "steps": run.steps_per_epoch * job.epochs,
-            "seconds": round(run.elapsed, 1), "precision": run.dtype, "compile": precision.compile_backend(job.cfg.compile),
+            "seconds": round(run.elapsed, 1), **run.guard.state(), "precision_reason": run.precision_reason,
+            "compile": precision.compile_backend(job.cfg.compile),
             "img_s": round(samples / max(run.elapsed, 1e-9), 1), "history": history,
             "final_loss": history[-1]["loss"] if history else None, "bad_samples": bad}
 
