@@ -13,8 +13,8 @@ from conftest import ROOT, tiny_overrides
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "ACCELERATE_USE_CPU": "1"}
 
 
-def _run(cmd):
-    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+def _run(cmd, env=None):
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**ENV, **(env or {})}, cwd=ROOT, timeout=600)
     assert r.returncode == 0, f"{cmd}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
     return r
 
@@ -50,17 +50,21 @@ def test_two_processes_label_like_one(tiny_data, tmp_path):
 
 
 def test_two_process_training_round(tiny_data, tmp_path):
-    """teacher and student train under `accelerate launch` with 2 CPU processes (DDP, split shards)."""
+    """teacher and student train under `accelerate launch` with 2 CPU processes (DDP, split shards);
+    a non-finite gradient on rank 1 alone makes both ranks skip that step (one verdict for all)."""
     ov = tiny_overrides(tiny_data, tmp_path / "runs", name="ddp") + ["teacher.epochs=2", "student.epochs=1",
                                                                  "student.threshold=0"]
     r = _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              str(ROOT / "stages" / "iterate.py"), "round=1", *ov])
+              str(ROOT / "stages" / "iterate.py"), "round=1", *ov], env={"NS_FAILPOINT": "nonfinite_grad:2@1"})
     assert "| 1 | resnet10t |" in r.stdout
     import json
 
     card = json.loads((tmp_path / "runs" / "ddp" / "round-1" / "card.json").read_text())
     assert card["metrics"]["test_samples"] == 80  # every test image counted once across the 2 ranks
+    teacher = json.loads((tmp_path / "runs" / "ddp" / "round-0" / "card.json").read_text())["train"][0]
+    assert teacher["nonfinite_steps"] == 1 and teacher["precision_steps"] == {"fp32": teacher["steps"]}  # rank 0's count
+    assert (r.stdout + r.stderr).count("non-finite step in fp32") == 1  # logged by the main process only
 
 
 def test_two_process_evaluation_equals_one(tiny_data, tmp_path):

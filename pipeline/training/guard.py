@@ -10,6 +10,7 @@ checkpoint, whose weights no skipped step touched. fp16 keeps GradScaler's own s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +31,7 @@ class StepGuard:
     skipped: int = 0
     in_a_row: int = 0
     switch: dict | None = None  # the bf16 -> fp32 switch: where and why
+    main: bool = True  # logs its verdicts (the main process; every rank reaches the same ones)
 
     def snapshot(self) -> list[torch.Tensor]:
         return [b.clone() for b in self.buffers]
@@ -60,15 +62,19 @@ class StepGuard:
         self.in_a_row += 1
         where = f"{self.phase} epoch {epoch + 1}, step {step + 1}"
         values = f"loss {loss.item():.4g}, gradient norm {grad_norm.item():.4g}"
+        if math.isfinite(loss.item()) and math.isfinite(grad_norm.item()):
+            values += "; not finite on another rank"
         if ran == "bf16":
             self.precision, self.in_a_row = "fp32", 0
             self.switch = {"from": "bf16", "to": "fp32", "epoch": epoch, "step": step,
                            "reason": f"non-finite step in bf16 ({values})"}
-            log.warning(f"warning: {where}: non-finite step in bf16 ({values}) skipped; "
-                        "the rest of the phase runs in fp32")
+            if self.main:
+                log.warning(f"warning: {where}: non-finite step in bf16 ({values}) skipped; "
+                            "the rest of the phase runs in fp32")
             return True
-        log.warning(f"warning: {where}: non-finite step in {ran} ({values}) skipped "
-                    f"({self.in_a_row} in a row, {self.limit} stop the phase)")
+        if self.main:
+            log.warning(f"warning: {where}: non-finite step in {ran} ({values}) skipped "
+                        f"({self.in_a_row} in a row, {self.limit} stop the phase)")
         if self.in_a_row >= self.limit:
             raise NumericError(
                 f"{where}: {self.in_a_row} non-finite steps in a row in {ran} ({values}); likely a learning "

@@ -212,7 +212,8 @@ def _setup(model: torch.nn.Module, job: Job) -> _Run:
     dtype, reason = precision.for_training(cfg.mixed_precision, device, job.run_dir)
     if reason:
         log.info(f"{job.phase}: fp32 instead of bf16: {reason}")
-    guard = StepGuard(job.phase, cfg.max_nonfinite_steps, dtype, buffers=list(model.buffers()))
+    guard = StepGuard(job.phase, cfg.max_nonfinite_steps, dtype, buffers=list(model.buffers()),
+                      main=accelerator.is_main_process)
     return _Run(job=job, accelerator=accelerator, wrapped=wrapped, optimizer=optimizer, scheduler=scheduler, ema=ema,
                 objective=job.objective or Supervised(cfg.label_smoothing), guard=guard, precision_reason=reason,
                 autocast=precision.autocast(dtype, device), scaler=precision.grad_scaler(dtype),
