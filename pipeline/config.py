@@ -105,7 +105,7 @@ class TrainConfig:
     compile: bool | str = _k(False, "torch.compile: true (inductor) or a backend name; slow first steps",
                              runtime=True)
     ema: bool = _k(False, "keep an exponential moving average of the weights and save it")
-    ema_decay: float = _k(0.999, "EMA decay per step", lo=0, hi=1)
+    ema_decay: float = _k(0.999, "EMA decay per step, reached after timm's warmup (1 - (1 + step)^-2/3)", lo=0, hi=1)
     workers: int = _k(1, "DataLoader workers per process", lo=0, runtime=True)
     crop_pad: int = _k(2, "random crop with this padding (0: off)", lo=0)
     hflip: bool = _k(True, "random horizontal flip")

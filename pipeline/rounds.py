@@ -137,7 +137,8 @@ def pseudo_label(cfg: Config, k: int, progress: bool = True, teacher_dir: Path |
     result = {}
     if accelerator.is_main_process:
         seconds = time.time() - t0
-        stats = pseudo_labels.pool_stats(out, shards, names, data.truth, cfg.student.threshold)
+        prev = pseudo_label_dir(cfg, k - 1) if k >= 2 else None  # round 1's teacher is the first to label
+        stats = pseudo_labels.pool_stats(out, shards, names, data.truth, cfg.student.threshold, prev)
         stats.update({"labeled_now": int(counts), "seconds": round(seconds, 1),
                       "img_s": round(counts / max(seconds, 1e-9), 1)})
         result = pseudo_labels.write_manifest(out, shards, teacher_dir, teacher_sha, names, stats,

@@ -49,6 +49,9 @@ def test_artifacts_of_every_round(experiment):
                 (exp / f"round-{k - 1}" / "card.json").read_text())["files"]["model.safetensors"]
             assert card["noise"]["randaugment"] == {"n": 1, "m": 9}
             assert len(list((exp / "pseudo_labels" / f"round={k}").glob("unlabeled-*.parquet"))) == 4
+            agreement = json.loads((exp / "pseudo_labels" / f"round={k}" / "_manifest.json").read_text())[
+                "stats"]["agreement_with_previous"]
+            assert agreement is None if k == 1 else 0 <= agreement <= 1  # round 2 compares with round 1's labels
     assert "| 2 | resnet10t |" in experiment["iterate_out"]
 
 

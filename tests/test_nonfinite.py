@@ -115,12 +115,12 @@ def test_bf16_switches_to_fp32_records_it_and_a_resume_keeps_it(tmp_path, monkey
     assert g.precision == "fp32" and g.steps == {"bf16": 1, "fp32": 3} and g.skipped == 1
     assert g.switch["from"] == "bf16" and g.switch["step"] == 0 and "non-finite" in g.switch["reason"]
     assert isinstance(run.autocast, type(precision.autocast("fp32", torch.device("cpu"))))
-    assert precision.read_fallback(exp)["where"].startswith("train in exp, epoch 1, step 1")
-    # the checkpoint keeps the switch (no fallback file consulted here: run_dir=None)
+    # the checkpoint keeps the switch, and the experiment records it for later phases
     trainer._end_epoch(run, 0, torch.zeros(()), 1.0, tmp_path / "state", g.skipped)
+    assert precision.read_fallback(exp)["where"] == f"{tmp_path.name} train, epoch 1, step 1"
     progress = json.loads((tmp_path / "state" / "train-e0000" / "progress.json").read_text())
     assert progress["precision"] == "fp32" and progress["precision_steps"] == {"bf16": 1, "fp32": 3}
-    again = _run(tmp_path, mixed_precision="bf16")
+    again = _run(tmp_path, mixed_precision="bf16")  # run_dir=None: only the checkpoint says fp32
     trainer._resume(again, tmp_path / "state")
     assert again.guard.precision == "fp32" and again.guard.steps == {"bf16": 1, "fp32": 3}
     # a later phase of the same experiment starts in fp32, and says why
@@ -275,3 +275,20 @@ def test_outputs_that_overflow_are_refused_by_pseudo_label_distill_and_predict(p
     r = stage("predict.py", f"model={model}", f"input={images}", f"out={out}", check=False)
     assert r.returncode == 2 and f"model {model}: logits are not finite" in r.stderr
     assert not out.exists() and not list(tmp_path.glob(".tmp-*pred*"))
+
+
+def test_the_ema_forgets_its_starting_weights_within_a_round(tmp_path):
+    """timm's EMA warmup: after 1,500 steps at ema_decay 0.999 well under 1 % of the EMA is the start."""
+    run = _run(tmp_path, ema_decay=0.999)
+    model = run.accelerator.unwrap_model(run.wrapped)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        run.ema.module.load_state_dict(model.state_dict())
+        for p in model.parameters():
+            p.fill_(1.0)
+    for step in range(1500):
+        run.ema.update(model, step=step)
+    start_share = 1 - min(float(p.min()) for p in run.ema.module.parameters())
+    assert start_share < 0.01  # a fixed decay of 0.999 leaves 0.999^1500 = 22 %
+

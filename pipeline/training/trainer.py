@@ -204,7 +204,9 @@ def _setup(model: torch.nn.Module, job: Job) -> _Run:
         model = model.to(memory_format=torch.channels_last)
     optimizer = _optimizer(model, cfg, job.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(spe * job.epochs, int(cfg.warmup_epochs * spe)))
-    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None
+    # timm's EMA warmup (decay 1 - (1 + t)^-2/3 up to ema_decay): a fixed decay would leave a round
+    # of a few thousand steps with a fair share of its starting weights in the EMA
+    ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema else None
     precision.compile_model(model, cfg.compile)  # after the EMA's copy: it stays uncompiled
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     # the scheduler's and the EMA's state are saved by us (JSON, safetensors), not registered with
@@ -293,9 +295,6 @@ def _step(run: _Run, batches: Iterator[Batch], epoch: int, step: int) -> tuple[t
         run.guard.passed()
     elif run.guard.skip(saved, summed, norm, epoch, step):  # bf16 -> fp32 for the rest of the phase
         run.autocast = precision.autocast("fp32", acc.device)
-        if acc.is_main_process and run.job.run_dir is not None:
-            precision.record_fallback(run.job.run_dir, f"{run.job.phase} in {run.job.run_dir.name}, epoch "
-                                                       f"{epoch + 1}, step {step + 1}")
     run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
     failpoints.hit("train_step")
@@ -324,6 +323,10 @@ def _end_epoch(run: _Run, epoch: int, loss_sum: torch.Tensor, seconds: float, st
         name = "summary.csv" if run.job.phase == "train" else f"summary-{run.job.phase}.csv"
         write_summary(state_root.parent / name, run.history)
         run.trackers.log({f"{run.job.phase}/epoch_loss": epoch_loss}, (epoch + 1) * run.steps_per_epoch)
+    switch = run.guard.switch
+    if switch and acc.is_main_process and run.job.run_dir is not None:  # later phases and rounds start in fp32
+        precision.record_fallback(run.job.run_dir, f"{state_root.parent.name} {run.job.phase}, epoch "
+                                                   f"{switch['epoch'] + 1}, step {switch['step'] + 1}")
     _save(acc, state_root, run.job.phase, epoch, {"epoch": epoch, "seconds": run.elapsed, "history": run.history,
                                                   "scheduler": run.scheduler.state_dict(), **run.guard.state()},
           run.ema)
