@@ -86,6 +86,22 @@ def test_a_nonfinite_step_changes_nothing_but_the_schedule(tmp_path, monkeypatch
     assert run.guard.in_a_row == 0 and run.guard.steps == {"fp32": 2}
 
 
+def test_clip_grad_bounds_the_norm_the_optimizer_sees(tmp_path):
+    seen = {}
+    for clip in (None, 1e-3):
+        run = _run(tmp_path, clip_grad=clip)
+        step = run.optimizer.step
+
+        def spy(*a, run=run, step=step, clip=clip, **k):
+            grads = [p.grad for p in run.wrapped.parameters() if p.grad is not None]
+            seen[clip] = float(torch.nn.utils.get_total_norm(grads))
+            return step(*a, **k)
+
+        run.optimizer.step = spy
+        trainer._step(run, _batches(), 0, 0)
+    assert seen[None] > 1e-2 and seen[1e-3] == pytest.approx(1e-3, rel=1e-3)
+
+
 def test_fp32_stops_after_max_nonfinite_steps_in_a_row(tmp_path, monkeypatch):
     from pipeline import failpoints
 
