@@ -134,7 +134,7 @@ def test_student_killed_mid_epoch_resumes_to_the_same_model(teacher_ref, tiny_da
 
 
 def test_same_seed_and_config_give_the_same_first_epoch_losses(teacher_ref, tiny_data):
-    """At the default precision (bf16 autocast where the CPU has it) too."""
+    """With the tests' fp32 (bf16 on CPU is not bitwise reproducible: docs/reliability.md)."""
     runs, _ = teacher_ref
     hist = []
     for name in ("det1", "det2"):
