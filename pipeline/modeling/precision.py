@@ -30,7 +30,7 @@ def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether this CPU computes bf16 in hardware (Linux x86 flags: avx512_bf16 or amx_bf16).
 
     oneDNN runs bf16 on any AVX-512 CPU, but without these instructions it converts in software
-    and is slower than fp32 (bench/results/precision_speed.json)."""
+    and is slower than fp32 (bench/results/cifar10_recipes.json; native: precision_speed.json)."""
     try:
         with open(cpuinfo) as f:
             for line in f:
