@@ -133,6 +133,8 @@ class StudentConfig(TrainConfig):
     temperature: float = _k(1.0, "sharpening temperature of soft pseudo labels", lo=0, lo_open=True)
     unlabeled_ratio: int = _k(3, "pseudo-labeled images per labeled image in a step", lo=1)
     unlabeled_weight: float = _k(1.0, "weight of the pseudo-label loss", lo=0)
+    mixup: float = _k(0.0, "Beta(a, a) mixup of each step's images (labeled with labeled, pseudo-labeled with "
+                           "pseudo-labeled); 0 = off", lo=0)
     init_from_teacher: bool = _k(False, "start from the teacher's weights (same or a deeper net of its family)")
     finetune_epochs: int = _k(0, "epochs of fine-tuning on the labeled data after the student", lo=0)
     finetune_lr: float = _k(1e-4, "fine-tuning learning rate", lo=0, lo_open=True)
@@ -195,6 +197,10 @@ class Config:
     runs_dir: str = _k("runs", "where experiments are written", runtime=True)
     budget: str | float | None = _k(None, "time budget for make iterate (60m, 1.5h, 900s): epochs planned from "
                                           "measured img/s; null: the config's fixed schedules", runtime=True)
+    budget_teacher_share: float | None = _k(
+        None, "share of a budget's training time for the round-0 teacher (null: the fixed schedule's share "
+              "of images); never fewer than teacher.epochs when the budget covers them", lo=0, hi=1, lo_open=True,
+        runtime=True)
     progress: bool = _k(True, "progress bars (TQDM_DISABLE=1 also turns them off)", runtime=True)
     log_with: list[Literal["tensorboard", "wandb", "mlflow"]] | None = _k(
         None, "experiment trackers for per-step loss, lr, img/s and per-round metrics (under <run>/logs/)",

@@ -202,7 +202,7 @@ def _select_pseudo_labels(cfg: Config, k: int, data: PreparedData, job: Job, par
                                targets=targets, rows=rows)
     job.unlabeled_total = targets.total
     job.unlabeled_ratio = cfg.student.unlabeled_ratio
-    job.objective = NoisyStudent(job.cfg.label_smoothing, cfg.student.unlabeled_weight)
+    job.objective = NoisyStudent(job.cfg.label_smoothing, cfg.student.unlabeled_weight, cfg.student.mixup)
     parents.update({"teacher_dir": str(teacher_dir), "teacher_sha256": teacher_sha,
                     "pseudo_labels_manifest_sha256": sha256_file(pl_dir / pseudo_labels.MANIFEST)})
     log.info(f"round {k}: student {arch_of(cfg, k)}, {chosen['samples']} pseudo-labeled samples per "

@@ -20,14 +20,15 @@ def test_durations_parse_and_bad_ones_name_the_key():
         load_config(None, ["budget=an hour"])
 
 
-def _run(budget_s: float, rates: list[float], prepare_s: float = 30.0) -> tuple[list[dict], float]:
+def _run(budget_s: float, rates: list[float], prepare_s: float = 30.0,
+         teacher_share: float | None = None) -> tuple[list[dict], float]:
     """Plan three phases one after another, each at its own measured rate, and 'run' each as planned."""
     teacher = Phase(0, 80, 4000, inference_images=51000)
     students = [Phase(1, 6, 54000, inference_images=51000), Phase(2, 6, 54000, inference_images=10000)]
     phases = [teacher, *students]
     spent, plans = prepare_s, []
     for i, (phase, rate) in enumerate(zip(phases, rates, strict=True)):
-        plan = plan_epochs(budget_s, spent, phase, phases[i + 1:], rate)
+        plan = plan_epochs(budget_s, spent, phase, phases[i + 1:], rate, teacher_share)
         plans.append(plan)
         spent += plan["epochs"] * phase.images_per_epoch / rate + phase.inference_images * 0.35 / rate
     return plans, spent
@@ -50,6 +51,32 @@ def test_a_slow_phase_shortens_the_later_ones():
     slow_start, spent = _run(3600, [800.0, 400.0, 800.0])
     assert slow_start[0] == even[0] and slow_start[1]["epochs"] < even[1]["epochs"] and spent <= 3600
     assert slow_start[2]["epochs"] >= even[2]["epochs"] - 1
+
+
+@pytest.mark.parametrize("teacher_share", [None, 0.05, 0.5])
+@pytest.mark.parametrize("rate", [200.0, 800.0, 3000.0])
+def test_the_teacher_keeps_its_fixed_epochs_whenever_the_budget_covers_them(rate, teacher_share):
+    teacher_s = 80 * 4000 / rate  # the fixed schedule's 80 epochs at this (fake) rate
+    for budget_s in (teacher_s * 2, teacher_s * 3, teacher_s * 20):
+        plans, spent = _run(budget_s, [rate] * 3, prepare_s=0.0, teacher_share=teacher_share)
+        assert plans[0]["epochs"] >= 80 and spent <= budget_s
+    # a budget too short for them cuts the teacher, and the students still get an epoch each
+    plans, _ = _run(teacher_s * 0.5, [rate] * 3, prepare_s=0.0, teacher_share=teacher_share)
+    assert plans[0]["epochs"] < 80 and all(p["epochs"] >= 1 for p in plans[1:])
+
+
+@pytest.mark.parametrize("share", [0.2, 0.5])
+def test_a_teacher_share_gives_the_teacher_that_share_of_the_training_time(share):
+    plans, spent = _run(3600, [800.0] * 3, teacher_share=share)
+    trained = [p["planned_s"] for p in plans]
+    assert trained[0] / sum(trained) == pytest.approx(share, abs=0.03)
+    assert abs(plans[1]["epochs"] - plans[2]["epochs"]) <= 1 and spent <= 3600
+    assert plans[0]["teacher_share"] == share
+    # more share, more teacher epochs, fewer student ones
+    other, _ = _run(3600, [800.0] * 3, teacher_share=share + 0.2)
+    assert other[0]["epochs"] > plans[0]["epochs"] and other[1]["epochs"] < plans[1]["epochs"]
+    with pytest.raises(ConfigError, match="budget_teacher_share"):
+        load_config(None, ["budget_teacher_share=1.5"])
 
 
 def test_an_exhausted_budget_still_trains_one_epoch():

@@ -6,7 +6,7 @@ import torch
 from pipeline.config import ConfigError, StudentConfig
 from pipeline.pseudo import pseudo_labels as pl
 from pipeline.pseudo import selection
-from pipeline.training.objectives import soft_cross_entropy
+from pipeline.training.objectives import Batch, NoisyStudent, soft_cross_entropy
 
 NAMES = ["a", "b", "c"]
 
@@ -121,3 +121,35 @@ def test_soft_cross_entropy_matches_hard_ce_for_one_hot():
     lse = torch.logsumexp(lg, 1)
     manual = -(0.25 * (1.0 - lse) + 0.75 * (2.0 - lse))
     assert torch.allclose(soft_cross_entropy(lg, t), manual)
+
+
+def test_student_mixup_mixes_each_group_within_itself():
+    torch.manual_seed(0)
+    n, m = 4, 12
+    x = torch.cat([torch.zeros(n, 3, 2, 2), torch.ones(m, 3, 2, 2)])  # labeled 0, pseudo-labeled 1
+    labels = torch.full((n,), 2)
+    soft = torch.tensor([[0.1, 0.2, 0.7]]).repeat(m, 1)
+    batch = Batch(x, labels, n, soft)
+    plain, mixed = NoisyStudent(0.1, 0.5), NoisyStudent(0.1, 0.5, mixup=1.0)
+    assert plain.inputs(x, batch) is x
+    lams = set()
+    for _ in range(5):
+        xm = mixed.inputs(x, batch)
+        lams.add(mixed.lam)
+        # a labeled image is mixed only with labeled ones, a pseudo-labeled one with pseudo-labeled ones
+        assert torch.equal(xm[:n], x[:n]) and torch.equal(xm[n:], x[n:])
+        # with one target per group, mixing the targets changes nothing: same loss as without mixup
+        logits = torch.randn(n + m, 3)
+        assert torch.allclose(mixed.loss(logits, batch), plain.loss(logits, batch), atol=1e-6)
+    assert len(lams) == 5 and all(0 < lam < 1 for lam in lams)
+    # different targets are mixed with the same weight as the images
+    x = torch.randn(n + m, 3, 2, 2)
+    batch = Batch(x, torch.tensor([0, 1, 2, 0]), n, torch.softmax(torch.randn(m, 3), 1))
+    xm = mixed.inputs(x, batch)
+    j = mixed.perm[n]
+    assert torch.allclose(xm[n], mixed.lam * x[n] + (1 - mixed.lam) * x[j])
+    logits = torch.zeros(n + m, 3)
+    logits[n:] = torch.randn(m, 3)
+    expected_soft = mixed.lam * batch.soft + (1 - mixed.lam) * batch.soft[mixed.perm[n:] - n]
+    uniform = torch.nn.functional.cross_entropy(logits[:n], batch.labels, label_smoothing=0.1)  # any label
+    assert torch.allclose(mixed.loss(logits, batch), uniform + 0.5 * soft_cross_entropy(logits[n:], expected_soft))

@@ -4,8 +4,11 @@ it (CPUs differ several-fold per training step: README, "A time budget").
 
 The budget is shared out in proportion to the fixed schedule's work (images trained per round),
 after setting aside what is not training (pseudo-labeling, evaluation, estimated from the same
-rate). Each phase is planned when it starts, from what is really left, so a slow phase shortens
-the later ones. The plan is written to ``<run dir>/budget.json``; a resumed run keeps the plan
+rate), unless ``budget_teacher_share`` gives the teacher its own share (labels alone plateau, so a
+teacher's extra epochs may buy less than a student's). Either way the teacher keeps its fixed
+epochs whenever what is left covers them: a budget never makes a worse teacher than no budget.
+Each phase is planned when it starts, from what is really left, so a slow phase shortens the
+later ones. The plan is written to ``<run dir>/budget.json``; a resumed run keeps the plan
 of every phase already planned (same epochs, same learning-rate schedule).
 """
 
@@ -39,21 +42,37 @@ class Phase:
         return float(self.epochs * self.images_per_epoch)
 
 
-def plan_epochs(budget_s: float, spent_s: float, phase: Phase, later: list[Phase], img_s: float) -> dict:
+def _weights(phases: list[Phase], teacher_share: float | None) -> list[float]:
+    """Each phase's weight in sharing out the time left: its fixed-schedule work, or the teacher
+    (round 0) ``teacher_share`` and the students the rest in proportion to their work."""
+    if teacher_share is None or phases[0].round != 0 or len(phases) == 1:
+        return [p.work for p in phases]
+    students = sum(p.work for p in phases[1:])
+    return [teacher_share] + [(1 - teacher_share) * p.work / max(students, 1.0) for p in phases[1:]]
+
+
+def plan_epochs(budget_s: float, spent_s: float, phase: Phase, later: list[Phase], img_s: float,
+                teacher_share: float | None = None) -> dict:
     """Epochs for ``phase`` so that it and the ``later`` phases fit in what is left of the budget.
 
     What is left, less the inference of this and the later phases at ``INFERENCE_COST`` of the
-    measured training rate ``img_s``, is shared by the phases' fixed-schedule work; this phase
-    gets its share's worth of epochs at ``img_s`` (at least 1)."""
+    measured training rate ``img_s``, is shared by the phases' weights (``_weights``); this phase
+    gets its share's worth of epochs at ``img_s`` (at least 1). The teacher gets at least its
+    fixed epochs when they fit with one epoch of every later phase."""
     if img_s <= 0:
         raise ValueError("img_s must be positive")
     phases = [phase, *later]
     inference_s = sum(p.inference_images for p in phases) * INFERENCE_COST / img_s
     left = max(0.0, budget_s - spent_s - inference_s)
-    share = left * phase.work / max(sum(p.work for p in phases), 1.0)
+    weights = _weights(phases, teacher_share)
+    share = left * weights[0] / max(sum(weights), 1e-12)
+    if phase.round == 0:
+        fixed_s = phase.work / img_s
+        if share < fixed_s <= left - sum(p.images_per_epoch for p in later) / img_s:
+            share = fixed_s
     epochs = max(1, int(share * img_s // phase.images_per_epoch))
     return {"round": phase.round, "epochs": epochs, "fixed_epochs": phase.epochs, "img_s": round(img_s, 1),
-            "share_s": round(share, 1), "spent_s": round(spent_s, 1), "planned_s": round(
+            "share_s": round(share, 1), "teacher_share": teacher_share, "spent_s": round(spent_s, 1), "planned_s": round(
                 epochs * phase.images_per_epoch / img_s, 1)}
 
 
@@ -132,7 +151,7 @@ def round_epochs(cfg, k: int, job, model, state_root: Path, accelerator, data_ma
             this, later = phases(cfg, k, max(k, plan.data.get("last_round", k)), per_epoch,
                                  data_manifest, 2 if getattr(model, "flip_tta", False) else 1)
             entry = plan_epochs(budget_s, spent_seconds(cfg.run_dir, data_manifest, k, pseudo_label_s), this, later,
-                                img_s * world)
+                                img_s * world, cfg.budget_teacher_share)
             plan.record(k, entry)
             log.info(f"budget: round {k} gets {entry['share_s']:.0f} s of the {budget_s:.0f} s budget "
                               f"({entry['spent_s']:.0f} s spent): {entry['epochs']} epochs at {entry['img_s']:.0f} img/s "

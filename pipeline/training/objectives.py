@@ -8,6 +8,7 @@ teacher see the exact augmented batch, and mixes it), and ``loss(logits, batch)`
 
     supervised      CE(labeled, label smoothing)                                   teacher, fine-tune
     noisy student   CE(labeled) + w * CE(pseudo-labeled, soft targets)             students
+                    (optionally on mixup: labeled mixed with labeled, pseudo-labeled with pseudo-labeled)
     online KD       alpha * T^2 KL(teacher_T || student_T) + (1 - alpha) * CE      distill.mode=online
     offline KD      the same against the teacher's cached probabilities            distill.mode=offline
 """
@@ -60,14 +61,32 @@ class Supervised(Objective):
 class NoisyStudent(Supervised):
     """Supervised loss on the labeled images plus ``weight`` x cross-entropy against the teacher's
     (selected, possibly sharpened) probabilities on the pseudo-labeled ones (Xie et al., eq. 2).
-    The noise (augmentation, dropout, stochastic depth) is the data's and the model's, not the loss's."""
+    The noise (augmentation, dropout, stochastic depth) is the data's and the model's; ``mixup``
+    (Beta(a, a)) adds one more, mixing each group within itself so each keeps its own weight."""
 
-    def __init__(self, label_smoothing: float = 0.0, weight: float = 1.0):
+    def __init__(self, label_smoothing: float = 0.0, weight: float = 1.0, mixup: float = 0.0):
         super().__init__(label_smoothing)
-        self.weight = weight
+        self.weight, self.mixup = weight, mixup
+        self.lam, self.perm = 1.0, None
+
+    def inputs(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        self.lam, self.perm = 1.0, None
+        if self.mixup > 0:
+            self.lam = float(torch.distributions.Beta(self.mixup, self.mixup).sample())
+            n = batch.n_labeled
+            self.perm = torch.cat([torch.randperm(n, device=x.device),
+                                   n + torch.randperm(len(x) - n, device=x.device)])
+            x = self.lam * x + (1 - self.lam) * x[self.perm]
+        return x
 
     def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return super().loss(logits, batch) + self.weight * soft_cross_entropy(logits[batch.n_labeled:], batch.soft)
+        n, soft = batch.n_labeled, batch.soft
+        labeled = super().loss(logits, batch)
+        if self.perm is not None:
+            other = F.cross_entropy(logits[:n], batch.labels[self.perm[:n]], label_smoothing=self.label_smoothing)
+            labeled = self.lam * labeled + (1 - self.lam) * other
+            soft = self.lam * soft + (1 - self.lam) * soft[self.perm[n:] - n]
+        return labeled + self.weight * soft_cross_entropy(logits[n:], soft)
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
