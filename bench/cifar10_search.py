@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--base", help="copy round 0 (the teacher) of runs/<base>")
     ap.add_argument("--budget", help="a time budget (20m, 60m) instead of the fixed schedules")
     ap.add_argument("--runs-dir", type=Path, default=ROOT / "runs")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="the record to append to")
     ap.add_argument("--note", default="", help="what the run tests")
     ap.add_argument("overrides", nargs="*", help="config overrides: the recipe")
     args = ap.parse_args()
@@ -70,9 +71,9 @@ def main() -> None:
                  ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()}
     if (exp / "budget.json").is_file():
         entry["budget_plan"] = json.loads((exp / "budget.json").read_text())
-    record = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    record = json.loads(args.results.read_text()) if args.results.is_file() else {}
     record.setdefault("runs", []).append(entry)
-    RESULTS.write_text(json.dumps(record, indent=1) + "\n")
+    args.results.write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps(entry, indent=1))
 
 
