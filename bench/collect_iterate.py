@@ -2,6 +2,8 @@
 
     python bench/collect_iterate.py runs/fashion_mnist bench/results/fashion_mnist_iterate.json \
         --command "make iterate ROUND=2" --wall-seconds 1560
+
+``--labels-only RUN_DIR`` adds a round-0-only run of the same budget as the baseline (``labels_only``).
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ def main() -> None:
     ap.add_argument("--command", required=True)
     ap.add_argument("--wall-seconds", type=float, default=None, help="wall time of the whole command")
     ap.add_argument("--phases", action="store_true", help="also the seconds of prepare and of each round's phases")
+    ap.add_argument("--labels-only", type=Path, help="a labels-only run (round 0 alone) of the same budget")
+    ap.add_argument("--labels-only-command", default=None)
     args = ap.parse_args()
     rounds = []
     for d in sorted(args.run_dir.glob("round-*"), key=lambda p: int(p.name.split("-")[1])):
@@ -67,6 +71,14 @@ def main() -> None:
     out = {"rounds": rounds, "machine": machine(), "command": args.command,
            "wall_seconds": args.wall_seconds, "code_version": card.get("code_version"),
            "gain_top1": round(rounds[-1]["test_top1"] - rounds[0]["test_top1"], 2) if rounds else None}
+    if args.labels_only:
+        m = json.loads((args.labels_only / "round-0" / "metrics.json").read_text())
+        card = json.loads((args.labels_only / "round-0" / "card.json").read_text())
+        out["labels_only"] = {"command": args.labels_only_command, "test_top1": m["test_top1"],
+                              "val_top1": m.get("val_top1"), "epochs": card["train"][0]["epochs"],
+                              "images_trained": sum(t["bad_samples"]["used"] for t in card["train"]),
+                              "seconds": m["seconds"]}
+        out["gain_over_labels_only"] = round(rounds[-1]["test_top1"] - m["test_top1"], 2)
     if args.phases:
         data = json.loads((Path(card["parents"]["data_dir"]) / "manifest.json").read_text()) if card.get(
             "parents", {}).get("data_dir") else {}
