@@ -73,10 +73,10 @@ def main() -> None:
            "gain_top1": round(rounds[-1]["test_top1"] - rounds[0]["test_top1"], 2) if rounds else None}
     if args.labels_only:
         m = json.loads((args.labels_only / "round-0" / "metrics.json").read_text())
-        card = json.loads((args.labels_only / "round-0" / "card.json").read_text())
+        lo_card = json.loads((args.labels_only / "round-0" / "card.json").read_text())
         out["labels_only"] = {"command": args.labels_only_command, "test_top1": m["test_top1"],
-                              "val_top1": m.get("val_top1"), "epochs": card["train"][0]["epochs"],
-                              "images_trained": sum(t["bad_samples"]["used"] for t in card["train"]),
+                              "val_top1": m.get("val_top1"), "epochs": lo_card["train"][0]["epochs"],
+                              "images_trained": sum(t["bad_samples"]["used"] for t in lo_card["train"]),
                               "seconds": m["seconds"]}
         out["gain_over_labels_only"] = round(rounds[-1]["test_top1"] - m["test_top1"], 2)
     if args.phases:
