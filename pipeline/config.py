@@ -40,6 +40,8 @@ class DataConfig:
     source: str = _k("FashionMNIST", "torchvision dataset name, ImageFolder directory, or .tar/.tar.gz of one")
     test_source: str | None = _k(None, "test images for folder/archive sources (torchvision names use their test split)")
     unlabeled: str = _k("rest", "the pool: 'rest' of source, a directory/archive of images, or a shard brace pattern")
+    classes: list[str] | None = _k(None, "class folders to use of a folder or archive source (and its test source); "
+                                         "the others are counted as unused (null: every class folder)")
     root: str | None = _k(None, "where torchvision files live; else $NS_DATA_ROOT, ../shared/data, ./data",
                           runtime=True)
     download: bool = _k(True, "let torchvision download when its files are not found", runtime=True)
@@ -437,6 +439,9 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         cfg.name = stem
     if cfg.budget is not None:
         parse_duration(cfg.budget)
+    if cfg.data.classes is not None and (len(set(cfg.data.classes)) < 2 or not all(
+            c.strip() and "/" not in c for c in cfg.data.classes)):
+        raise ConfigError(f"data.classes: {cfg.data.classes} must name two or more distinct class folders")
     for key, value in (("name", cfg.name), ("distill.name", cfg.distill.name)):  # outputs inside runs_dir
         if "/" in value or "\\" in value or value.startswith(".") or not value.strip():
             raise ConfigError(f"{key}: '{value}' must be a plain directory name (no '/', no leading '.')")

@@ -97,6 +97,11 @@ def check_unchanged(cfg: Config, k: int, made: dict) -> None:
             f"round-{k} of experiment '{cfg.name}' was made with {key}={old.get(key)!r}, this run asks "
             f"{key}={new.get(key)!r}" + (f" (and {len(diff) - 1} more)" if len(diff) > 1 else "")
             + "; give a new name=... to start another experiment")
+    made_data = (made.get("parents") or {}).get("data_dir")
+    if made_data and Path(made_data).name != data_dir(cfg).name:
+        raise ConfigError(f"round-{k} of experiment '{cfg.name}' was trained on data prepared otherwise "
+                          f"({Path(made_data).name}, by an earlier version of the listing rules; now "
+                          f"{data_dir(cfg).name}); give a new name=... to start another experiment")
 
 
 def _labeled_spec(cfg: Config, data: PreparedData, prep: Preprocessing, tcfg, accelerator) -> StreamSpec:

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from pipeline.artifacts import read_json, sha256_file, short_hash
 from pipeline.config import RUNTIME_KEYS, Config, DataConfig, to_dict
+from pipeline.data.image_folder import CLASS_RULE
 from pipeline.errors import ConfigError, DataError
 
 MANIFEST = "manifest.json"
@@ -50,7 +51,7 @@ class Preprocessing:
 def data_identity(data: DataConfig) -> dict:
     """What the prepared data depends on: the data section without its runtime keys."""
     runtime = {k.split(".", 1)[1] for k in RUNTIME_KEYS if k.startswith("data.")}
-    return {k: v for k, v in to_dict(data).items() if k not in runtime}
+    return {k: v for k, v in to_dict(data).items() if k not in runtime} | {"class_rule": CLASS_RULE}
 
 
 def data_dir(cfg: Config) -> Path:

@@ -35,6 +35,7 @@ from pipeline.artifacts import (
 from pipeline.config import Config, ConfigError
 from pipeline.data.bad_samples import Skip, SkipLog, Tally
 from pipeline.data.dataset import MANIFEST, ORIGINS, TRUTH, data_dir, data_identity, shard_matches
+from pipeline.data.image_folder import CLASS_RULE
 from pipeline.data.images import BadImage, decode_image, header_mode_size
 from pipeline.data.shards import image_bytes, iter_samples, write_shard
 from pipeline.data.sources import (
@@ -109,11 +110,11 @@ def _plan(cfg: Config) -> tuple[dict[str, tuple[Source, np.ndarray, str]], Sourc
     caps leave out, counted."""
     d = cfg.data
     rng = np.random.default_rng(d.seed)
-    train = labeled_source(d.source, True, d.root, d.download)
+    train = labeled_source(d.source, True, d.root, d.download, d.classes)
     if d.test_source is not None:
-        test = labeled_source(d.test_source, False, d.root, d.download)
+        test = labeled_source(d.test_source, False, d.root, d.download, d.classes)
     elif is_torchvision_name(d.source):
-        test = labeled_source(d.source, False, d.root, d.download)
+        test = labeled_source(d.source, False, d.root, d.download, d.classes)
     else:
         raise ConfigError("data.test_source is required when data.source is a directory or archive")
     if test.class_names != train.class_names:
@@ -375,7 +376,8 @@ def prepare_test(spec: str, cfg: Config, progress: bool = True) -> tuple[Path, d
         if manifest is None:
             raise ConfigError(f"test={spec}: the prepared data there is incomplete or changed")
         return path, manifest
-    identity = {"test": spec if is_torchvision_name(spec) else str(path.resolve()),
+    identity = {"test": spec if is_torchvision_name(spec) else str(path.resolve()), "class_rule": CLASS_RULE,
+                "classes": cfg.data.classes,
                 "mtime": None if is_torchvision_name(spec) else path.stat().st_mtime_ns if path.exists() else None}
     slug = re.sub(r"[^A-Za-z0-9]+", "_", path.name.split(".")[0]).strip("_").lower()
     out = Path(cfg.runs_dir) / "data" / f"test-{slug or 'data'}-{short_hash(identity)}"
@@ -383,7 +385,7 @@ def prepare_test(spec: str, cfg: Config, progress: bool = True) -> tuple[Path, d
     manifest = load_manifest(out)
     if manifest is not None:
         return out, manifest
-    source = labeled_source(spec, False, cfg.data.root, cfg.data.download)
+    source = labeled_source(spec, False, cfg.data.root, cfg.data.download, cfg.data.classes)
     out.mkdir(parents=True, exist_ok=True)
     clean_tmp(out)
     indices = np.arange(len(source))

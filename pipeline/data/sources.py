@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import os
-import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from PIL import Image
 from pipeline.artifacts import sha256_file
 from pipeline.config import ConfigError
 from pipeline.data.bad_samples import Skip, Tally
+from pipeline.data.image_folder import classes, read_archive, walk_folder
 from pipeline.data.limits import member_problem
 from pipeline.data.remote import fetch_command
 from pipeline.data.shards import (
@@ -31,7 +31,6 @@ from pipeline.data.shards import (
     read_shard,
 )
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 # torchvision dataset name -> (class name, how its train/test splits are asked for)
@@ -128,14 +127,18 @@ def archive_mirror(name: str, train: bool, root: str | None) -> Path | None:
     return None
 
 
-def torchvision_source(name: str, train: bool, root: str | None, download: bool) -> Source:
+def torchvision_source(name: str, train: bool, root: str | None, download: bool,
+                       wanted: list[str] | None = None) -> Source:
     try:
         ds = _torchvision_dataset(name, train, root, download=False)
     except ConfigError:
         mirror = archive_mirror(name, train, root)
         if mirror is not None:
-            return archive_source(mirror, labeled=True)
+            return archive_source(mirror, labeled=True, wanted=wanted)
         ds = _torchvision_dataset(name, train, root, download)
+    if wanted is not None:
+        raise ConfigError("data.classes: picks class folders of a folder or archive source, not of the "
+                          f"torchvision dataset {name}")
     labels = [int(t) for t in (getattr(ds, "targets", None) if getattr(ds, "targets", None) is not None
                                else ds.labels)]
     classes = list(getattr(ds, "classes", None) or [str(i) for i in range(max(labels) + 1)])
@@ -149,10 +152,6 @@ def torchvision_source(name: str, train: bool, root: str | None, download: bool)
                   lambda i: f"{type(ds).__name__}/{split}/{i}", len(labels), verify=False)
 
 
-def _is_image_name(name: str) -> bool:
-    return Path(name).suffix.lower() in IMAGE_EXTS and not Path(name).name.startswith(".")
-
-
 def _ext(name: str) -> str:
     ext = Path(name).suffix.lower().lstrip(".")
     return "jpg" if ext == "jpeg" else ext
@@ -162,146 +161,55 @@ def is_archive(path: str | Path) -> bool:
     return str(path).lower().endswith(ARCHIVE_SUFFIXES)
 
 
-def _safe_member(name: str) -> bool:
-    """Absolute names and ``..`` parts are refused: such members are hostile or broken."""
-    parts = Path(name).parts
-    return not name.startswith(("/", "\\")) and ".." not in parts
-
-
-NOT_IMAGE = "file that is not an image (by its name)"
-HIDDEN = "hidden file"
-OUTSIDE_CLASS = "image outside a class folder"
-
-
-def _passed_over(name: str) -> str | None:
-    """Why a file or member name is not read as an image, or None for an image name."""
-    if Path(name).name.startswith("."):
-        return HIDDEN
-    return None if _is_image_name(name) else NOT_IMAGE
-
-
-def passed_over_member(m: tarfile.TarInfo) -> str | None:
-    """Why an archive member (not a directory) is not read as an image, or None."""
-    if not m.isreg():
-        return "archive member that is a link or device"
-    return "archive member with an unsafe name" if not _safe_member(m.name) else _passed_over(m.name)
-
-
-def archive_members(path: Path, unused: Tally) -> Iterator[tuple[str, bytes | None, str | None]]:
-    """(member name, bytes, None) of each regular image member, in archive order, read as a stream
-    (never extracted); (name, None, why) for one over ``data.max_member_bytes``, never read. The rest
-    (not images, links, unsafe names) is counted in ``unused``; directories are not inputs."""
-    try:
-        with tarfile.open(path, "r|*") as tf:
-            for m in tf:
-                if m.isdir():
-                    continue
-                why = passed_over_member(m)
-                problem = None if why else member_problem(m.size)
-                if why:
-                    unused.add(f"{path.name}/{m.name}", why)
-                elif problem:
-                    yield m.name, None, problem
-                else:
-                    f = tf.extractfile(m)
-                    yield m.name, (f.read() if f is not None else b""), None
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise ConfigError(f"cannot read archive {path}: {e}") from None
-
-
-def _archive_images(path: Path, unused: Tally, skipped: list) -> list[tuple[str, bytes]]:
-    """(member name, bytes) of every image member that can be read; the rest counted."""
-    out = []
-    for name, data, why in archive_members(path, unused):
-        if why:
-            skipped.append(Skip(path.name, name, why))
-        else:
-            out.append((name, data))
-    return out
-
-
-def _labeled_from_pairs(name: str, pairs: list[tuple[str, bytes]] | list[tuple[str, Path]],
-                        unused: Tally) -> list[tuple[str, str, object]]:
-    """(class, name, payload) of each image: class = its parent directory (ImageFolder convention)."""
-    items = []
-    for member, payload in pairs:
-        parts = Path(member).parts
-        if len(parts) < 2:
-            unused.add(f"{name}/{member}", OUTSIDE_CLASS)
-            continue
-        items.append((parts[-2], member, payload))
-    if not items:
-        raise ConfigError(f"{name}: no images in class folders (expected <class>/<image> entries)")
-    return items
-
-
-def _labeled(name: str, items: list, reader: Callable[[object], bytes], unused: Tally, skipped: list) -> Source:
-    items.sort(key=lambda t: t[1])
-    classes = sorted({c for c, _, _ in items})
-    index = {c: i for i, c in enumerate(classes)}
+def _labeled(name: str, items: list, reader: Callable[[object], bytes], class_names: list[str], unused: Tally,
+             skipped: list) -> Source:
+    index = {c: i for i, c in enumerate(class_names)}
     labels = [index[c] for c, _, _ in items]
-    return Source(name, labels, classes, lambda i: (reader(items[i][2]), _ext(items[i][1])),
+    return Source(name, labels, class_names, lambda i: (reader(items[i][2]), _ext(items[i][1])),
                   lambda i: str(items[i][1]), len(items), skipped=skipped, unused=unused)
 
 
-def _list_folder(path: Path, unused: Tally, skipped: list) -> list[Path]:
-    """Image files under ``path``, sorted; every other file is counted in ``unused``, an image over
-    ``data.max_member_bytes`` in ``skipped``."""
-    files = []
-    for p in sorted(path.rglob("*")):
-        if p.is_dir():
-            continue
-        rel = str(p.relative_to(path))
-        why = _passed_over(p.name) if p.is_file() else "not a regular file"
-        problem = None if why else member_problem(p.stat().st_size)
-        if why:
-            unused.add(f"{path}/{rel}", why)
-        elif problem:
-            skipped.append(Skip(str(path), rel, problem))
-        else:
-            files.append(p)
-    return files
-
-
-def folder_source(path: Path, labeled: bool) -> Source:
+def folder_source(path: Path, labeled: bool, wanted: list[str] | None = None) -> Source:
+    """A directory: ImageFolder classes (``image_folder.classes``) when ``labeled``, else every image."""
     if not path.is_dir():
         raise ConfigError(f"directory not found: {path}")
     unused, skipped = Tally(), []
-    files = _list_folder(path, unused, skipped)
+    files, folders = walk_folder(path, unused, skipped)
     if not files and not skipped:
         raise ConfigError(f"no images found under {path}")
-    rel = [(str(p.relative_to(path)), p) for p in files]
     if labeled:
-        items = _labeled_from_pairs(str(path), rel, unused)
-        return _labeled(str(path), items, lambda p: Path(p).read_bytes(), unused, skipped)
-    return Source(str(path), None, None, lambda i: (files[i].read_bytes(), _ext(files[i].name)),
-                  lambda i: rel[i][0], len(files), skipped=skipped, unused=unused)
+        names, items = classes(str(path), files, folders, unused, wanted)
+        return _labeled(str(path), items, lambda p: Path(p).read_bytes(), names, unused, skipped)
+    return Source(str(path), None, None, lambda i: (files[i][1].read_bytes(), _ext(files[i][0])),
+                  lambda i: files[i][0], len(files), skipped=skipped, unused=unused)
 
 
-def archive_source(path: Path, labeled: bool) -> Source:
+def archive_source(path: Path, labeled: bool, wanted: list[str] | None = None) -> Source:
+    """A .tar/.tar.gz, read member by member (never extracted); its one top folder is the root."""
     if not path.is_file():
         raise ConfigError(f"archive not found: {path}")
     unused, skipped = Tally(), []
-    pairs = _archive_images(path, unused, skipped)
+    pairs, folders = read_archive(path, unused, skipped, labeled)
     if not pairs and not skipped:
         raise ConfigError(f"no images found in archive {path}")
     if labeled:
-        return _labeled(str(path), _labeled_from_pairs(str(path), pairs, unused), lambda b: b,
-                        unused, skipped)
-    pairs.sort(key=lambda t: t[0])
+        names, items = classes(str(path), pairs, folders, unused, wanted)
+        return _labeled(str(path), items, lambda b: b, names, unused, skipped)
     return Source(str(path), None, None, lambda i: (pairs[i][1], _ext(pairs[i][0])),
                   lambda i: pairs[i][0], len(pairs), skipped=skipped, unused=unused)
 
 
-def labeled_source(spec: str, train: bool, root: str | None, download: bool) -> Source:
-    """A labeled source from a torchvision name, ImageFolder directory or ImageFolder archive."""
+def labeled_source(spec: str, train: bool, root: str | None, download: bool,
+                   wanted: list[str] | None = None) -> Source:
+    """A labeled source from a torchvision name, ImageFolder directory or ImageFolder archive;
+    ``wanted`` (``data.classes``) keeps those classes of a folder or archive."""
     if is_torchvision_name(spec):
-        return torchvision_source(spec, train, root, download)
+        return torchvision_source(spec, train, root, download, wanted)
     path = Path(spec).expanduser()
     if is_archive(path):
-        return archive_source(path, labeled=True)
+        return archive_source(path, labeled=True, wanted=wanted)
     if path.is_dir():
-        return folder_source(path, labeled=True)
+        return folder_source(path, labeled=True, wanted=wanted)
     names = ", ".join(v[0] for v in TORCHVISION.values())
     raise ConfigError(f"data source '{spec}' is neither a torchvision dataset ({names}), "
                       f"an existing directory nor a .tar/.tar.gz archive")
