@@ -72,9 +72,12 @@ def parse_args(argv: list[str], extras: dict[str, Callable[[str], object]] | Non
     return load_config(config_path, overrides), stage
 
 
-def config_help(sections: tuple[str, ...]) -> str:
-    """One line per key of the config ``sections`` ("" = top level): dotted key, type, default, meaning."""
-    rows = [r for r in describe(Config()) if (r[0].split(".")[0] if "." in r[0] else "") in sections]
+def config_help(sections: tuple[str, ...], cfg: Config | None = None) -> str:
+    """One line per key of the config ``sections`` ("" = top level): dotted key, type, the value
+    ``cfg`` would run with (the built-in default beside it where they differ), meaning."""
+    defaults = {r[0]: r[2] for r in describe(Config())}
+    rows = [r for r in describe(cfg or Config()) if (r[0].split(".")[0] if "." in r[0] else "") in sections]
+    rows = [(k, t, v if v == defaults[k] else f"{v} (default {defaults[k]})", h) for k, t, v, h in rows]
     width = max(len(r[0]) for r in rows)
     tw = min(max(len(r[1]) for r in rows), 28)
     return "\n".join(f"  {k:<{width}}  {t:<{tw}}  {d:<12}  {h}" for k, t, d, h in rows)

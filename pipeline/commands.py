@@ -171,8 +171,9 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
 )}
 
 
-def help_text(cmd: Command, prog: str) -> str:
-    """Usage, the stage's own options and every config key it reads, from the config dataclasses."""
+def help_text(cmd: Command, prog: str, cfg: Config | None = None) -> str:
+    """Usage, the stage's own options and every config key it reads, with the values ``cfg`` (the
+    given config file and overrides) would run with."""
     opts = "".join(f" [{k}=...]" for k in cmd.options)
     lines = [f"usage: {prog}{' [--config FILE]' if cmd.uses_config else ''}{opts} [key=value | --key value ...]",
              "", cmd.summary + "."]
@@ -180,14 +181,17 @@ def help_text(cmd: Command, prog: str) -> str:
         lines += ["", "options:"] + [f"  {k:<22} {o.help}" for k, o in cmd.options.items()]
     if cmd.sections:
         lines += ["", "config keys (--config FILE or a name in configs/; default fashion_mnist; any key below as "
-                  "key=value or --key value):", config_help(cmd.sections)]
+                  "key=value or --key value), with the values this command line would run:",
+                  config_help(cmd.sections, cfg)]
     return "\n".join(lines)
 
 
 def _main_of(cmd: Command, prog: str) -> Callable[[list[str]], int | None]:
     def main(argv: list[str]) -> int | None:
         if any(a in ("-h", "--help") for a in argv):
-            print(help_text(cmd, prog))
+            rest = [a for a in argv if a not in ("-h", "--help")]
+            cfg = parse_args(rest, {k: o.parse for k, o in cmd.options.items()})[0] if cmd.uses_config else None
+            print(help_text(cmd, prog, cfg))
             return 0
         cfg, opts = parse_args(argv, {k: o.parse for k, o in cmd.options.items()})
         setup_logging(cfg.progress)
@@ -219,3 +223,7 @@ def main() -> None:
         sys.exit(2)
     sys.argv = [f"noisy-student {cmd.name}", *argv[1:]]
     run(_main_of(cmd, f"noisy-student {cmd.name}"))
+
+
+if __name__ == "__main__":
+    main()

@@ -242,7 +242,7 @@ def describe(cfg: Any, prefix: str = "") -> list[tuple[str, str, str, str]]:
         if dataclasses.is_dataclass(value):
             rows += describe(value, f"{prefix}{f.name}.")
             continue
-        shown = "null" if value is None else "''" if value == "" else yaml.safe_dump(value).strip().removesuffix(
+        shown = "null" if value is None else "''" if value == "" else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix(
             "...").strip()
         rows.append((prefix + f.name, _type_name(hints[f.name]), shown, f.metadata.get("help", "")))
     return rows

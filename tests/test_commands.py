@@ -106,3 +106,19 @@ def test_the_wheel_holds_every_module_the_configs_and_a_working_command(tmp_path
     bad = cmd("iterate", "--config", "cifar10", "--student.treshold", "0.5")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: unknown key 'student.treshold'")
     assert cmd("bogus").returncode == 2
+
+
+def test_help_shows_the_values_that_would_run_and_python_m_pipeline_works():
+    r = _py("import sys; from pipeline.commands import main; sys.argv = ['x', 'iterate', '--help', '--config', "
+            "'cifar10', 'teacher.lr=0.05']\ntry: main()\nexcept SystemExit as e: assert e.code == 0")
+    lines = {ln.split()[0]: ln for ln in r.stdout.splitlines() if ln.startswith("  ") and ln.split()}
+    assert "80 (default 30)" in lines["teacher.epochs"] and "CIFAR10 (default FashionMNIST)" in lines["data.source"]
+    assert "0.05 (default" in lines["teacher.lr"]
+    assert "(default" not in lines["student.soft"]  # the same as the built-in default: shown once
+    for module in ("pipeline", "pipeline.commands"):
+        r = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT,
+                           timeout=120)
+        assert r.returncode == 0 and all(name in r.stdout for name in COMMANDS), r.stdout + r.stderr
+    r = subprocess.run([sys.executable, "-m", "pipeline", "iterate", "--student.treshold", "0.5"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "unknown key 'student.treshold'" in r.stderr

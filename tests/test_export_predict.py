@@ -278,3 +278,19 @@ def test_cnn32_with_its_flip_average_exports_with_a_dynamic_batch(tmp_path):
             ref = back(x).numpy()
         got = sess.run(["logits"], {"input": x.numpy()})[0]
         assert got.shape == (b, 4) and np.abs(got - ref).max() <= 1e-4
+
+
+def test_a_stopped_predict_leaves_the_earlier_output_and_its_list_as_they_were(model_dir, images, tmp_path):
+    out = tmp_path / "p.csv"
+    args = (f"model={model_dir}", f"input={images['dir']}", f"out={out}", "batch_size=4")
+    ok(stage("predict.py", *args, "data.max_bad_share=0.5"))
+    skipped = out.with_name("p.csv.skipped.csv")
+    before = out.read_bytes(), skipped.read_bytes()
+    r = stage("predict.py", *args, "data.max_bad_share=0.01")
+    failed = out.with_name("p.csv.failed-skipped.csv")
+    assert r.returncode == 2 and str(failed) in r.stderr and "images are bad" in r.stderr
+    assert (out.read_bytes(), skipped.read_bytes()) == before  # the earlier run's output and list, untouched
+    with open(failed, newline="") as f:
+        assert sorted(Path(row["path"]).name for row in csv.DictReader(f)) == sorted(BAD)
+    ok(stage("predict.py", *args, "data.max_bad_share=0.5"))
+    assert not failed.exists()  # the list of a stopped run goes once a run finishes

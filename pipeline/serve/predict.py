@@ -46,6 +46,7 @@ from pipeline.tracking import bar, log
 OUT_FORMATS = (".csv", ".parquet")
 MAX_WARNINGS = 20  # bad images named one per line; the rest only counted
 SKIPPED_SUFFIX = ".skipped.csv"
+FAILED_SUFFIX = ".failed-skipped.csv"  # a stopped run's bad images, beside an earlier run's output and list
 
 
 @dataclass
@@ -258,8 +259,8 @@ def _batches(items: Iterator[Item], prep: Preprocessing, batch_size: int,
         yield names, torch.stack(imgs)
 
 
-def _write_skipped(out: Path, bad: list[tuple[str, str]]) -> Path:
-    side = out.with_name(out.name + SKIPPED_SUFFIX)
+def _write_skipped(out: Path, bad: list[tuple[str, str]], suffix: str = SKIPPED_SUFFIX) -> Path:
+    side = out.with_name(out.name + suffix)
     if not bad:
         side.unlink(missing_ok=True)  # a stale list from an earlier run would mislead
         return side
@@ -285,7 +286,8 @@ def predict(model_spec: str | Path, input_spec: str, out: str | Path, *, topk: i
 
     The output is written under a temporary name and renamed when complete; bad images are listed
     in ``<out>.skipped.csv`` (removed when a run has none). More than ``max_bad_share`` of them
-    stops the run with a DataError (no output, the list of bad images written).
+    stops the run with a DataError: no output, and an earlier run's output and list untouched; its
+    own bad images go to ``<out>.failed-skipped.csv``, which the error line names.
     """
     out = Path(out)
     if out.suffix.lower() not in OUT_FORMATS:
@@ -322,8 +324,8 @@ def predict(model_spec: str | Path, input_spec: str, out: str | Path, *, topk: i
                 failpoints.hit("predict_batch", out)
             if not done and not bad:
                 raise ConfigError(f"input: no images in {input_spec}")
-            if bad and len(bad) > max_bad_share * (done + len(bad)):
-                side = _write_skipped(out, bad)
+            if bad and len(bad) > max_bad_share * (done + len(bad)):  # an earlier run's output stays as it was
+                side = _write_skipped(out, bad, FAILED_SUFFIX)
                 raise DataError(f"predict: {len(bad)} of {done + len(bad)} images are bad (limit "
                                 f"data.max_bad_share={max_bad_share}); first: {bad[0][0]}: {bad[0][1]}; all listed "
                                 f"in {side}")
@@ -331,6 +333,7 @@ def predict(model_spec: str | Path, input_spec: str, out: str | Path, *, topk: i
             writer.close()
             shown.close()
     side = _write_skipped(out, bad)
+    out.with_name(out.name + FAILED_SUFFIX).unlink(missing_ok=True)  # a stopped earlier run's: this one finished
     if len(bad) > max_warnings:
         log.warning(f"warning: {len(bad) - max_warnings} more bad images not shown")
     if bad:

@@ -1,0 +1,5 @@
+"""``python -m pipeline <command> ...``: the same as the ``noisy-student`` console script."""
+
+from pipeline.commands import main
+
+main()
