@@ -92,7 +92,7 @@ def walk_folder(root: Path, unused: Tally, skipped: list) -> tuple[list[tuple[st
                 files.append((name, Path(e.path)))
 
     visit(root, (), frozenset({os.path.realpath(root)}))
-    return files, top
+    return sorted(files, key=lambda t: t[0]), top
 
 
 def archive_members(path: Path, unused: Tally) -> Iterator[tuple[str, bytes | None, str | None]]:
