@@ -242,16 +242,16 @@ def _nested(root: Path, rng: np.random.Generator) -> int:
     return 3 * 2 * 8 + 3
 
 
-@pytest.mark.parametrize("layout", ["folder", "tar.gz"])
+@pytest.mark.parametrize("layout", ["folder", "tar", "tar.gz"])
 def test_prepare_takes_the_folder_under_the_root_as_the_class(tmp_path, layout):
     rng = np.random.default_rng(0)
     train, test = tmp_path / "train", tmp_path / "test"
     inputs = _nested(train, rng)
     test_inputs = _nested(test, rng)
     source = train
-    if layout == "tar.gz":
-        source = tmp_path / "train.tar.gz"  # the broken link becomes a link member: unused too
-        with tarfile.open(source, "w:gz") as tf:
+    if layout != "folder":
+        source = tmp_path / f"train.{layout}"  # the broken link becomes a link member: unused too
+        with tarfile.open(source, "w:gz" if layout == "tar.gz" else "w") as tf:
             tf.add(train, arcname="train")
     runs = tmp_path / "runs"
     stage("prepare_data.py", f"runs_dir={runs}", f"data.source={source}", f"data.test_source={test}",
