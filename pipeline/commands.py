@@ -189,8 +189,12 @@ def help_text(cmd: Command, prog: str, cfg: Config | None = None) -> str:
 def _main_of(cmd: Command, prog: str) -> Callable[[list[str]], int | None]:
     def main(argv: list[str]) -> int | None:
         if any(a in ("-h", "--help") for a in argv):
-            rest = [a for a in argv if a not in ("-h", "--help")]
-            cfg = parse_args(rest, {k: o.parse for k, o in cmd.options.items()})[0] if cmd.uses_config else None
+            rest, cfg = [a for a in argv if a not in ("-h", "--help")], None
+            if cmd.uses_config:
+                try:
+                    cfg = parse_args(rest, {k: o.parse for k, o in cmd.options.items()})[0]
+                except ConfigError as e:  # still the help, with the built-in defaults
+                    print(f"note: {e}; the values below are the built-in defaults\n")
             print(help_text(cmd, prog, cfg))
             return 0
         cfg, opts = parse_args(argv, {k: o.parse for k, o in cmd.options.items()})

@@ -97,6 +97,11 @@ def check_unchanged(cfg: Config, k: int, made: dict) -> None:
             f"round-{k} of experiment '{cfg.name}' was made with {key}={old.get(key)!r}, this run asks "
             f"{key}={new.get(key)!r}" + (f" (and {len(diff) - 1} more)" if len(diff) > 1 else "")
             + "; give a new name=... to start another experiment")
+    check_same_data(cfg, k, made)
+
+
+def check_same_data(cfg: Config, k: int, made: dict) -> None:
+    """Refuse a finished round trained on data prepared otherwise (an earlier listing rule)."""
     made_data = (made.get("parents") or {}).get("data_dir")
     if made_data and Path(made_data).name != data_dir(cfg).name:
         raise ConfigError(f"round-{k} of experiment '{cfg.name}' was trained on data prepared otherwise "
@@ -121,9 +126,13 @@ def pseudo_label(cfg: Config, k: int, progress: bool = True, teacher_dir: Path |
     """Label the unlabeled shards with round k-1's model into ``pseudo_label_dir(cfg, k)`` (resumable)."""
     accelerator = make_accelerator()
     data = PreparedData.open(cfg)
+    own = teacher_dir is None
     teacher_dir = teacher_dir or round_dir(cfg, k - 1)
-    if card(teacher_dir) is None:
+    made = card(teacher_dir)
+    if made is None:
         raise ConfigError(f"teacher model not found or unfinished: {teacher_dir}")
+    if own:
+        check_same_data(cfg, k - 1, made)
     teacher_sha = sha256_file(teacher_dir / models.WEIGHTS)
     out = pseudo_label_dir(cfg, k)
     shards, rows, names = data.shards("unlabeled"), data.rows("unlabeled"), data.class_names
@@ -236,7 +245,7 @@ def _plan(cfg: Config, k: int, job: Job, model: torch.nn.Module, out: Path, acce
         return None
     planned = budget.round_epochs(cfg, k, job, model, out / "state", accelerator, data.manifest,
                                   pl_manifest.get("stats", {}).get("seconds") or 0.0)
-    job.epochs = int(planned["epochs"])
+    job.epochs, job.deadline_s = int(planned["epochs"]), float(planned["share_s"])
     return planned
 
 

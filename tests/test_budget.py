@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from conftest import stage, tiny_overrides
 
 from pipeline.config import ConfigError, load_config, parse_duration
@@ -103,10 +104,58 @@ def test_budgeted_iterate_plans_records_and_resumes_with_its_plan(tiny_data, tmp
     for k in (0, 1):
         card = json.loads((exp / f"round-{k}" / "card.json").read_text())
         assert card["budget"] == plan["phases"][str(k)]
-        assert card["train"][0]["epochs"] == plan["phases"][str(k)]["epochs"] >= 1
+        cut = card["train"][0]["deadline_cut"]  # fewer epochs when the machine ran slower than planned
+        assert card["train"][0]["epochs"] == (cut["epochs"] if cut else plan["phases"][str(k)]["epochs"]) >= 1
     assert not (exp / "round-0" / "state").exists()
     # a rerun does no work and keeps the plan; a different budget is refused
     r = stage("iterate.py", "round=1", "budget=8s", *ov)
     assert json.loads((exp / "budget.json").read_text()) == plan
     r = stage("iterate.py", "round=1", "budget=4s", *ov, check=False)
     assert r.returncode == 2 and "planned for 8 s" in r.stderr
+
+
+def _tiny_run(tmp_path, epochs: int):
+    from pipeline.config import TrainConfig
+    from pipeline.data.dataset import Preprocessing
+    from pipeline.tracking import Trackers
+    from pipeline.training import trainer
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                              torch.nn.Linear(4, 4))
+    tcfg = TrainConfig(batch_size=8, optimizer="sgd", lr=0.1, warmup_epochs=0, mixed_precision="no", workers=0)
+    job = trainer.Job(phase="train", cfg=tcfg, epochs=epochs, lr=0.1, labeled=None, labeled_total=32,
+                      prep=Preprocessing.of("L", 16, [0.5], [0.5]))
+    run = trainer._setup(net, job)
+    run.trackers = Trackers([], tmp_path, "train", {}, True)
+    return run
+
+
+def test_a_phase_that_would_pass_its_deadline_keeps_fewer_epochs_and_still_anneals(tmp_path):
+    """The budget's probe is short and a shared machine's throughput drifts: at each epoch's end a
+    budgeted phase projects its end at the pace so far and, past its share, keeps fewer epochs
+    with the cosine schedule re-fitted to end at zero with them (epoch seconds are given: nothing is timed)."""
+    from pipeline.training import trainer
+
+    state = tmp_path / "state"
+    run = _tiny_run(tmp_path, epochs=10)
+    spe = run.steps_per_epoch
+    trainer._end_epoch(run, 0, torch.zeros(()), 5.0, tmp_path / "no-deadline", 0)
+    assert run.job.epochs == 10 and run.cut is None  # no deadline: the plan stands
+    run = _tiny_run(tmp_path, epochs=10)
+    run.job.deadline_s = 25.0
+    trainer._end_epoch(run, 0, torch.zeros(()), 5.0, state, 0)  # 5 s an epoch: 4 more fit in 25 s
+    assert run.job.epochs == 5 and run.cut == {"after_epoch": 0, "planned_epochs": 10, "epochs": 5}
+    factor = run.scheduler.lr_lambdas[0]
+    assert factor(5 * spe) == 0 and factor(5 * spe - 1) > 0 and factor(spe) < 1
+    trainer._end_epoch(run, 1, torch.zeros(()), 5.0, state, 0)  # on pace: no further cut
+    assert run.job.epochs == 5
+    # a resumed phase keeps the cut (its checkpoint has it), epochs and schedule alike
+    again = _tiny_run(tmp_path, epochs=10)
+    again.job.deadline_s = 25.0
+    trainer._resume(again, state)
+    assert again.start_epoch == 2 and again.job.epochs == 5 and again.cut == run.cut
+    assert again.scheduler.lr_lambdas[0](5 * spe - 1) == factor(5 * spe - 1)
+    # far past the deadline one epoch is still kept, so the rate decays to zero over it
+    trainer._end_epoch(again, 2, torch.zeros(()), 30.0, state, 0)
+    assert again.job.epochs == 4 and again.cut["planned_epochs"] == 10

@@ -101,8 +101,8 @@ def test_pickle_members_of_a_shard_are_never_unpickled(tmp_path):
 
 
 def test_archive_members_outside_the_tree_are_never_read_or_written(tmp_path):
+    from pipeline.data.archives import archive_members
     from pipeline.data.bad_samples import Tally
-    from pipeline.data.image_folder import archive_members
     from pipeline.data.sources import archive_source
 
     arc = tmp_path / "pool.tar"

@@ -42,7 +42,7 @@ from pipeline.data.transforms import train_transform
 from pipeline.evaluate import evaluation
 from pipeline.modeling import finite, models
 from pipeline.pseudo import labeling, pseudo_labels
-from pipeline.rounds import round_dir
+from pipeline.rounds import check_same_data, round_dir
 from pipeline.runtime import make_accelerator
 from pipeline.tracking import log
 from pipeline.training.finish import card, finish
@@ -125,7 +125,8 @@ class TeacherTargets:
 def default_teacher(cfg: Config) -> Path:
     """The experiment's last finished round."""
     k, last = 0, None
-    while card(round_dir(cfg, k)) is not None:
+    while (made := card(round_dir(cfg, k))) is not None:
+        check_same_data(cfg, k, made)
         last, k = round_dir(cfg, k), k + 1
     if last is None:
         raise ConfigError(f"distill.teacher not given and experiment '{cfg.name}' has no finished round")

@@ -16,40 +16,30 @@ the classes.
 from __future__ import annotations
 
 import os
-import tarfile
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 from pipeline.config import ConfigError
+from pipeline.data.archives import HIDDEN, NOT_IMAGE, UNSAFE, archive_entries, is_image_name
 from pipeline.data.bad_samples import Skip, Tally
 from pipeline.data.limits import member_problem
 from pipeline.tracking import log
 
 CLASS_RULE = "imagefolder"  # in prepared data's identity: data listed by another rule is prepared again
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
-NOT_IMAGE = "file that is not an image (by its name)"
-HIDDEN = "hidden file or folder (name starts with '.')"
 OUTSIDE_CLASS = "image outside a class folder"
 BROKEN_LINK = "broken link"
 LINK_LOOP = "link to a folder it is inside of (a loop: not followed)"
 NOT_REGULAR = "not a regular file"
 UNREADABLE_DIR = "folder that cannot be listed"
-ARCHIVE_LINK = "archive member that is a link or device"
-UNSAFE = "archive member with an unsafe name"
 NOT_LISTED = "image of a class not in data.classes"
-
-
-def is_image_name(name: str) -> bool:
-    return PurePosixPath(name).suffix.lower() in IMAGE_EXTS
 
 
 def _hidden(parts: tuple[str, ...]) -> bool:
     return any(p.startswith(".") for p in parts)
 
 
-def walk_folder(root: Path, unused: Tally, skipped: list) -> tuple[list[tuple[str, Path]], list[str]]:
+def walk_folder(root: Path, unused: Tally, skipped: list[Skip]) -> tuple[list[tuple[str, Path]], list[str]]:
     """(path relative to ``root``, file) of every image below it, sorted, and the folders directly
     under it (the class candidates). What is not an image is counted in ``unused``; an image over
     ``data.max_member_bytes`` is a ``Skip`` in ``skipped``."""
@@ -82,83 +72,54 @@ def walk_folder(root: Path, unused: Tally, skipped: list) -> tuple[list[tuple[st
                 visit(Path(e.path), r, inside | {real})
             elif e.is_symlink() and not os.path.exists(e.path):
                 unused.add(where, BROKEN_LINK)
-            elif not e.is_file():
-                unused.add(where, NOT_REGULAR)
             elif not is_image_name(e.name):
                 unused.add(where, NOT_IMAGE)
-            elif problem := member_problem(e.stat().st_size):
-                skipped.append(Skip(str(root), name, problem))
             else:
-                files.append((name, Path(e.path)))
+                try:
+                    regular, size = e.is_file(), e.stat().st_size
+                except OSError as err:  # gone or unreadable since it was listed
+                    unused.add(where, f"file that cannot be read ({err.strerror or err})")
+                    continue
+                if not regular:
+                    unused.add(where, NOT_REGULAR)
+                elif problem := member_problem(size):
+                    skipped.append(Skip(str(root), name, problem))
+                else:
+                    files.append((name, Path(e.path)))
 
     visit(root, (), frozenset({os.path.realpath(root)}))
     return sorted(files, key=lambda t: t[0]), top
 
 
-def archive_members(path: Path, unused: Tally) -> Iterator[tuple[str, bytes | None, str | None]]:
-    """(member name, bytes, None) of each regular image member, in archive order, read as a stream
-    (never extracted); (name, None, why) for one over ``data.max_member_bytes``, never read. The rest
-    (not images, hidden names, links, unsafe names) is counted in ``unused``; directories are not
-    inputs. Names are as stored: the labeled reader decides the root (``read_archive``)."""
-    for name, kind, data, why in _members(path):
-        if kind == "dir":
-            continue
-        if kind != "file":
-            unused.add(f"{path.name}/{name}", kind)
-        elif _hidden(PurePosixPath(name).parts):
-            unused.add(f"{path.name}/{name}", HIDDEN)
-        elif not is_image_name(name):
-            unused.add(f"{path.name}/{name}", NOT_IMAGE)
-        else:
-            yield name, data, why
-
-
-def _members(path: Path) -> Iterator[tuple[str, str, bytes | None, str | None]]:
-    """(normalised name, "dir" | "file" | why it is not read, bytes, size problem) of each member."""
-    try:
-        with tarfile.open(path, "r|*") as tf:
-            for m in tf:
-                name = PurePosixPath(m.name).as_posix()
-                parts = PurePosixPath(name).parts
-                if name.startswith(("/", "\\")) or ".." in parts:
-                    yield m.name, UNSAFE, None, None
-                elif name in ("", "."):
-                    continue
-                elif m.isdir():
-                    yield name, "dir", None, None
-                elif not m.isreg():
-                    yield name, ARCHIVE_LINK, None, None
-                elif not is_image_name(name) or _hidden(parts):
-                    yield name, "file", None, None
-                elif problem := member_problem(m.size):
-                    yield name, "file", None, problem
-                else:
-                    f = tf.extractfile(m)
-                    yield name, "file", (f.read() if f is not None else b""), None
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise ConfigError(f"cannot read archive {path}: {e}") from None
-
-
-def read_archive(path: Path, unused: Tally, skipped: list, labeled: bool) -> tuple[list[tuple[str, bytes]], list[str]]:
+def read_archive(path: Path, unused: Tally, skipped: list[Skip], labeled: bool
+                 ) -> tuple[list[tuple[str, bytes]], list[str]]:
     """(name below the root, bytes) of every image member and the folders directly under the root.
-    The root is the archive's one top folder when every member sits under it, else the archive
-    itself; names stay as stored for unlabeled archives."""
-    members = list(_members(path))
-    safe = [m for m in members if m[1] != UNSAFE]
-    tops = {PurePosixPath(n).parts[0] for n, *_ in safe}
-    strip = labeled and len(tops) == 1 and all(len(PurePosixPath(n).parts) > 1 or k == "dir" for n, k, *_ in safe)
+    The root is the archive's one top folder when every member that is not hidden sits under it
+    (never a hidden folder), else the archive itself; names stay as stored for unlabeled archives."""
+    members = list(archive_entries(path))
+    shown = [m for m in members if m[1] != UNSAFE and not _hidden(PurePosixPath(m[0]).parts)]
+    tops = {PurePosixPath(n).parts[0] for n, *_ in shown}
+    strip = labeled and len(tops) == 1 and all(len(PurePosixPath(n).parts) > 1 or k == "dir" for n, k, *_ in shown)
+    root = next(iter(tops)) if strip else None
+    if strip:
+        log.info(f"{path.name}: every member sits under {root}/, read as the root")
     files, top = [], set()
     for name, kind, data, problem in members:
-        parts = PurePosixPath(name).parts
-        rel = "/".join(parts[1:]) if strip and kind != UNSAFE else name
-        where = f"{path.name}/{name}"
-        if kind == "dir":
-            if rel and not rel.startswith("."):
-                top.add(PurePosixPath(rel).parts[0])
+        if kind == UNSAFE:
+            unused.add(f"{path.name}/{name}", UNSAFE)
             continue
+        parts = PurePosixPath(name).parts
+        rel_parts = parts[1:] if root is not None and parts[0] == root else parts
+        rel = "/".join(rel_parts)
+        if len(rel_parts) > 1 or (kind == "dir" and rel_parts):
+            if not rel_parts[0].startswith("."):
+                top.add(rel_parts[0])  # a class folder, whatever it holds (as on disk)
+        if kind == "dir":
+            continue
+        where = f"{path.name}/{name}"
         if kind != "file":
             unused.add(where, kind)
-        elif _hidden(PurePosixPath(rel).parts):
+        elif _hidden(parts):
             unused.add(where, HIDDEN)
         elif not is_image_name(rel):
             unused.add(where, NOT_IMAGE)
@@ -166,8 +127,6 @@ def read_archive(path: Path, unused: Tally, skipped: list, labeled: bool) -> tup
             skipped.append(Skip(path.name, name, problem))
         else:
             files.append((rel, data))
-            if len(PurePosixPath(rel).parts) > 1:
-                top.add(PurePosixPath(rel).parts[0])
     return sorted(files, key=lambda t: t[0]), sorted(top)
 
 

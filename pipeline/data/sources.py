@@ -129,26 +129,26 @@ def archive_mirror(name: str, train: bool, root: str | None) -> Path | None:
 
 def torchvision_source(name: str, train: bool, root: str | None, download: bool,
                        wanted: list[str] | None = None) -> Source:
+    if wanted is not None:  # whichever copy is found: the archive mirror or torchvision's files
+        raise ConfigError(f"data.classes: picks class folders of a folder or archive source, not of the "
+                          f"torchvision dataset {name} (give the folder or archive itself as data.source)")
     try:
         ds = _torchvision_dataset(name, train, root, download=False)
     except ConfigError:
         mirror = archive_mirror(name, train, root)
         if mirror is not None:
-            return archive_source(mirror, labeled=True, wanted=wanted)
+            return archive_source(mirror, labeled=True)
         ds = _torchvision_dataset(name, train, root, download)
-    if wanted is not None:
-        raise ConfigError("data.classes: picks class folders of a folder or archive source, not of the "
-                          f"torchvision dataset {name}")
     labels = [int(t) for t in (getattr(ds, "targets", None) if getattr(ds, "targets", None) is not None
                                else ds.labels)]
-    classes = list(getattr(ds, "classes", None) or [str(i) for i in range(max(labels) + 1)])
+    class_names = list(getattr(ds, "classes", None) or [str(i) for i in range(max(labels) + 1)])
     split = "train" if train else "test"
 
     def get(i: int) -> tuple[bytes, str]:
         img, _ = ds[i]
         return _png_bytes(img), "png"
 
-    return Source(f"torchvision:{type(ds).__name__}:{split}", labels, classes, get,
+    return Source(f"torchvision:{type(ds).__name__}:{split}", labels, class_names, get,
                   lambda i: f"{type(ds).__name__}/{split}/{i}", len(labels), verify=False)
 
 

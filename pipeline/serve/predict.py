@@ -26,9 +26,9 @@ from PIL import UnidentifiedImageError
 from pipeline import failpoints
 from pipeline.artifacts import atomic_path, clean_tmp_of, read_json, sha256_file
 from pipeline.config import ConfigError
+from pipeline.data.archives import archive_members
 from pipeline.data.bad_samples import Tally
 from pipeline.data.dataset import Preprocessing
-from pipeline.data.image_folder import archive_members
 from pipeline.data.shards import expand_shards
 from pipeline.data.sources import (
     folder_source,

@@ -60,6 +60,7 @@ class Job:
     log_with: list[str] = field(default_factory=list)  # the config's log_with: trackers under <out>/logs/
     log_every: int = 50  # optimizer steps between tracker points
     run_dir: Path | None = None  # the experiment's directory: where a bf16 fallback is recorded and read
+    deadline_s: float | None = None  # a budget's training seconds for the phase: fewer epochs if they would pass it
 
 
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
@@ -132,6 +133,7 @@ class _Run:
     images_per_step: int
     start_epoch: int = 0
     elapsed: float = 0.0
+    cut: dict | None = None  # epochs left out to end by ``job.deadline_s`` (``_fit_deadline``)
     history: list = field(default_factory=list)
     trackers: Trackers | None = None
 
@@ -157,6 +159,8 @@ def train(model: torch.nn.Module, job: Job, state_root: Path, progress: bool = T
     skips = SkipLog(job.phase + (f" (rank {acc.process_index})" if world > 1 else ""), job.max_bad_share,
                     quiet=not acc.is_main_process and world > 1)
     for epoch in range(run.start_epoch, job.epochs):
+        if epoch >= job.epochs:  # a deadline cut the phase short (``_fit_deadline``)
+            break
         t0 = time.time()
         run.wrapped.train()
         batches = _batches(job, epoch, spe * job.cfg.grad_accum, skips)
@@ -238,6 +242,9 @@ def _resume(run: _Run, state_root: Path) -> None:
     if run.ema is not None:
         run.ema.module.load_state_dict(load_file(str(latest / EMA_FILE)))
     run.start_epoch, run.elapsed, run.history = info["epoch"] + 1, info["seconds"], list(info.get("history", []))
+    if info.get("cut"):  # a deadline cut before the kill: the same epochs and schedule
+        run.cut = info["cut"]
+        _set_epochs(run, run.cut["epochs"])
     run.guard.resume(info)
     run.autocast = precision.autocast(run.guard.precision, run.accelerator.device)
     log.info(f"resuming {run.job.phase} from {latest.name} (epoch {run.start_epoch}/{run.job.epochs})")
@@ -315,6 +322,7 @@ def _end_epoch(run: _Run, epoch: int, loss_sum: torch.Tensor, seconds: float, st
     acc, cfg = run.accelerator, run.job.cfg
     epoch_loss = acc.reduce(loss_sum, "mean").item() / (run.steps_per_epoch * cfg.grad_accum)
     run.elapsed += seconds
+    _fit_deadline(run, epoch)
     run.history.append({"epoch": epoch, "loss": round(epoch_loss, 5), "lr": run.scheduler.get_last_lr()[0],
                         "seconds": round(seconds, 2),
                         "img_s": round(run.steps_per_epoch * run.images_per_step / seconds, 1),
@@ -328,9 +336,40 @@ def _end_epoch(run: _Run, epoch: int, loss_sum: torch.Tensor, seconds: float, st
         precision.record_fallback(run.job.run_dir, f"{state_root.parent.name} {run.job.phase}, epoch "
                                                    f"{switch['epoch'] + 1}, step {switch['step'] + 1}")
     _save(acc, state_root, run.job.phase, epoch, {"epoch": epoch, "seconds": run.elapsed, "history": run.history,
-                                                  "scheduler": run.scheduler.state_dict(), **run.guard.state()},
+                                                  "scheduler": run.scheduler.state_dict(), "cut": run.cut,
+                                                  **run.guard.state()},
           run.ema)
     failpoints.hit("epoch_end")
+
+
+def _fit_deadline(run: _Run, epoch: int) -> None:
+    """End a budgeted phase by ``job.deadline_s``: when the epochs left would pass it at the pace of
+    those done (the throughput of a shared machine drifts after the budget's short probe), keep
+    fewer and re-fit the cosine schedule to end with them, so the learning rate still decays to
+    zero. At least one more epoch is kept: a phase cut mid-schedule would end at a high rate."""
+    job, acc = run.job, run.accelerator
+    done = epoch + 1
+    if job.deadline_s is None or done >= job.epochs:
+        return
+    elapsed = acc.reduce(torch.tensor(run.elapsed, device=acc.device), "mean").item()  # one verdict on all ranks
+    pace = elapsed / done
+    fits = int((job.deadline_s - elapsed) // pace)
+    if done + fits >= job.epochs:
+        return
+    keep = done + max(1, fits)
+    log.info(f"{job.phase}: at {pace:.0f} s an epoch, {job.epochs} epochs would end "
+             f"{elapsed + pace * (job.epochs - done) - job.deadline_s:.0f} s past the budget's "
+             f"{job.deadline_s:.0f} s: {keep} epochs, the learning rate re-fitted to end with them")
+    run.cut = {"after_epoch": epoch, "planned_epochs": (run.cut or {}).get("planned_epochs", job.epochs),
+               "epochs": keep}
+    _set_epochs(run, keep)
+
+
+def _set_epochs(run: _Run, epochs: int) -> None:
+    run.job.epochs = epochs
+    spe = run.steps_per_epoch
+    run.scheduler.lr_lambdas = [_cosine(spe * epochs, int(run.job.cfg.warmup_epochs * spe))
+                                for _ in run.scheduler.lr_lambdas]
 
 
 def _finish(model: torch.nn.Module, run: _Run, skips: SkipLog) -> dict:
@@ -349,7 +388,8 @@ def _finish(model: torch.nn.Module, run: _Run, skips: SkipLog) -> dict:
                skipped_share=round(counts[0] / max(counts[0] + counts[1], 1), 6))
     history = run.history
     return {"phase": job.phase, "epochs": job.epochs, "steps": run.steps_per_epoch * job.epochs,
-            "seconds": round(run.elapsed, 1), **run.guard.state(), "precision_reason": run.precision_reason,
+            "seconds": round(run.elapsed, 1), "deadline_cut": run.cut, **run.guard.state(),
+            "precision_reason": run.precision_reason,
             "compile": precision.compile_backend(job.cfg.compile),
             "img_s": round(samples / max(run.elapsed, 1e-9), 1), "history": history,
             "final_loss": history[-1]["loss"] if history else None, "bad_samples": bad}
