@@ -361,3 +361,13 @@ def test_the_listing_rule_is_part_of_the_prepared_datas_identity(tiny_data, tmp_
     before = dataset.data_dir(cfg).name
     monkeypatch.setattr(dataset, "CLASS_RULE", "another rule")
     assert dataset.data_dir(cfg).name != before
+
+
+def test_an_extension_torchvision_does_not_read_is_the_one_stated_difference(tmp_path):
+    for c in ("cat", "dog"):
+        (tmp_path / c / "deep").mkdir(parents=True)
+        (tmp_path / c / "1.png").write_bytes(b"x")
+        (tmp_path / c / "deep" / "anim.gif").write_bytes(b"GIF89a")  # ours reads GIF, ImageFolder does not
+    names, counts, unused, used = _ours(tmp_path)
+    tv_names, tv_counts = _torchvision(tmp_path)
+    assert names == tv_names and counts == tv_counts + Counter({"cat": 1, "dog": 1})
