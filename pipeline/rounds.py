@@ -246,6 +246,8 @@ def _plan(cfg: Config, k: int, job: Job, model: torch.nn.Module, out: Path, acce
     planned = budget.round_epochs(cfg, k, job, model, out / "state", accelerator, data.manifest,
                                   pl_manifest.get("stats", {}).get("seconds") or 0.0)
     job.epochs, job.deadline_s = int(planned["epochs"]), float(planned["share_s"])
+    if k == 0:  # the teacher keeps its fixed epochs whatever the machine's pace (budget.py)
+        job.min_epochs = min(job.epochs, int(planned["fixed_epochs"]))
     return planned
 
 

@@ -159,3 +159,8 @@ def test_a_phase_that_would_pass_its_deadline_keeps_fewer_epochs_and_still_annea
     # far past the deadline one epoch is still kept, so the rate decays to zero over it
     trainer._end_epoch(again, 2, torch.zeros(()), 30.0, state, 0)
     assert again.job.epochs == 4 and again.cut["planned_epochs"] == 10
+    # never below the phase's floor (a budgeted teacher's fixed epochs)
+    floor = _tiny_run(tmp_path, epochs=10)
+    floor.job.deadline_s, floor.job.min_epochs = 25.0, 8
+    trainer._end_epoch(floor, 0, torch.zeros(()), 5.0, tmp_path / "floor", 0)
+    assert floor.job.epochs == 8 and floor.cut["epochs"] == 8

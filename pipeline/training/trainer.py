@@ -61,6 +61,7 @@ class Job:
     log_every: int = 50  # optimizer steps between tracker points
     run_dir: Path | None = None  # the experiment's directory: where a bf16 fallback is recorded and read
     deadline_s: float | None = None  # a budget's training seconds for the phase: fewer epochs if they would pass it
+    min_epochs: int = 1  # what a deadline never cuts below (a budgeted teacher's fixed epochs)
 
 
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
@@ -356,7 +357,9 @@ def _fit_deadline(run: _Run, epoch: int) -> None:
     fits = int((job.deadline_s - elapsed) // pace)
     if done + fits >= job.epochs:
         return
-    keep = done + max(1, fits)
+    keep = max(done + max(1, fits), job.min_epochs)
+    if keep >= job.epochs:
+        return
     log.info(f"{job.phase}: at {pace:.0f} s an epoch, {job.epochs} epochs would end "
              f"{elapsed + pace * (job.epochs - done) - job.deadline_s:.0f} s past the budget's "
              f"{job.deadline_s:.0f} s: {keep} epochs, the learning rate re-fitted to end with them")
