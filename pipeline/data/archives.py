@@ -23,7 +23,8 @@ def is_image_name(name: str) -> bool:
     return PurePosixPath(name).suffix.lower() in IMAGE_EXTS
 
 
-def _hidden(name: str) -> bool:
+def is_hidden(name: str) -> bool:
+    """Any part of the path starts with '.': neither a class nor an image, at any depth."""
     return any(p.startswith(".") for p in PurePosixPath(name).parts)
 
 
@@ -44,7 +45,7 @@ def archive_entries(path: Path) -> Iterator[tuple[str, str, bytes | None, str | 
                     yield name, "dir", None, None
                 elif not m.isreg():
                     yield name, ARCHIVE_LINK, None, None
-                elif not is_image_name(name) or _hidden(name):
+                elif not is_image_name(name) or is_hidden(name):
                     yield name, "file", None, None
                 elif problem := member_problem(m.size):
                     yield name, "file", None, problem
@@ -64,7 +65,7 @@ def archive_members(path: Path, unused: Tally) -> Iterator[tuple[str, bytes | No
             continue
         if kind != "file":
             unused.add(f"{path.name}/{name}", kind)
-        elif _hidden(name):
+        elif is_hidden(name):
             unused.add(f"{path.name}/{name}", HIDDEN)
         elif not is_image_name(name):
             unused.add(f"{path.name}/{name}", NOT_IMAGE)

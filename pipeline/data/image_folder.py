@@ -20,7 +20,7 @@ from collections import defaultdict
 from pathlib import Path, PurePosixPath
 
 from pipeline.config import ConfigError
-from pipeline.data.archives import HIDDEN, NOT_IMAGE, UNSAFE, archive_entries, is_image_name
+from pipeline.data.archives import HIDDEN, NOT_IMAGE, UNSAFE, archive_entries, is_hidden, is_image_name
 from pipeline.data.bad_samples import Skip, Tally
 from pipeline.data.limits import member_problem
 from pipeline.tracking import log
@@ -33,10 +33,6 @@ LINK_LOOP = "link to a folder it is inside of (a loop: not followed)"
 NOT_REGULAR = "not a regular file"
 UNREADABLE_DIR = "folder that cannot be listed"
 NOT_LISTED = "image of a class not in data.classes"
-
-
-def _hidden(parts: tuple[str, ...]) -> bool:
-    return any(p.startswith(".") for p in parts)
 
 
 def walk_folder(root: Path, unused: Tally, skipped: list[Skip]) -> tuple[list[tuple[str, Path]], list[str]]:
@@ -97,7 +93,7 @@ def read_archive(path: Path, unused: Tally, skipped: list[Skip], labeled: bool
     The root is the archive's one top folder when every member that is not hidden sits under it
     (never a hidden folder), else the archive itself; names stay as stored for unlabeled archives."""
     members = list(archive_entries(path))
-    shown = [m for m in members if m[1] != UNSAFE and not _hidden(PurePosixPath(m[0]).parts)]
+    shown = [m for m in members if m[1] != UNSAFE and not is_hidden(m[0])]
     tops = {PurePosixPath(n).parts[0] for n, *_ in shown}
     strip = labeled and len(tops) == 1 and all(len(PurePosixPath(n).parts) > 1 or k == "dir" for n, k, *_ in shown)
     root = next(iter(tops)) if strip else None
@@ -119,7 +115,7 @@ def read_archive(path: Path, unused: Tally, skipped: list[Skip], labeled: bool
         where = f"{path.name}/{name}"
         if kind != "file":
             unused.add(where, kind)
-        elif _hidden(parts):
+        elif is_hidden(name):
             unused.add(where, HIDDEN)
         elif not is_image_name(rel):
             unused.add(where, NOT_IMAGE)
