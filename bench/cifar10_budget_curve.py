@@ -1,6 +1,9 @@
 """What more time buys on CIFAR-10: the config's recipe under each time budget against its
-labels-only twin (round 0 alone, the same teacher recipe, the same budget, so it trains at least
-as many images), both through ``make iterate``'s own entry point on this machine.
+labels-only twin, both through ``make iterate``'s own entry point on this machine.
+
+The twin is round 0 alone with the same teacher recipe, given as many epochs as it takes to train
+at least as many images as the whole Noisy Student run did (its students train more images a
+second than the teacher's small batches, so the twin also runs longer than the budget).
 
 Runs what is missing (runs/cifar10-<budget>, runs/cifar10-labels-only-<budget>; a finished run is
 only read), then writes bench/results/cifar10_budget_curve.json and its plot (.png beside it).
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -27,39 +31,51 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results" / "cifar10_budget_curve.json"
 
 
-def run(name: str, last_round: int, budget: str, runs_dir: Path) -> float | None:
-    """Run (or resume) one budgeted experiment; its wall seconds, or None when it had finished before."""
+def run(name: str, last_round: int, args: list[str], runs_dir: Path) -> float | None:
+    """Run (or resume) one experiment; its wall seconds, or None when it had finished before."""
     if (runs_dir / name / f"round-{last_round}" / "metrics.json").is_file():
         return None
     start = time.time()
     subprocess.run([sys.executable, "stages/iterate.py", "--config", "configs/cifar10.yaml", f"round={last_round}",
-                    f"budget={budget}", f"name={name}", f"runs_dir={runs_dir}", "progress=false"], cwd=ROOT, check=True)
+                    *args, f"name={name}", f"runs_dir={runs_dir}", "progress=false"], cwd=ROOT, check=True)
     return round(time.time() - start, 1)
 
 
-def summary(exp: Path, last_round: int, budget: str, wall_s: float | None) -> dict:
-    """Each round's accuracy and cost, the images trained, and the wall time against the budget."""
-    rounds, images = [], 0
+def images_trained(exp: Path, last_round: int) -> int:
+    """Training images (labeled and pseudo-labeled, every epoch) of rounds 0..last_round."""
+    cards = [json.loads((exp / f"round-{k}" / "card.json").read_text()) for k in range(last_round + 1)]
+    return sum(t["bad_samples"]["used"] for c in cards for t in c["train"])
+
+
+def twin_epochs(exp: Path, last_round: int) -> int:
+    """Teacher epochs that train at least the images of the Noisy Student run ``exp``."""
+    teacher = json.loads((exp / "round-0" / "card.json").read_text())["train"][0]
+    per_epoch = teacher["bad_samples"]["used"] / teacher["epochs"]
+    return math.ceil(images_trained(exp, last_round) / per_epoch)
+
+
+def summary(exp: Path, last_round: int, command: str, wall_s: float | None) -> dict:
+    """Each round's accuracy and cost, the images trained, and the wall time."""
+    rounds = []
     for k in range(last_round + 1):
         d = exp / f"round-{k}"
         m, card = json.loads((d / "metrics.json").read_text()), json.loads((d / "card.json").read_text())
-        images += sum(t["bad_samples"]["used"] for t in card["train"])
         rounds.append({"round": k, "val_top1": m["val_top1"], "test_top1": m["test_top1"],
                        "epochs": card["train"][0]["epochs"], "precision": card["train"][0]["precision"],
                        "seconds": m["seconds"]})
     data_dir = ROOT / json.loads((exp / "round-0" / "card.json").read_text())["parents"]["data_dir"]
     data = json.loads((data_dir / "manifest.json").read_text())
-    command = f"make iterate CONFIG=configs/cifar10.yaml ROUND={last_round} BUDGET={budget} ARGS=name={exp.name}"
-    return {"command": command, "test_top1": rounds[-1]["test_top1"], "images_trained": images,
+    plan = exp / "budget.json"
+    return {"command": command, "test_top1": rounds[-1]["test_top1"], "images_trained": images_trained(exp, last_round),
             "wall_seconds": wall_s, "seconds": round(sum(r["seconds"] for r in rounds) + (data.get("seconds") or 0), 1),
-            "rounds": rounds, "budget_plan": json.loads((exp / "budget.json").read_text())}
+            "rounds": rounds, "budget_plan": json.loads(plan.read_text()) if plan.is_file() else None}
 
 
 def plot(points: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.4))
     minutes = [p["budget_s"] / 60 for p in points]
     ax.plot(minutes, [p["noisy_student"]["test_top1"] for p in points], "o-", label="Noisy Student (labels + pool)")
-    ax.plot(minutes, [p["labels_only"]["test_top1"] for p in points], "s--", label="labels only, same budget")
+    ax.plot(minutes, [p["labels_only"]["test_top1"] for p in points], "s--", label="labels only, at least as many images")
     ax.set_xlabel("time budget (minutes, 2-core CPU)")
     ax.set_ylabel("CIFAR-10 test top-1 (%)")
     ax.set_xticks(minutes)
@@ -74,21 +90,29 @@ def main() -> None:
     ap.add_argument("--budgets", nargs="+", default=["20m", "60m"])
     ap.add_argument("--round", type=int, default=2, help="the Noisy Student run's last round")
     ap.add_argument("--runs-dir", type=Path, default=ROOT / "runs")
+    ap.add_argument("--wall", nargs="*", default=[], metavar="NAME=SECONDS",
+                    help="wall seconds of a run made outside this script (kept in the file)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from pipeline.config import parse_duration
 
     old = {p["budget"]: p for p in json.loads(OUT.read_text())["points"]} if OUT.is_file() else {}
+    given = {name: float(s) for name, s in (w.split("=", 1) for w in args.wall)}
     points = []
     for budget in args.budgets:
         ns, lo = f"cifar10-{budget}", f"cifar10-labels-only-{budget}"
-        walls = {name: run(name, k, budget, args.runs_dir) for name, k in ((ns, args.round), (lo, 0))}
+        walls = {ns: run(ns, args.round, [f"budget={budget}"], args.runs_dir)}
+        epochs = twin_epochs(args.runs_dir / ns, args.round)
+        walls[lo] = run(lo, 0, [f"teacher.epochs={epochs}"], args.runs_dir)
+        commands = {ns: f"make iterate CONFIG=configs/cifar10.yaml ROUND={args.round} BUDGET={budget} ARGS=name={ns}",
+                    lo: f'make iterate CONFIG=configs/cifar10.yaml ROUND=0 ARGS="name={lo} teacher.epochs={epochs}"'}
         prev = old.get(budget, {})
         point = {"budget": budget, "budget_s": parse_duration(budget)}
         for key, name, k in (("noisy_student", ns, args.round), ("labels_only", lo, 0)):
-            wall = walls[name] if walls[name] is not None else prev.get(key, {}).get("wall_seconds")
-            point[key] = summary(args.runs_dir / name, k, budget, wall)
-            point[key]["under_budget_s"] = None if wall is None else round(point["budget_s"] - wall, 1)
+            wall = walls[name] if walls[name] is not None else given.get(name, prev.get(key, {}).get("wall_seconds"))
+            point[key] = summary(args.runs_dir / name, k, commands[name], wall)
+        wall = point["noisy_student"]["wall_seconds"]
+        point["noisy_student"]["under_budget_s"] = None if wall is None else round(point["budget_s"] - wall, 1)
         point["gain_top1"] = round(point["noisy_student"]["test_top1"] - point["labels_only"]["test_top1"], 2)
         points.append(point)
     code = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)

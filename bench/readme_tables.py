@@ -79,7 +79,7 @@ def cifar10() -> str:
     rows = []
     lo = run.get("labels_only")
     if lo is not None:
-        rows.append(["labels only (round 0 alone, same budget)", "–", _pct(lo["test_top1"]), _pct(lo.get("val_top1")),
+        rows.append(["labels only (round 0 alone, as many images)", "–", _pct(lo["test_top1"]), _pct(lo.get("val_top1")),
                      "–", f"{lo['seconds']:.0f}"])
     for r in run["rounds"]:
         rows.append([_round_name(r["round"]), r["model"], _pct(r["test_top1"]), _pct(r.get("val_top1")),
