@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+from importlib.metadata import version  # torch's, without importing it: a benchmark may be running
 from pathlib import Path
 
 
@@ -31,8 +32,6 @@ def machine() -> str:
         mem = f", {kb / 2**20:.0f} GiB RAM"
     except (OSError, StopIteration):
         pass
-    from importlib.metadata import version  # torch's version without importing it (a benchmark may be running)
-
     flags = set()
     try:
         flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
