@@ -45,7 +45,7 @@ def main() -> None:
     from pipeline.config import for_round, load_config
     from pipeline.data.dataset import Preprocessing
     from pipeline.data.images import decode_image
-    from pipeline.data.loaders import StreamSpec
+    from pipeline.data.stream import StreamSpec
     from pipeline.data.transforms import batch_augment, normalize, to_input, train_transform
     from pipeline.modeling import models, precision
     from pipeline.pseudo import pseudo_labels, selection

@@ -32,8 +32,8 @@ from pipeline.config import (
     to_dict,
 )
 from pipeline.data.dataset import PreparedData, Preprocessing, data_dir
-from pipeline.data.loaders import StreamSpec
 from pipeline.data.prepare import prepare
+from pipeline.data.stream import StreamSpec
 from pipeline.data.transforms import train_transform
 from pipeline.evaluate import evaluation
 from pipeline.modeling import models

@@ -37,7 +37,7 @@ from pipeline.config import (
     to_dict,
 )
 from pipeline.data.dataset import PreparedData, Preprocessing
-from pipeline.data.loaders import StreamSpec
+from pipeline.data.stream import StreamSpec
 from pipeline.data.transforms import train_transform
 from pipeline.evaluate import evaluation
 from pipeline.modeling import finite, models

@@ -21,13 +21,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from PIL import UnidentifiedImageError
 
 from pipeline import failpoints
 from pipeline.artifacts import atomic_path, clean_tmp_of, read_json, sha256_file
 from pipeline.config import ConfigError
 from pipeline.data.archives import archive_members
-from pipeline.data.bad_samples import Tally
+from pipeline.data.bad_samples import Skip, SkipLog, Tally
 from pipeline.data.dataset import Preprocessing
 from pipeline.data.shards import expand_shards
 from pipeline.data.sources import (
@@ -36,7 +35,8 @@ from pipeline.data.sources import (
     is_shard_pattern,
     iter_shard_images,
 )
-from pipeline.data.transforms import eval_transform, normalize, to_input
+from pipeline.data.stream import batched, decode_or_skip
+from pipeline.data.transforms import eval_transform, normalize
 from pipeline.errors import DataError
 from pipeline.modeling.finite import check_outputs
 from pipeline.modeling.models import TIMM_CONFIG, WEIGHTS, load_model_dir, preprocessing
@@ -122,21 +122,17 @@ def load_classifier(spec: str | Path) -> Classifier:
 
 # ---------------------------------------------------------------- inputs
 
-Item = tuple[str, bytes | None, str | None]  # (name, bytes, or None and why they could not be read)
+Item = tuple[str, bytes] | Skip  # (name, bytes), or why an input could not be read
 
 
 def _shard_items(pattern: str, unused: Tally) -> Iterator[Item]:
-    """Samples of shards; a sample without an image or a damaged shard's lost tail is a bad item."""
-    skipped: list = []
+    """Samples of shards; a sample without an image or a damaged shard's lost tail is a ``Skip``."""
+    skipped: list[Skip] = []
     for origin, data, _ in iter_shard_images(pattern, skipped, unused):
-        while skipped:
-            s = skipped.pop(0)
-            if s.count:  # an empty shard held no image to count
-                yield f"{s.where}/{s.key}", None, s.reason
-        yield origin, data, None
-    for s in skipped:
-        if s.count:
-            yield f"{s.where}/{s.key}", None, s.reason
+        yield from (s for s in skipped if s.count)  # an empty shard held no image to count
+        skipped.clear()
+        yield origin, data
+    yield from (s for s in skipped if s.count)
 
 
 def _folder_items(path: Path, unused: Tally) -> tuple[Iterator[Item], int]:
@@ -145,15 +141,20 @@ def _folder_items(path: Path, unused: Tally) -> tuple[Iterator[Item], int]:
 
     def items() -> Iterator[Item]:
         for s in src.skipped:  # over data.max_member_bytes: never read
-            yield str(path / s.key), None, s.reason
+            yield Skip("", str(path / s.key), s.reason)
         for i in range(len(src)):
             name = str(path / src.origin(i))
             try:
-                yield name, src.get(i)[0], None
+                yield name, src.get(i)[0]
             except OSError as e:
-                yield name, None, f"unreadable: {e.strerror or e}"
+                yield Skip("", name, f"unreadable: {e.strerror or e}")
 
     return items(), len(src) + len(src.skipped)
+
+
+def _archive_items(path: Path, unused: Tally) -> Iterator[Item]:
+    for name, data, why in archive_members(path, unused):
+        yield Skip("", name, why) if why is not None else (name, data)
 
 
 def open_input(spec: str) -> tuple[Iterator[Item], int | None, Tally]:
@@ -169,7 +170,7 @@ def open_input(spec: str) -> tuple[Iterator[Item], int | None, Tally]:
     if is_archive(path):
         if not path.is_file():
             raise ConfigError(f"input: archive not found: {path}")
-        return archive_members(path, unused), None, unused
+        return _archive_items(path, unused), None, unused
     if path.is_dir():
         return (*_folder_items(path, unused), unused)
     raise ConfigError(f"input: '{spec}' is not an image directory, a .tar/.tar.gz archive or a shard pattern")
@@ -230,33 +231,16 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=1, keepdims=True)
 
 
-def _reason(e: Exception) -> str:
-    if isinstance(e, UnidentifiedImageError):
-        return "not a recognised image format"
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
-
-
 def _batches(items: Iterator[Item], prep: Preprocessing, batch_size: int,
-             on_bad: Callable[[str, str], None]) -> Iterator[tuple[list[str], torch.Tensor]]:
-    """(names, uint8 NCHW batch) of the decodable images; the others go to ``on_bad(name, reason)``."""
-    transform = eval_transform(prep.size)
-    names: list[str] = []
-    imgs: list[torch.Tensor] = []
-    for name, data, err in items:
-        if err is None:
-            try:
-                imgs.append(to_input(data or b"", prep.mode, transform))
-                names.append(name)
-            except Exception as e:  # noqa: BLE001 - any decoder failure means this one image is bad
-                err = _reason(e)
-        if err is not None:
-            on_bad(name, err)
-        if len(imgs) == batch_size:
-            yield names, torch.stack(imgs)
-            names, imgs = [], []
-    if imgs:
-        yield names, torch.stack(imgs)
+             on_bad: Callable[[Skip], None]) -> Iterator[tuple[list[str], torch.Tensor]]:
+    """(names, uint8 NCHW batch) of the decodable images, through the stream's decode-or-skip and
+    batch stages; every input that is not goes to ``on_bad``."""
+    raw = (item if isinstance(item, Skip) else (item[1] or b"", item[0], item[0], "") for item in items)
+    for b in batched(decode_or_skip(raw, prep.mode, eval_transform(prep.size)), batch_size, drop_last=False):
+        for skip in b.skips:
+            on_bad(skip)
+        if b.x is not None:
+            yield b.keys, b.x
 
 
 def _write_skipped(out: Path, bad: list[tuple[str, str]], suffix: str = SKIPPED_SUFFIX) -> Path:
@@ -300,14 +284,17 @@ def predict(model_spec: str | Path, input_spec: str, out: str | Path, *, topk: i
     k = min(topk, len(names))
     mean, std = torch.tensor(clf.prep.mean), torch.tensor(clf.prep.std)
     bad: list[tuple[str, str]] = []
+    skips = SkipLog("predict", max_bad_share, quiet=True)  # the counts, as every stage keeps them
     done, t0 = 0, time.time()
     shown = bar(total=total, desc=f"predict ({clf.backend})", unit="img")
 
-    def on_bad(name: str, why: str) -> None:
-        bad.append((name, why))
-        shown.update(1)
+    def on_bad(skip: Skip) -> None:
+        name = f"{skip.where}/{skip.key}" if skip.where else skip.key
+        bad.append((name, skip.reason))
+        skips.skip(skip)
+        shown.update(skip.count)
         if len(bad) <= max_warnings:
-            log.warning(f"warning: skipped bad image {name}: {why}")
+            log.warning(f"warning: skipped bad image {name}: {skip.reason}")
 
     clean_tmp_of(out)  # a killed earlier run's partial file
     with atomic_path(out) as tmp:
@@ -320,13 +307,14 @@ def predict(model_spec: str | Path, input_spec: str, out: str | Path, *, topk: i
                 check_outputs(logits, clf.source, "logits")
                 _write_rows(writer, paths, _softmax(logits), names, k)
                 done += len(paths)
+                skips.use(len(paths))
                 shown.update(len(paths))
                 failpoints.hit("predict_batch", out)
             if not done and not bad:
                 raise ConfigError(f"input: no images in {input_spec}")
-            if bad and len(bad) > max_bad_share * (done + len(bad)):  # an earlier run's output stays as it was
+            if bad and skips.share > max_bad_share:  # an earlier run's output stays as it was
                 side = _write_skipped(out, bad, FAILED_SUFFIX)
-                raise DataError(f"predict: {len(bad)} of {done + len(bad)} images are bad (limit "
+                raise DataError(f"predict: {skips.skipped} of {done + skips.skipped} images are bad (limit "
                                 f"data.max_bad_share={max_bad_share}); first: {bad[0][0]}: {bad[0][1]}; all listed "
                                 f"in {side}")
         finally:
@@ -337,8 +325,8 @@ def predict(model_spec: str | Path, input_spec: str, out: str | Path, *, topk: i
     if len(bad) > max_warnings:
         log.warning(f"warning: {len(bad) - max_warnings} more bad images not shown")
     if bad:
-        log.warning(f"warning: skipped {len(bad)} bad image(s) of {done + len(bad)}; listed in {side}")
+        log.warning(f"warning: skipped {skips.skipped} bad image(s) of {done + skips.skipped}; listed in {side}")
     if unused.count:
         log.info(f"predict: {unused.count} inputs not used ({unused.summary()})")
-    return {"images": done, "skipped": len(bad), "out": str(out), "skipped_file": str(side) if bad else None,
+    return {"images": done, "skipped": skips.skipped, "bad_samples": skips.metrics(), "out": str(out), "skipped_file": str(side) if bad else None,
             "unused": dict(unused.reasons), "backend": clf.backend, "seconds": round(time.time() - t0, 2)}
