@@ -243,6 +243,43 @@ def _batches(items: Iterator[Item], prep: Preprocessing, batch_size: int,
             yield b.keys, b.x
 
 
+class _BadInputs:
+    """Predict's bad inputs: counted as every stage counts them (``SkipLog``), named in a capped
+    number of warning lines, and listed for ``<out>.skipped.csv``."""
+
+    def __init__(self, max_bad_share: float, max_warnings: int, shown):
+        self.rows: list[tuple[str, str]] = []
+        self.log = SkipLog("predict", max_bad_share, quiet=True)
+        self.max_warnings, self.shown = max_warnings, shown
+
+    def __call__(self, skip: Skip) -> None:
+        name = f"{skip.where}/{skip.key}" if skip.where else skip.key
+        self.rows.append((name, skip.reason))
+        self.log.skip(skip)
+        self.shown.update(skip.count)
+        if len(self.rows) <= self.max_warnings:
+            log.warning(f"warning: skipped bad image {name}: {skip.reason}")
+
+    def check(self, out: Path) -> None:
+        """Past the limit: list this run's bad images beside the output and stop with one line."""
+        if self.rows and self.log.share > self.log.limit:
+            side = _write_skipped(out, self.rows, FAILED_SUFFIX)
+            total = self.log.used + self.log.skipped
+            raise DataError(f"predict: {self.log.skipped} of {total} images are bad (limit data.max_bad_share="
+                            f"{self.log.limit}); first: {self.rows[0][0]}: {self.rows[0][1]}; all listed in {side}")
+
+    def finish(self, out: Path) -> Path | None:
+        """The list of a finished run (none when nothing was bad), and what the warnings left out."""
+        side = _write_skipped(out, self.rows)
+        out.with_name(out.name + FAILED_SUFFIX).unlink(missing_ok=True)  # a stopped earlier run's
+        if len(self.rows) > self.max_warnings:
+            log.warning(f"warning: {len(self.rows) - self.max_warnings} more bad images not shown")
+        if self.rows:
+            total = self.log.used + self.log.skipped
+            log.warning(f"warning: skipped {self.log.skipped} bad image(s) of {total}; listed in {side}")
+        return side if self.rows else None
+
+
 def _write_skipped(out: Path, bad: list[tuple[str, str]], suffix: str = SKIPPED_SUFFIX) -> Path:
     side = out.with_name(out.name + suffix)
     if not bad:
@@ -283,50 +320,32 @@ def predict(model_spec: str | Path, input_spec: str, out: str | Path, *, topk: i
     names = clf.label_names
     k = min(topk, len(names))
     mean, std = torch.tensor(clf.prep.mean), torch.tensor(clf.prep.std)
-    bad: list[tuple[str, str]] = []
-    skips = SkipLog("predict", max_bad_share, quiet=True)  # the counts, as every stage keeps them
     done, t0 = 0, time.time()
     shown = bar(total=total, desc=f"predict ({clf.backend})", unit="img")
-
-    def on_bad(skip: Skip) -> None:
-        name = f"{skip.where}/{skip.key}" if skip.where else skip.key
-        bad.append((name, skip.reason))
-        skips.skip(skip)
-        shown.update(skip.count)
-        if len(bad) <= max_warnings:
-            log.warning(f"warning: skipped bad image {name}: {skip.reason}")
-
+    bad = _BadInputs(max_bad_share, max_warnings, shown)
     clean_tmp_of(out)  # a killed earlier run's partial file
     with atomic_path(out) as tmp:
         meta = {b"model": clf.source.encode(), b"model_sha256": clf.sha256.encode(),
                 b"backend": clf.backend.encode(), b"label_names": json.dumps(names).encode()}
         writer = _CsvRows(tmp) if out.suffix.lower() == ".csv" else _ParquetRows(tmp, meta)
         try:
-            for paths, x in _batches(items, clf.prep, batch_size, on_bad):
+            for paths, x in _batches(items, clf.prep, batch_size, bad):
                 logits = clf.logits(normalize(x, mean, std))
                 check_outputs(logits, clf.source, "logits")
                 _write_rows(writer, paths, _softmax(logits), names, k)
                 done += len(paths)
-                skips.use(len(paths))
+                bad.log.use(len(paths))
                 shown.update(len(paths))
                 failpoints.hit("predict_batch", out)
-            if not done and not bad:
+            if not done and not bad.rows:
                 raise ConfigError(f"input: no images in {input_spec}")
-            if bad and skips.share > max_bad_share:  # an earlier run's output stays as it was
-                side = _write_skipped(out, bad, FAILED_SUFFIX)
-                raise DataError(f"predict: {skips.skipped} of {done + skips.skipped} images are bad (limit "
-                                f"data.max_bad_share={max_bad_share}); first: {bad[0][0]}: {bad[0][1]}; all listed "
-                                f"in {side}")
+            bad.check(out)  # past the limit an earlier run's output stays as it was
         finally:
             writer.close()
             shown.close()
-    side = _write_skipped(out, bad)
-    out.with_name(out.name + FAILED_SUFFIX).unlink(missing_ok=True)  # a stopped earlier run's: this one finished
-    if len(bad) > max_warnings:
-        log.warning(f"warning: {len(bad) - max_warnings} more bad images not shown")
-    if bad:
-        log.warning(f"warning: skipped {skips.skipped} bad image(s) of {done + skips.skipped}; listed in {side}")
+    side = bad.finish(out)
     if unused.count:
         log.info(f"predict: {unused.count} inputs not used ({unused.summary()})")
-    return {"images": done, "skipped": skips.skipped, "bad_samples": skips.metrics(), "out": str(out), "skipped_file": str(side) if bad else None,
+    return {"images": done, "skipped": bad.log.skipped, "bad_samples": bad.log.metrics(), "out": str(out),
+            "skipped_file": str(side) if side else None,
             "unused": dict(unused.reasons), "backend": clf.backend, "seconds": round(time.time() - t0, 2)}
