@@ -186,7 +186,7 @@ def test_model_directories_of_timm_architectures_load_with_timm_alone(tmp_path):
         assert torch.allclose(torch.tensor(got["logits"]), model(x), atol=1e-5)
 
 
-def test_our_own_architecture_names_its_origin_and_old_names_still_load(tmp_path):
+def test_our_own_architecture_names_its_origin_and_a_removed_name_is_refused_in_one_line(tmp_path):
     import pipeline
 
     model = models.create_model("noisy_student_cnn32_s", 10, 3).eval()
@@ -194,10 +194,11 @@ def test_our_own_architecture_names_its_origin_and_old_names_still_load(tmp_path
     conf = json.loads((tmp_path / "m" / "config.json").read_text())
     assert conf["source"] == {"package": "noisy-student", "version": pipeline.__version__,
                               "module": "pipeline.modeling.archs"}
-    conf["architecture"] = "cnn32_s"  # as an earlier version wrote it
-    (tmp_path / "m" / "config.json").write_text(json.dumps(conf))
-    with pytest.warns(UserWarning, match="deprecated"):
-        back, _ = models.load_model_dir(tmp_path / "m")
+    back, _ = models.load_model_dir(tmp_path / "m")
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(back(x), model(x))
+    conf["architecture"] = "cnn32_s"  # as an earlier version wrote it: no shims before a release
+    (tmp_path / "m" / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(ConfigError, match="unknown architecture 'cnn32_s'"):
+        models.load_model_dir(tmp_path / "m")

@@ -5,7 +5,7 @@ name (``timm.create_model("local-dir:...")`` after ``import pipeline.modeling.ar
 and README.md name the package and version that provide them). ``resnet18t``/``resnet34t`` are
 timm's resnet10t with more blocks: ``models.create_model`` builds them as ``resnet10t`` with
 ``layers`` in ``model_args``, so their model directories load with timm alone; the registrations
-below, like the old ``cnn32_*`` names, only keep directories written by earlier versions loading.
+below only keep directories written by earlier versions loading.
 
 ``resnet18t`` and ``resnet34t`` are resnet10t made deeper: the same tiered 3-conv stem, average-pool
 downsampling and stage widths, with (2, 2, 2, 2) and (3, 4, 6, 3) basic blocks. Because every
@@ -23,7 +23,6 @@ from timm.models import (
     build_model_with_cfg,
     generate_default_cfgs,
     register_model,
-    register_model_deprecations,
 )
 from timm.models.resnet import BasicBlock, ResNet, _create_resnet
 from torch import nn
@@ -175,7 +174,4 @@ def noisy_student_cnn32_l(pretrained: bool = False, **kwargs) -> Cnn32:
     """widths (64, 256, 256): 2.0M parameters at depth 2."""
     return _cnn32(f"{PREFIX}cnn32_l", pretrained, **kwargs)
 
-
-# the names of earlier versions: their model directories keep loading (timm warns and maps them)
-register_model_deprecations(__name__, {f"cnn32_{v}": f"{PREFIX}cnn32_{v}" for v in ("s", "s3", "m", "l")})
 OURS = frozenset(_CNN32)  # architectures only this package provides
