@@ -485,9 +485,14 @@ def per_round(value, round_index: int):
     return value
 
 
-def for_round(cfg: TrainConfig, round_index: int) -> TrainConfig:
-    """A copy of ``cfg`` with every per-round list resolved to round ``round_index``'s value."""
-    ra = dataclasses.replace(cfg.randaugment, m=per_round(cfg.randaugment.m, round_index))
-    return dataclasses.replace(cfg, epochs=per_round(cfg.epochs, round_index), randaugment=ra,
-                               drop_rate=per_round(cfg.drop_rate, round_index),
-                               drop_path_rate=per_round(cfg.drop_path_rate, round_index))
+def for_round(cfg: Any, round_index: int) -> Any:
+    """A copy of a config section with every ``per_round`` key (its field metadata says which, nested
+    sections included) resolved to round ``round_index``'s value."""
+    changes = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            changes[f.name] = for_round(value, round_index)
+        elif f.metadata.get("per_round"):
+            changes[f.name] = per_round(value, round_index)
+    return dataclasses.replace(cfg, **changes)
