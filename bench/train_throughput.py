@@ -41,8 +41,8 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
-    from pipeline import noise
     from pipeline.config import for_round, load_config
+    from pipeline.data import noise
     from pipeline.data.dataset import Preprocessing
     from pipeline.data.images import decode_image
     from pipeline.data.stream import StreamSpec

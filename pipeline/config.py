@@ -446,15 +446,6 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         if "/" in value or "\\" in value or value.startswith(".") or not value.strip():
             raise ConfigError(f"{key}: '{value}' must be a plain directory name (no '/', no leading '.')")
     _check_launcher_precision(cfg)
-    for key in COMPILE_KEYS:
-        section, field_name = key.split(".")
-        value = getattr(getattr(cfg, section), field_name)
-        if isinstance(value, str) and value != "inductor":
-            from pipeline.modeling.precision import (
-                check_compile,  # imports torch: only for a backend named by hand
-            )
-
-            check_compile(value, key)
     return cfg
 
 

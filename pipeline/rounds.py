@@ -17,7 +17,6 @@ import torch
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
-from pipeline import noise
 from pipeline.artifacts import clean_tmp, main_process, read_json, sha256_file
 from pipeline.config import (
     PER_ROUND_KEYS,
@@ -31,35 +30,21 @@ from pipeline.config import (
     per_round,
     to_dict,
 )
+from pipeline.data import noise
 from pipeline.data.dataset import PreparedData, Preprocessing, data_dir
 from pipeline.data.prepare import prepare
 from pipeline.data.stream import StreamSpec
 from pipeline.data.transforms import train_transform
 from pipeline.evaluate import evaluation
+from pipeline.evaluate.finish import finish
 from pipeline.modeling import models
 from pipeline.pseudo import labeling, pseudo_labels, selection
 from pipeline.runtime import make_accelerator
 from pipeline.tracking import Trackers, log
 from pipeline.training import budget
-from pipeline.training.finish import card, finish
+from pipeline.training.experiment import card, check_same_data, pseudo_label_dir, round_dir
 from pipeline.training.objectives import NoisyStudent
 from pipeline.training.trainer import Job, train
-
-
-def round_dir(cfg: Config, k: int) -> Path:
-    return cfg.run_dir / f"round-{k}"
-
-
-def pseudo_label_dir(cfg: Config, k: int) -> Path:
-    """Round k's pseudo labels, a Hive partition (``round=<k>``): the directory above reads as one
-    dataset of every round, with ``round`` as a column, in pandas, pyarrow.dataset, DuckDB and Spark."""
-    old = round_dir(cfg, k) / "pseudo_labels"
-    if old.is_dir():
-        raise ConfigError(f"{old}: pseudo labels in the layout of an older version of this pipeline; "
-                          "start a new experiment name (name=...)")
-    return cfg.run_dir / "pseudo_labels" / f"round={k}"
-
-
 
 
 def _relevant(cfg_dict: dict, k: int) -> dict:
@@ -98,15 +83,6 @@ def check_unchanged(cfg: Config, k: int, made: dict) -> None:
             f"{key}={new.get(key)!r}" + (f" (and {len(diff) - 1} more)" if len(diff) > 1 else "")
             + "; give a new name=... to start another experiment")
     check_same_data(cfg, k, made)
-
-
-def check_same_data(cfg: Config, k: int, made: dict) -> None:
-    """Refuse a finished round trained on data prepared otherwise (an earlier listing rule)."""
-    made_data = (made.get("parents") or {}).get("data_dir")
-    if made_data and Path(made_data).name != data_dir(cfg).name:
-        raise ConfigError(f"round-{k} of experiment '{cfg.name}' was trained on data prepared otherwise "
-                          f"({Path(made_data).name}, by an earlier version of the listing rules; now "
-                          f"{data_dir(cfg).name}); give a new name=... to start another experiment")
 
 
 def _labeled_spec(cfg: Config, data: PreparedData, prep: Preprocessing, tcfg, accelerator) -> StreamSpec:

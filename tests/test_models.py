@@ -54,8 +54,8 @@ def test_random_erasing_blanks_one_box_when_switched_on():
     import numpy as np
     from PIL import Image
 
-    from pipeline import noise
     from pipeline.config import RandAugmentConfig, StudentConfig
+    from pipeline.data import noise
     from pipeline.data.transforms import train_transform
 
     img = Image.fromarray(np.full((28, 28), 200, np.uint8))

@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
 
-from pipeline import noise
 from pipeline.artifacts import clean_tmp, main_process, sha256_file
 from pipeline.config import (
     RUNTIME_KEYS,
@@ -36,16 +35,17 @@ from pipeline.config import (
     per_round,
     to_dict,
 )
+from pipeline.data import noise
 from pipeline.data.dataset import PreparedData, Preprocessing
 from pipeline.data.stream import StreamSpec
 from pipeline.data.transforms import train_transform
 from pipeline.evaluate import evaluation
+from pipeline.evaluate.finish import finish
 from pipeline.modeling import finite, models
 from pipeline.pseudo import labeling, pseudo_labels
-from pipeline.rounds import check_same_data, round_dir
 from pipeline.runtime import make_accelerator
 from pipeline.tracking import log
-from pipeline.training.finish import card, finish
+from pipeline.training.experiment import card, check_same_data, round_dir
 from pipeline.training.objectives import Batch, Objective
 from pipeline.training.trainer import Job, train
 

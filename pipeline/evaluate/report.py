@@ -26,8 +26,8 @@ from pipeline.data.prepare import prepare_test
 from pipeline.evaluate import evaluation, health, plots, robustness
 from pipeline.evaluate.document import Document, fmt, human
 from pipeline.modeling import models
-from pipeline.rounds import card, pseudo_label_dir, round_dir
 from pipeline.runtime import make_accelerator
+from pipeline.training.experiment import card, pseudo_label_dir, round_dir
 
 
 @dataclass

@@ -120,5 +120,6 @@ def compile_model(model: torch.nn.Module, value: bool | str) -> torch.nn.Module:
     """
     backend = compile_backend(value)
     if backend is not None and getattr(model, "_compiled_call_impl", None) is None:  # once: no recompiles
+        check_compile(value, "compile")
         model.compile(backend=backend)
     return model

@@ -16,20 +16,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline.artifacts import code_version, files_match, read_json, write_bytes_atomic, write_json_atomic
+from pipeline.artifacts import code_version, read_json, write_bytes_atomic, write_json_atomic
 from pipeline.config import EvaluateConfig
 from pipeline.data.dataset import Preprocessing
 from pipeline.evaluate import evaluation
 from pipeline.modeling import model_card, models
-
-
-def card(directory: Path) -> dict | None:
-    """The card of a finished model directory (its weights and config match), else None."""
-    path = Path(directory) / models.CARD
-    if not path.is_file():
-        return None
-    c = read_json(path)
-    return c if files_match(directory, c.get("files", {})) else None
 
 
 def finish(out: Path, model: torch.nn.Module, names: list[str], prep: Preprocessing, scored: dict[str, evaluation.TestSet],
