@@ -10,7 +10,9 @@ means the round is finished) and ``state/`` while training. Round k's pseudo lab
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,12 +33,12 @@ from pipeline.config import (
     to_dict,
 )
 from pipeline.data import noise
-from pipeline.data.dataset import PreparedData, Preprocessing, data_dir
+from pipeline.data.dataset import PreparedData, data_dir
 from pipeline.data.prepare import prepare
 from pipeline.data.stream import StreamSpec
 from pipeline.data.transforms import train_transform
 from pipeline.evaluate import evaluation
-from pipeline.evaluate.finish import finish
+from pipeline.evaluate.finish import Trained, finish
 from pipeline.modeling import models
 from pipeline.pseudo import labeling, pseudo_labels, selection
 from pipeline.runtime import make_accelerator
@@ -83,12 +85,6 @@ def check_unchanged(cfg: Config, k: int, made: dict) -> None:
             f"{key}={new.get(key)!r}" + (f" (and {len(diff) - 1} more)" if len(diff) > 1 else "")
             + "; give a new name=... to start another experiment")
     check_same_data(cfg, k, made)
-
-
-def _labeled_spec(cfg: Config, data: PreparedData, prep: Preprocessing, tcfg, accelerator) -> StreamSpec:
-    return StreamSpec(shards=[str(p) for p in data.shards("labeled")], mode=prep.mode,
-                      transform=train_transform(prep.size, tcfg), rank=accelerator.process_index,
-                      world=accelerator.num_processes, seed=cfg.seed, buffer=2000, rows=data.rows("labeled"))
 
 
 def arch_of(cfg: Config, k: int) -> str:
@@ -143,8 +139,31 @@ def pseudo_label(cfg: Config, k: int, progress: bool = True, teacher_dir: Path |
     return result or read_json(out / pseudo_labels.MANIFEST)
 
 
+@dataclass
+class Teacher:
+    """Round k-1's finished model as round k uses it: checked and hashed once."""
+
+    dir: Path
+    sha256: str
+
+
+@dataclass
+class PseudoLabels:
+    """Round k's pseudo labels as the student reads them: checked, selected (threshold, balance,
+    sharpening) into per-shard targets."""
+
+    dir: Path
+    manifest: dict
+    targets: selection.StudentTargets
+    chosen: dict  # what the selection kept, for the card
+
+
 def train_round(cfg: Config, k: int, progress: bool = True) -> dict:
-    """Train round k's model (k=0 teacher, else student) unless it is already finished."""
+    """Train round k's model (k=0 teacher, else student) unless it is already finished; returns its card.
+
+    One step per line, each returning what the next takes: the teacher and its pseudo labels, the
+    noised model, the job (data streams with the input noise, objective, schedule), its plan under a
+    budget, the training, the finished model directory."""
     out = round_dir(cfg, k)
     if main_process():
         clean_tmp(out)  # a model directory a killed run was writing
@@ -152,79 +171,89 @@ def train_round(cfg: Config, k: int, progress: bool = True) -> dict:
     if done is not None:
         check_unchanged(cfg, k, done)
         return done
-
     accelerator = make_accelerator()
     set_seed(cfg.seed + k)
     t0 = time.time()
     data = PreparedData.open(cfg)
-    prep = data.preprocessing(cfg.model.image_size)
     tcfg = for_round(cfg.teacher, 1) if k == 0 else for_round(cfg.student, k)
-    job = Job(phase="train", cfg=tcfg, epochs=per_round(tcfg.epochs, 1), lr=tcfg.lr,
-              labeled=_labeled_spec(cfg, data, prep, tcfg, accelerator), labeled_total=data.count("labeled"),
-              prep=prep, max_bad_share=cfg.data.max_bad_share, log_with=cfg.log_with or [], log_every=cfg.log_every,
-              run_dir=cfg.run_dir)
-    parents: dict = {"data_manifest_sha256": data.manifest_sha256, "data_dir": str(data.dir)}
-    pl_manifest, selection = _select_pseudo_labels(cfg, k, data, job, parents, accelerator) if k else ({}, {})
-    model = _create_or_grow(cfg, k, data, prep, tcfg, parents, accelerator)
-    planned = _plan(cfg, k, job, model, out, accelerator, data, pl_manifest)
+    teacher = _teacher(cfg, k) if k else None
+    pseudo = _pseudo_labels(cfg, k, data, teacher) if teacher else None
+    model, init = _create_or_grow(cfg, k, data, tcfg, teacher)
+    job = _job(cfg, k, data, tcfg, pseudo, accelerator)
+    job, planned = _plan(cfg, k, job, model, out, accelerator, data, pseudo)
     stats = _train(cfg, k, model, job, out, progress)
-    return _finish(cfg, k, out, model, data, prep, accelerator, progress, t0, stats, pl_manifest, {
-        "round": k, "role": "teacher" if k == 0 else "student", "arch": arch_of(cfg, k), "train": stats,
-        "noise": noise.describe(tcfg), "selection": selection, "parents": parents, "config": to_dict(cfg),
-        "budget": planned})
+    record = {"round": k, "role": "teacher" if k == 0 else "student", "arch": arch_of(cfg, k), "train": stats,
+              "noise": noise.describe(tcfg), "selection": pseudo.chosen if pseudo else {},
+              "parents": _parents(data, teacher, pseudo, init), "config": to_dict(cfg), "budget": planned}
+    return _finish(cfg, k, _trained(k, out, model, data, job, pseudo, record, t0), data, accelerator, progress)
 
 
-def _select_pseudo_labels(cfg: Config, k: int, data: PreparedData, job: Job, parents: dict, accelerator
-                          ) -> tuple[dict, dict]:
-    """Round k's student data: the teacher's pseudo labels, selected (threshold, balance, sharpening)
-    into the job's second stream, and the Noisy Student objective. Returns (pseudo-label manifest, selection)."""
-    teacher_dir = round_dir(cfg, k - 1)
-    if card(teacher_dir) is None:
-        raise ConfigError(f"round {k} needs the finished round {k - 1} model in {teacher_dir}")
-    teacher_sha = sha256_file(teacher_dir / models.WEIGHTS)
-    pl_dir = pseudo_label_dir(cfg, k)
-    shards, rows, names = data.shards("unlabeled"), data.rows("unlabeled"), data.class_names
-    pl_manifest = pseudo_labels.check(pl_dir, rows, teacher_sha, names, cfg.pseudo_label.tta, data.keys("unlabeled"))
-    targets, chosen = selection.student_targets(pl_dir, shards, cfg.student, len(names))
-    job.unlabeled = StreamSpec(shards=[str(s) for s in shards], mode=job.prep.mode,
-                               transform=train_transform(job.prep.size, job.cfg), rank=accelerator.process_index,
-                               world=accelerator.num_processes, seed=cfg.seed + 7919 * k, buffer=5000,
-                               targets=targets, rows=rows)
-    job.unlabeled_total = targets.total
-    job.unlabeled_ratio = cfg.student.unlabeled_ratio
-    job.objective = NoisyStudent(job.cfg.label_smoothing, cfg.student.unlabeled_weight, cfg.student.mixup)
-    parents.update({"teacher_dir": str(teacher_dir), "teacher_sha256": teacher_sha,
-                    "pseudo_labels_manifest_sha256": sha256_file(pl_dir / pseudo_labels.MANIFEST)})
+def _teacher(cfg: Config, k: int) -> Teacher:
+    d = round_dir(cfg, k - 1)
+    if card(d) is None:
+        raise ConfigError(f"round {k} needs the finished round {k - 1} model in {d}")
+    return Teacher(d, sha256_file(d / models.WEIGHTS))
+
+
+def _pseudo_labels(cfg: Config, k: int, data: PreparedData, teacher: Teacher) -> PseudoLabels:
+    pl_dir, names = pseudo_label_dir(cfg, k), data.class_names
+    manifest = pseudo_labels.check(pl_dir, data.rows("unlabeled"), teacher.sha256, names, cfg.pseudo_label.tta,
+                                   data.keys("unlabeled"))
+    targets, chosen = selection.student_targets(pl_dir, data.shards("unlabeled"), cfg.student, len(names))
     log.info(f"round {k}: student {arch_of(cfg, k)}, {chosen['samples']} pseudo-labeled samples per "
-                      f"epoch ({chosen['kept']} kept at threshold {cfg.student.threshold})")
-    return pl_manifest, chosen
+             f"epoch ({chosen['kept']} kept at threshold {cfg.student.threshold})")
+    return PseudoLabels(pl_dir, manifest, targets, chosen)
 
 
-def _create_or_grow(cfg: Config, k: int, data: PreparedData, prep: Preprocessing, tcfg, parents: dict, accelerator
-                    ) -> torch.nn.Module:
-    """Round k's model with its noise; a student with ``init_from_teacher`` starts from (grows from) its teacher."""
+def _create_or_grow(cfg: Config, k: int, data: PreparedData, tcfg, teacher: Teacher | None
+                    ) -> tuple[torch.nn.Module, dict | None]:
+    """Round k's model with its model noise (dropout, stochastic depth); a student with
+    ``init_from_teacher`` starts from (grows from) its teacher. Returns (model, how it was initialised)."""
     arch = arch_of(cfg, k)
     if k == 0:
         log.info(f"round 0: teacher {arch} on {data.count('labeled')} labeled images")
+    prep = data.preprocessing(cfg.model.image_size)
     model = models.create_model(arch, len(data.class_names), prep.in_chans, cfg.model.pretrained if k == 0 else False,
                                 **noise.model_noise(tcfg))
-    if k >= 1 and cfg.student.init_from_teacher:
-        added = models.grow_from(model, load_file(str(round_dir(cfg, k - 1) / models.WEIGHTS)))
-        parents["init"] = {"from": "teacher", "sha256": parents["teacher_sha256"], "new_tensors": added}
-    return model
+    if teacher is None or not cfg.student.init_from_teacher:
+        return model, None
+    added = models.grow_from(model, load_file(str(teacher.dir / models.WEIGHTS)))
+    return model, {"from": "teacher", "sha256": teacher.sha256, "new_tensors": added}
+
+
+def _job(cfg: Config, k: int, data: PreparedData, tcfg, pseudo: PseudoLabels | None, accelerator) -> Job:
+    """The round's training job: the labeled stream (and the pseudo-labeled one, with the Noisy Student
+    objective), both through the round's input noise (``train_transform``: crop, flip, RandAugment, erasing)."""
+    prep = data.preprocessing(cfg.model.image_size)
+    inputs = train_transform(prep.size, tcfg)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    labeled = StreamSpec(shards=[str(p) for p in data.shards("labeled")], mode=prep.mode, transform=inputs,
+                         rank=rank, world=world, seed=cfg.seed, buffer=2000, rows=data.rows("labeled"))
+    job = Job(phase="train", cfg=tcfg, epochs=per_round(tcfg.epochs, 1), lr=tcfg.lr, labeled=labeled,
+              labeled_total=data.count("labeled"), prep=prep, max_bad_share=cfg.data.max_bad_share,
+              log_with=cfg.log_with or [], log_every=cfg.log_every, run_dir=cfg.run_dir)
+    if pseudo is None:
+        return job
+    unlabeled = StreamSpec(shards=[str(s) for s in data.shards("unlabeled")], mode=prep.mode, transform=inputs,
+                           rank=rank, world=world, seed=cfg.seed + 7919 * k, buffer=5000, targets=pseudo.targets,
+                           rows=data.rows("unlabeled"))
+    return dataclasses.replace(job, unlabeled=unlabeled, unlabeled_total=pseudo.targets.total,
+                               unlabeled_ratio=cfg.student.unlabeled_ratio,
+                               objective=NoisyStudent(tcfg.label_smoothing, cfg.student.unlabeled_weight,
+                                                      cfg.student.mixup))
 
 
 def _plan(cfg: Config, k: int, job: Job, model: torch.nn.Module, out: Path, accelerator, data: PreparedData,
-          pl_manifest: dict) -> dict | None:
-    """Under ``cfg.budget``, set the job's epochs from the round's plan (``budget.py``); returns the plan."""
+          pseudo: PseudoLabels | None) -> tuple[Job, dict | None]:
+    """Under ``cfg.budget``, the job with the epochs of the round's plan (``budget.py``), and the plan."""
     if cfg.budget is None:
-        return None
-    planned = budget.round_epochs(cfg, k, job, model, out / "state", accelerator, data.manifest,
-                                  pl_manifest.get("stats", {}).get("seconds") or 0.0)
-    job.epochs, job.deadline_s = int(planned["epochs"]), float(planned["share_s"])
-    if k == 0:  # the teacher keeps its fixed epochs whatever the machine's pace (budget.py)
-        job.min_epochs = min(job.epochs, int(planned["fixed_epochs"]))
-    return planned
+        return job, None
+    labeling_s = (pseudo.manifest.get("stats", {}).get("seconds") or 0.0) if pseudo else 0.0
+    planned = budget.round_epochs(cfg, k, job, model, out / "state", accelerator, data.manifest, labeling_s)
+    epochs = int(planned["epochs"])
+    # the teacher keeps its fixed epochs whatever the machine's pace (budget.py)
+    return dataclasses.replace(job, epochs=epochs, deadline_s=float(planned["share_s"]), min_epochs=min(
+        epochs, int(planned["fixed_epochs"])) if k == 0 else job.min_epochs), planned
 
 
 def _train(cfg: Config, k: int, model: torch.nn.Module, job: Job, out: Path, progress: bool) -> list[dict]:
@@ -239,23 +268,38 @@ def _train(cfg: Config, k: int, model: torch.nn.Module, job: Job, out: Path, pro
     return stats
 
 
-def _finish(cfg: Config, k: int, out: Path, model: torch.nn.Module, data: PreparedData, prep: Preprocessing,
-            accelerator, progress: bool,
-            t0: float, stats: list[dict], pl_manifest: dict, card_fields: dict) -> dict:
-    """Score the round (test unless ``evaluate.test`` is off, and val) and write its model directory and card."""
-    pl_stats = pl_manifest.get("stats", {})
-    metrics = {"test_top1": None, "round": k, "model": card_fields["arch"], "params": models.num_params(model),
+def _parents(data: PreparedData, teacher: Teacher | None, pseudo: PseudoLabels | None, init: dict | None) -> dict:
+    """What the round was made from, with hashes: the data, its teacher and pseudo labels, its start."""
+    parents: dict = {"data_manifest_sha256": data.manifest_sha256, "data_dir": str(data.dir)}
+    if teacher is not None and pseudo is not None:
+        parents.update({"teacher_dir": str(teacher.dir), "teacher_sha256": teacher.sha256,
+                        "pseudo_labels_manifest_sha256": sha256_file(pseudo.dir / pseudo_labels.MANIFEST)})
+    if init is not None:
+        parents["init"] = init
+    return parents
+
+
+def _trained(k: int, out: Path, model: torch.nn.Module, data: PreparedData, job: Job, pseudo: PseudoLabels | None,
+             record: dict, t0: float) -> Trained:
+    """The round's model with its metrics so far (the scores are added by ``finish``)."""
+    pl_stats = pseudo.manifest.get("stats", {}) if pseudo else {}
+    stats = record["train"]
+    metrics = {"test_top1": None, "round": k, "model": record["arch"], "params": models.num_params(model),
                "pseudo_label_acc": pl_stats.get("accuracy") if k else None,
                "pseudo_label_seconds": pl_stats.get("seconds") if k else None,
                "train_seconds": round(sum(s["seconds"] for s in stats), 1), "train_img_s": stats[0]["img_s"]}
+    return Trained(out, model, data.class_names, job.prep, metrics, record, started=t0,
+                   earlier_s=metrics["pseudo_label_seconds"] or 0)
+
+
+def _finish(cfg: Config, k: int, done: Trained, data: PreparedData, accelerator, progress: bool) -> dict:
+    """Score the round (test unless ``evaluate.test`` is off, and val) and write its model directory and card."""
     scored = {}
     if cfg.evaluate.test:
         scored["test"] = evaluation.test_set(data)
     if data.count("val"):
         scored["val"] = evaluation.test_set(data, "val")
-    result = finish(out, model, data.class_names, prep, scored, cfg.evaluate, accelerator, metrics, card_fields,
-                    progress, cfg.data.max_bad_share, started=t0, earlier_s=metrics["pseudo_label_seconds"] or 0,
-                    license=cfg.model.license)
+    result = finish(done, scored, cfg, accelerator, progress)
     if accelerator.is_main_process:
         m = result["metrics"]
         rounds = Trackers(cfg.log_with or [], cfg.run_dir, "rounds")  # one curve over the rounds: step = k
@@ -264,7 +308,7 @@ def _finish(cfg: Config, k: int, out: Path, model: torch.nn.Module, data: Prepar
         scores = ", ".join(f"{split} top-1 {m[f'{split}_top1']:.2f}%" for split in ("test", "val")
                            if m.get(f"{split}_top1") is not None)
         log.info(f"round {k}: {m['model']} {scores or 'not scored (evaluate.test=false, no val split)'} "
-                          f"-> {out}")
+                 f"-> {done.out}")
     return result
 
 

@@ -40,7 +40,7 @@ from pipeline.data.dataset import PreparedData, Preprocessing
 from pipeline.data.stream import StreamSpec
 from pipeline.data.transforms import train_transform
 from pipeline.evaluate import evaluation
-from pipeline.evaluate.finish import finish
+from pipeline.evaluate.finish import Trained, finish
 from pipeline.modeling import finite, models
 from pipeline.pseudo import labeling, pseudo_labels
 from pipeline.runtime import make_accelerator
@@ -172,10 +172,9 @@ def _train_and_save(out: Path, student: torch.nn.Module, job: Job, arch: str, ca
     stats = [train(student, job, out / "state", progress)]
     metrics = {"test_top1": None, "model": arch, "params": models.num_params(student),
                "train_seconds": stats[0]["seconds"], "train_img_s": stats[0]["img_s"]}
-    return finish(out, student, ctx.names, ctx.prep, {"test": evaluation.test_set(ctx.data)},
-                  cfg.evaluate, ctx.accelerator, metrics, {"role": "distilled", "arch": arch, "train": stats,
-                                                           **card_fields}, progress, cfg.data.max_bad_share,
-                  license=cfg.model.license)
+    done = Trained(out, student, ctx.names, ctx.prep, metrics, {"role": "distilled", "arch": arch, "train": stats,
+                                                              **card_fields})
+    return finish(done, {"test": evaluation.test_set(ctx.data)}, cfg, ctx.accelerator, progress)
 
 
 def _student(dcfg: DistillConfig, num_classes: int, in_chans: int) -> torch.nn.Module:
