@@ -108,10 +108,9 @@ def pseudo_label(cfg: Config, k: int, progress: bool = True, teacher_dir: Path |
     teacher_sha = sha256_file(teacher_dir / models.WEIGHTS)
     out = pseudo_label_dir(cfg, k)
     shards, rows, names = data.shards("unlabeled"), data.rows("unlabeled"), data.class_names
-    try:
-        return pseudo_labels.check(out, rows, teacher_sha, names, cfg.pseudo_label.tta)
-    except ConfigError:
-        pass
+    done = pseudo_labels.finished(out, rows, teacher_sha, names, cfg.pseudo_label.tta)
+    if done is not None:
+        return done
     model, mconfig = models.load_model_dir(teacher_dir)
     t0 = time.time()
     mine = labeling.label_shards(

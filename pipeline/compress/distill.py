@@ -138,13 +138,11 @@ def _offline_targets(cfg: Config, out: Path, teacher: torch.nn.Module, teacher_s
                      progress: bool, model_name: str) -> Path:
     """The teacher's probabilities for every labeled and unlabeled sample (cached, resumable per shard)."""
     tdir = out / "targets"
-    try:
-        pseudo_labels.check(tdir, rows, teacher_sha, names)
+    why = pseudo_labels.problem(tdir, rows, teacher_sha, names)
+    if why is None:
         return tdir
-    except ConfigError as e:
-        if (tdir / pseudo_labels.MANIFEST).is_file():
-            raise  # made for another teacher or other classes: never mixed in silently
-        del e
+    if (tdir / pseudo_labels.MANIFEST).is_file():
+        raise ConfigError(why)  # made for another teacher or other classes: never mixed in silently
     labeling.label_shards(teacher, shards, tdir, shard_rows=rows, teacher_sha256=teacher_sha,
                                class_names=names, prep=prep, opts=PseudoLabelConfig(
                                    batch_size=cfg.pseudo_label.batch_size, workers=cfg.pseudo_label.workers),
