@@ -32,7 +32,7 @@ from pipeline.config import (
     per_round,
     to_dict,
 )
-from pipeline.data import noise
+from pipeline.data import limits, noise
 from pipeline.data.dataset import PreparedData, data_dir
 from pipeline.data.prepare import prepare
 from pipeline.data.stream import StreamSpec
@@ -94,8 +94,9 @@ def arch_of(cfg: Config, k: int) -> str:
     return arch
 
 
-def pseudo_label(cfg: Config, k: int, progress: bool = True, teacher_dir: Path | None = None) -> dict:
+def pseudo_label(cfg: Config, k: int, teacher_dir: Path | None = None) -> dict:
     """Label the unlabeled shards with round k-1's model into ``pseudo_label_dir(cfg, k)`` (resumable)."""
+    limits.use(limits.Limits.of(cfg.data))
     accelerator = make_accelerator()
     data = PreparedData.open(cfg)
     own = teacher_dir is None
@@ -115,7 +116,7 @@ def pseudo_label(cfg: Config, k: int, progress: bool = True, teacher_dir: Path |
     t0 = time.time()
     mine = labeling.label_shards(
         model, shards, out, shard_rows=rows, teacher_sha256=teacher_sha, class_names=names,
-        prep=models.preprocessing(mconfig), opts=cfg.pseudo_label, accelerator=accelerator, progress=progress,
+        prep=models.preprocessing(mconfig), opts=cfg.pseudo_label, accelerator=accelerator, progress=cfg.progress,
         max_bad_share=cfg.data.max_bad_share, model_name=str(teacher_dir))
     counts = accelerator.gather(torch.tensor([mine["samples"]], device=accelerator.device)).sum().item()
     accelerator.wait_for_everyone()
@@ -157,12 +158,13 @@ class PseudoLabels:
     chosen: dict  # what the selection kept, for the card
 
 
-def train_round(cfg: Config, k: int, progress: bool = True) -> dict:
+def train_round(cfg: Config, k: int) -> dict:
     """Train round k's model (k=0 teacher, else student) unless it is already finished; returns its card.
 
     One step per line, each returning what the next takes: the teacher and its pseudo labels, the
     noised model, the job (data streams with the input noise, objective, schedule), its plan under a
     budget, the training, the finished model directory."""
+    limits.use(limits.Limits.of(cfg.data))
     out = round_dir(cfg, k)
     if main_process():
         clean_tmp(out)  # a model directory a killed run was writing
@@ -180,11 +182,11 @@ def train_round(cfg: Config, k: int, progress: bool = True) -> dict:
     model, init = _create_or_grow(cfg, k, data, tcfg, teacher)
     job = _job(cfg, k, data, tcfg, pseudo, accelerator)
     job, planned = _plan(cfg, k, job, model, out, accelerator, data, pseudo)
-    stats = _train(cfg, k, model, job, out, progress)
+    stats = _train(cfg, k, model, job, out)
     record = {"round": k, "role": "teacher" if k == 0 else "student", "arch": arch_of(cfg, k), "train": stats,
               "noise": noise.describe(tcfg), "selection": pseudo.chosen if pseudo else {},
               "parents": _parents(data, teacher, pseudo, init), "config": to_dict(cfg), "budget": planned}
-    return _finish(cfg, k, _trained(k, out, model, data, job, pseudo, record, t0), data, accelerator, progress)
+    return _finish(cfg, k, _trained(k, out, model, data, job, pseudo, record, t0), data, accelerator)
 
 
 def _teacher(cfg: Config, k: int) -> Teacher:
@@ -255,15 +257,15 @@ def _plan(cfg: Config, k: int, job: Job, model: torch.nn.Module, out: Path, acce
         epochs, int(planned["fixed_epochs"])) if k == 0 else job.min_epochs), planned
 
 
-def _train(cfg: Config, k: int, model: torch.nn.Module, job: Job, out: Path, progress: bool) -> list[dict]:
+def _train(cfg: Config, k: int, model: torch.nn.Module, job: Job, out: Path) -> list[dict]:
     """The round's training, then (students with ``finetune_epochs``) a fine-tune on the labels alone."""
-    stats = [train(model, job, out / "state", progress)]
+    stats = [train(model, job, out / "state", cfg.progress)]
     if k >= 1 and cfg.student.finetune_epochs:
         ft = Job(phase="finetune", cfg=job.cfg, epochs=cfg.student.finetune_epochs, lr=cfg.student.finetune_lr,
                  labeled=job.labeled, labeled_total=job.labeled_total, prep=job.prep,
                  max_bad_share=cfg.data.max_bad_share, log_with=job.log_with, log_every=job.log_every,
                  run_dir=job.run_dir)
-        stats.append(train(model, ft, out / "state", progress))
+        stats.append(train(model, ft, out / "state", cfg.progress))
     return stats
 
 
@@ -291,14 +293,14 @@ def _trained(k: int, out: Path, model: torch.nn.Module, data: PreparedData, job:
                    earlier_s=metrics["pseudo_label_seconds"] or 0)
 
 
-def _finish(cfg: Config, k: int, done: Trained, data: PreparedData, accelerator, progress: bool) -> dict:
+def _finish(cfg: Config, k: int, done: Trained, data: PreparedData, accelerator) -> dict:
     """Score the round (test unless ``evaluate.test`` is off, and val) and write its model directory and card."""
     scored = {}
     if cfg.evaluate.test:
         scored["test"] = evaluation.test_set(data)
     if data.count("val"):
         scored["val"] = evaluation.test_set(data, "val")
-    result = finish(done, scored, cfg, accelerator, progress)
+    result = finish(done, scored, cfg, accelerator)
     if accelerator.is_main_process:
         m = result["metrics"]
         rounds = Trackers(cfg.log_with or [], cfg.run_dir, "rounds")  # one curve over the rounds: step = k
@@ -311,10 +313,11 @@ def _finish(cfg: Config, k: int, done: Trained, data: PreparedData, accelerator,
     return result
 
 
-def iterate(cfg: Config, last_round: int, progress: bool = True) -> list[dict]:
+def iterate(cfg: Config, last_round: int) -> list[dict]:
     """Run or resume rounds 0..last_round; returns each round's metrics."""
     if last_round < 0:
         raise ConfigError(f"round: must be >= 0, got {last_round}")
+    limits.use(limits.Limits.of(cfg.data))
     for k in range(last_round + 1):  # refuse a changed config before any work is done
         done = card(round_dir(cfg, k))
         if done is not None:
@@ -323,17 +326,17 @@ def iterate(cfg: Config, last_round: int, progress: bool = True) -> list[dict]:
     if accelerator.is_main_process:
         if cfg.budget is not None:
             budget.start(cfg, last_round)
-        prepare(cfg, progress=progress)
+        prepare(cfg)
     accelerator.wait_for_everyone()
     test = evaluation.test_set(PreparedData.open(cfg))
     rows = []
     for k in range(last_round + 1):
         if k >= 1 and card(round_dir(cfg, k)) is None:
-            pseudo_label(cfg, k, progress)
-        row = dict(train_round(cfg, k, progress)["metrics"])
+            pseudo_label(cfg, k)
+        row = dict(train_round(cfg, k)["metrics"])
         if cfg.evaluate.test:
             # clean metrics (cached in round-k/eval/); robustness and the report are `make report`'s
-            clean = evaluation.clean(evaluation.load(round_dir(cfg, k)), test, cfg.evaluate, accelerator, progress,
+            clean = evaluation.clean(evaluation.load(round_dir(cfg, k)), test, cfg.evaluate, accelerator, cfg.progress,
                                      cfg.data.max_bad_share)
             row.update({"ece": clean["ece"], "nll": clean["nll"], "top5": clean["top5"]})
         rows.append(row)

@@ -16,7 +16,7 @@ from conftest import make_image
 from pipeline.config import PseudoLabelConfig
 from pipeline.data.bad_samples import SkipLog
 from pipeline.data.dataset import Preprocessing
-from pipeline.data.limits import set_limits
+from pipeline.data.limits import Limits, use
 from pipeline.data.shards import write_shard
 from pipeline.data.stream import ShardStream, StreamSpec, counted, eval_batches
 from pipeline.data.transforms import eval_transform
@@ -121,7 +121,8 @@ def _evaluation(shard: Path) -> tuple:
 
 def _predict(shard: Path, tmp: Path, model_dir: Path) -> tuple:
     pattern = str(shard.with_name(shard.name.replace("000000", "{000000..000000}")))
-    res = predict(model_dir, pattern, tmp / "p.csv", max_bad_share=1.0)
+    res = predict(model_dir, pattern, tmp / "p.csv", max_bad_share=1.0, progress=False,
+                  limits=Limits(max_member_bytes=LIMIT))
     return _summary(res["bad_samples"])
 
 
@@ -137,13 +138,13 @@ def model_dir(tmp_path_factory) -> Path:
 def test_every_consumer_meets_a_damaged_input_the_same_way(fault, tmp_path, model_dir):
     build, reason = FAULTS[fault]
     shard = build(tmp_path)
-    set_limits(max_member_bytes=LIMIT)
+    use(Limits(max_member_bytes=LIMIT))
     try:
         got = {"training": _training(shard), "labeling": _labeling(shard, tmp_path),
                "evaluation": _evaluation(shard)}
         pred = _predict(shard, tmp_path, model_dir)
     finally:
-        set_limits(max_member_bytes=256 * 2**20)
+        use(Limits())
     used, skipped, reasons = got["training"]
     assert 0 < used < N and used + skipped == N, (fault, got)  # every promised sample used or counted lost
     assert reasons and all(r.startswith(reason) for r in reasons), (fault, reasons)

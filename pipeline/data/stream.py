@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
+from pipeline.data import limits
 from pipeline.data.bad_samples import Skip, SkipLog
 from pipeline.data.images import BadImage, decode_image
+from pipeline.data.limits import Limits
 from pipeline.data.shards import image_bytes, read_shard, sample_label
 from pipeline.errors import DataError
 
@@ -51,6 +53,7 @@ class StreamSpec:
     with_label: bool = False  # with ``targets``: yield (target, label) so a loss can use both
     rows: dict[str, int] | None = None  # shard file name -> samples it should hold (finds short shards)
     labels: bool = True  # False: no label is read and the target is the sample's key (labeling, predict)
+    limits: Limits = field(default_factory=limits.current)  # what it reads under, in every worker too
 
 
 class Batch(NamedTuple):
@@ -84,7 +87,9 @@ def _worker() -> tuple[int, int]:
 
 
 def split(spec: StreamSpec, epoch: int, salt: int) -> tuple[list[str], int, int]:
-    """This rank and worker's shards (in the epoch's seeded order) and share of each."""
+    """This rank and worker's shards (in the epoch's seeded order) and share of each; the worker reads
+    under the stream's limits (one started by spawn has imported the defaults)."""
+    limits.use(spec.limits)
     wid, nworkers = _worker()
     shards = list(spec.shards)
     if spec.shuffle:

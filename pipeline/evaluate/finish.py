@@ -38,8 +38,7 @@ class Trained:
     earlier_s: float = 0.0  # added to it (a round's pseudo-labeling, a separate stage)
 
 
-def finish(done: Trained, scored: dict[str, evaluation.TestSet], cfg: Config, accelerator,
-           progress: bool = True) -> dict:
+def finish(done: Trained, scored: dict[str, evaluation.TestSet], cfg: Config, accelerator) -> dict:
     """Save the model into ``done.out``, score it on each of ``scored`` (``{"test": ..., "val": ...}``:
     sets ``<split>_top1``, and ``test_samples``), write metrics and the card and remove the training
     state. Every rank calls it; returns the card."""
@@ -51,7 +50,7 @@ def finish(done: Trained, scored: dict[str, evaluation.TestSet], cfg: Config, ac
     accelerator.wait_for_everyone()
     loaded = evaluation.load(out, files.get(models.WEIGHTS))  # other ranks hash the file themselves
     for split, test in scored.items():
-        clean = evaluation.clean(loaded, test, cfg.evaluate, accelerator, progress, cfg.data.max_bad_share)
+        clean = evaluation.clean(loaded, test, cfg.evaluate, accelerator, cfg.progress, cfg.data.max_bad_share)
         metrics[f"{split}_top1"] = round(clean["top1"], 3)
         if split == "test":
             metrics["test_samples"] = clean["samples"]

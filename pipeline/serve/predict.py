@@ -28,6 +28,7 @@ from pipeline.config import ConfigError
 from pipeline.data.archives import archive_members
 from pipeline.data.bad_samples import Skip, SkipLog, Tally
 from pipeline.data.dataset import Preprocessing
+from pipeline.data.limits import Limits, use
 from pipeline.data.shards import expand_shards
 from pipeline.data.sources import (
     folder_source,
@@ -302,7 +303,8 @@ def _write_rows(writer, paths: list[str], probs: np.ndarray, names: list[str], k
 
 
 def predict(model_spec: str | Path, input_spec: str, out: str | Path, *, topk: int = 5, batch_size: int = 256,
-            max_warnings: int = MAX_WARNINGS, max_bad_share: float = 1.0) -> dict:
+            max_warnings: int = MAX_WARNINGS, max_bad_share: float = 1.0, progress: bool = True,
+            limits: Limits | None = None) -> dict:
     """Classify every image of ``input_spec`` into ``out`` (.csv or .parquet); return a summary.
 
     The output is written under a temporary name and renamed when complete; bad images are listed
@@ -315,13 +317,14 @@ def predict(model_spec: str | Path, input_spec: str, out: str | Path, *, topk: i
         raise ConfigError(f"out: must end in {' or '.join(OUT_FORMATS)}, got {out}")
     if topk < 1 or batch_size < 1:
         raise ConfigError("topk and batch_size must be >= 1")
+    use(limits or Limits())  # data.max_image_pixels, data.max_member_bytes
     clf = load_classifier(model_spec)
     items, total, unused = open_input(input_spec)
     names = clf.label_names
     k = min(topk, len(names))
     mean, std = torch.tensor(clf.prep.mean), torch.tensor(clf.prep.std)
     done, t0 = 0, time.time()
-    shown = bar(total=total, desc=f"predict ({clf.backend})", unit="img")
+    shown = bar(progress, total=total, desc=f"predict ({clf.backend})", unit="img")
     bad = _BadInputs(max_bad_share, max_warnings, shown)
     clean_tmp_of(out)  # a killed earlier run's partial file
     with atomic_path(out) as tmp:
