@@ -277,7 +277,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return _build(tp, value, key + ".")
+        return build(tp, value, key + ".")
     origin = typing.get_origin(tp)
     if _is_union(tp):
         for arg in typing.get_args(tp):
@@ -339,7 +339,8 @@ def _check_range(value: Any, meta: dict, key: str) -> None:
             raise ConfigError(f"{key}: must be <= {hi}, got {v}")
 
 
-def _build(cls: type, values: dict, prefix: str = "") -> Any:
+def build(cls: type, values: dict, prefix: str = "") -> Any:
+    """A config section of type ``cls`` from a plain dict (a card's config, a YAML file), validated."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
@@ -434,7 +435,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     for text in overrides or []:
         key, value = parse_override(text)
         _set_dotted(raw, key, value)
-    cfg = _build(Config, raw)
+    cfg = build(Config, raw)
     if not cfg.name:
         cfg.name = stem
     if cfg.budget is not None:

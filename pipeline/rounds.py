@@ -25,7 +25,7 @@ from pipeline.config import (
     RUNTIME_KEYS,
     Config,
     ConfigError,
-    _build,
+    build,
     changed_keys,
     flatten,
     for_round,
@@ -64,7 +64,7 @@ def _relevant(cfg_dict: dict, k: int) -> dict:
             continue
         out[key] = per_round(v, k) if key in PER_ROUND_KEYS and k >= 1 else v
     try:
-        out["arch"] = arch_of(_build(Config, cfg_dict), k)
+        out["arch"] = arch_of(build(Config, cfg_dict), k)
     except ConfigError:
         out["arch"] = (flat.get("model.students"), flat.get("model.ladder"))
     return out
@@ -73,7 +73,7 @@ def _relevant(cfg_dict: dict, k: int) -> dict:
 def check_unchanged(cfg: Config, k: int, made: dict) -> None:
     """Refuse a config that differs from the one that made finished round ``k``."""
     try:  # keys added since the round was made take their defaults, which is what made it
-        made_cfg = to_dict(_build(Config, made["config"]))
+        made_cfg = to_dict(build(Config, made["config"]))
     except ConfigError:
         made_cfg = made["config"]
     old, new = _relevant(made_cfg, k), _relevant(to_dict(cfg), k)

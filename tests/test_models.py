@@ -98,7 +98,7 @@ def test_constructor_args_travel_with_the_model_dir(tmp_path):
 
 
 def test_grown_student_starts_as_its_teacher():
-    """resnet10t weights in a resnet18t (registered by ``import pipeline``): the same function."""
+    """resnet10t weights in a resnet18t (timm's resnet10t with more blocks): the same function."""
     from pipeline.modeling.models import create_model, grow_from
 
     torch.manual_seed(0)
@@ -113,7 +113,7 @@ def test_grown_student_starts_as_its_teacher():
     x = torch.randn(3, 1, 28, 28)
     teacher.eval(), student.eval()
     assert torch.allclose(teacher(x), student(x), atol=1e-5)
-    assert timm.is_model("resnet34t") and sum(p.numel() for p in student.parameters()) > 2 * sum(
+    assert sum(p.numel() for p in student.parameters()) > 2 * sum(
         p.numel() for p in teacher.parameters())
     with pytest.raises(ConfigError, match="does not contain the teacher's layers"):
         grow_from(create_model("resnet18", 4, 1), teacher.state_dict())
