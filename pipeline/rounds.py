@@ -154,6 +154,7 @@ class PseudoLabels:
 
     dir: Path
     manifest: dict
+    manifest_sha256: str
     targets: selection.StudentTargets
     chosen: dict  # what the selection kept, for the card
 
@@ -200,10 +201,11 @@ def _pseudo_labels(cfg: Config, k: int, data: PreparedData, teacher: Teacher) ->
     pl_dir, names = pseudo_label_dir(cfg, k), data.class_names
     manifest = pseudo_labels.check(pl_dir, data.rows("unlabeled"), teacher.sha256, names, cfg.pseudo_label.tta,
                                    data.keys("unlabeled"))
+    manifest_sha = sha256_file(pl_dir / pseudo_labels.MANIFEST)  # what was checked, before training starts
     targets, chosen = selection.student_targets(pl_dir, data.shards("unlabeled"), cfg.student, len(names))
     log.info(f"round {k}: student {arch_of(cfg, k)}, {chosen['samples']} pseudo-labeled samples per "
              f"epoch ({chosen['kept']} kept at threshold {cfg.student.threshold})")
-    return PseudoLabels(pl_dir, manifest, targets, chosen)
+    return PseudoLabels(pl_dir, manifest, manifest_sha, targets, chosen)
 
 
 def _create_or_grow(cfg: Config, k: int, data: PreparedData, tcfg, teacher: Teacher | None
@@ -274,7 +276,7 @@ def _parents(data: PreparedData, teacher: Teacher | None, pseudo: PseudoLabels |
     parents: dict = {"data_manifest_sha256": data.manifest_sha256, "data_dir": str(data.dir)}
     if teacher is not None and pseudo is not None:
         parents.update({"teacher_dir": str(teacher.dir), "teacher_sha256": teacher.sha256,
-                        "pseudo_labels_manifest_sha256": sha256_file(pseudo.dir / pseudo_labels.MANIFEST)})
+                        "pseudo_labels_manifest_sha256": pseudo.manifest_sha256})
     if init is not None:
         parents["init"] = init
     return parents

@@ -28,7 +28,7 @@ def test_assign_covers_everything_once():
 def prepared(tiny_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("loaders")
     cfg = load_config(None, tiny_overrides(tiny_data, tmp / "runs"))
-    out = prepare(cfg, progress=False)
+    out = prepare(cfg)
     return out, load_manifest(out)
 
 

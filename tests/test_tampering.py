@@ -268,7 +268,7 @@ def test_an_image_over_the_pixel_limit_is_a_counted_skip_and_one_odd_image_does_
         cfg = load_config(None, [f"runs_dir={tmp_path / 'runs'}", f"data.source={train}", f"data.test_source={test}",
                                  "data.labeled_per_class=10", "data.shard_size=50", f"data.seed={seed}",
                                  "data.max_bad_share=0.1"])
-        m = load_manifest(prepare(cfg, progress=False))
+        m = load_manifest(prepare(cfg))
         assert m["image"]["mode"] == "L" and m["image"]["size"] == [16, 16]
         reasons = [e["reason"] for e in m["bad_samples"]["examples"]]
         assert any("20000 x 20000 pixels is over data.max_image_pixels" in r for r in reasons), reasons

@@ -89,7 +89,8 @@ def _worker() -> tuple[int, int]:
 def split(spec: StreamSpec, epoch: int, salt: int) -> tuple[list[str], int, int]:
     """This rank and worker's shards (in the epoch's seeded order) and share of each; the worker reads
     under the stream's limits (one started by spawn has imported the defaults)."""
-    limits.use(spec.limits)
+    if get_worker_info() is not None:
+        limits.use(spec.limits)
     wid, nworkers = _worker()
     shards = list(spec.shards)
     if spec.shuffle:
@@ -282,6 +283,8 @@ def epoch_batches(spec: StreamSpec, epoch: int, steps: int, batch_size: int, wor
         n += 1
         if n >= steps:
             return
+    if log is not None:
+        log.check()  # every sample bad: say why, with the first one's reason
     raise DataError(f"rank {spec.rank}: the data stream has no usable sample ({len(spec.shards)} shard(s))")
 
 
@@ -290,6 +293,8 @@ def endless_batches(spec: StreamSpec, epoch: int, batch_size: int, workers: int,
     """(images, targets) batches forever (the labeled stream beside the pseudo-labeled one)."""
     for b in counted(_loader(spec, epoch + 100003, batch_size, workers), log):
         yield b.x, b.y
+    if log is not None:
+        log.check()
     raise DataError(f"rank {spec.rank}: the labeled stream has no usable sample")
 
 

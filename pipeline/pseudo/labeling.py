@@ -14,9 +14,9 @@ from torch.utils.data import DataLoader, IterableDataset
 from pipeline import failpoints, tracking
 from pipeline.artifacts import clean_tmp
 from pipeline.config import PseudoLabelConfig
-from pipeline.data.bad_samples import SkipLog
+from pipeline.data.bad_samples import Skip, SkipLog
 from pipeline.data.dataset import Preprocessing
-from pipeline.data.stream import StreamSpec, batched, decode_or_skip, samples, split
+from pipeline.data.stream import Batch, StreamSpec, decode_or_skip, samples, split
 from pipeline.data.transforms import eval_transform, normalize
 from pipeline.modeling import finite, precision
 from pipeline.pseudo.pseudo_labels import listed_sha256, parquet_name, validates, write_parquet
@@ -25,18 +25,34 @@ from pipeline.tracking import bar
 
 class _ShardBatches(IterableDataset):
     """This worker's shards, one at a time, as (shard, ``stream.Batch``) and then (shard, None) at its
-    end: the labels of a shard are written together, skips included."""
+    end: the labels of a shard are written together, skips included. A batch is ``batch_size``
+    samples read, less those that do not decode, so a shard's batches do not depend on which decode."""
 
     def __init__(self, spec: StreamSpec, batch_size: int):
         self.spec, self.batch_size = spec, batch_size
 
     def __iter__(self):
-        shards, _, _ = split(self.spec, 0, 0)
+        shards, mod, _ = split(self.spec, 0, 0)
+        assert mod == 1, "a labeling worker reads whole shards (no more workers than shards)"
         for shard in shards:
-            items = decode_or_skip(samples(self.spec, [shard]), self.spec.mode, self.spec.transform)
-            for b in batched(items, self.batch_size, drop_last=False):
-                yield shard, b
+            window, skips = [], []
+            for item in samples(self.spec, [shard]):
+                if isinstance(item, Skip):
+                    skips.append(item)
+                    continue
+                window.append(item)
+                if len(window) == self.batch_size:
+                    yield shard, self._decoded(window, skips)
+                    window, skips = [], []
+            yield shard, self._decoded(window, skips)
             yield shard, None
+
+    def _decoded(self, window: list, skips: list[Skip]) -> Batch:
+        good = []
+        for item in decode_or_skip(window, self.spec.mode, self.spec.transform):
+            (skips if isinstance(item, Skip) else good).append(item)
+        x = torch.stack([g[0] for g in good]) if good else None
+        return Batch(x, None, [g[2] for g in good], skips)
 
 
 def label_shards(model: torch.nn.Module, shards: list[Path], out_dir: Path, *, shard_rows: dict[str, int],
