@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+from importlib.metadata import version  # torch's, without importing it: a benchmark may be running
 from pathlib import Path
 
 
@@ -31,8 +32,6 @@ def machine() -> str:
         mem = f", {kb / 2**20:.0f} GiB RAM"
     except (OSError, StopIteration):
         pass
-    import torch
-
     flags = set()
     try:
         flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -41,7 +40,7 @@ def machine() -> str:
         pass
     isa = ("AVX-512" if "avx512f" in flags else "AVX2 only" if "avx2" in flags else "no AVX2") + (
         ", native bf16" if flags & {"avx512_bf16", "amx_bf16"} else ", no native bf16")
-    return f"{os.cpu_count()} cores {cpu} ({isa}){mem}, no GPU, torch {torch.__version__}"
+    return f"{os.cpu_count()} cores {cpu} ({isa}){mem}, no GPU, torch {version('torch')}"
 
 
 def main() -> None:
