@@ -60,7 +60,8 @@ def _train(cfg: Config, opts: dict) -> None:
 
 
 def _pseudo_label(cfg: Config, opts: dict) -> None:
-    from pipeline.rounds import pseudo_label, pseudo_label_dir
+    from pipeline.rounds import pseudo_label
+    from pipeline.training.experiment import pseudo_label_dir
 
     k = int(opts.get("round", 1))
     pseudo_label(cfg, k)

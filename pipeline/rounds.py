@@ -33,7 +33,7 @@ from pipeline.config import (
     to_dict,
 )
 from pipeline.data import limits, noise
-from pipeline.data.dataset import PreparedData, data_dir
+from pipeline.data.dataset import PreparedData
 from pipeline.data.prepare import prepare
 from pipeline.data.stream import StreamSpec
 from pipeline.data.transforms import train_transform
@@ -359,4 +359,4 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["iterate", "pseudo_label", "train_round", "round_dir", "card", "table", "data_dir", "prepare"]
+__all__ = ["check_unchanged", "iterate", "pseudo_label", "table", "train_round"]

@@ -97,7 +97,7 @@ def test_pseudo_labels_of_every_round_read_as_one_dataset(experiment):
 
 def test_an_older_runs_pseudo_label_layout_is_refused_in_one_line(experiment, tmp_path):
     from pipeline.config import ConfigError, load_config
-    from pipeline.rounds import pseudo_label_dir
+    from pipeline.training.experiment import pseudo_label_dir
 
     cfg = load_config(None, [f"runs_dir={tmp_path}", "name=old"])
     (tmp_path / "old" / "round-1" / "pseudo_labels").mkdir(parents=True)

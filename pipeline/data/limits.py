@@ -8,7 +8,8 @@ other bad sample.
 The limits come from the config (``data.max_image_pixels``, ``data.max_member_bytes``): each
 library entry point that reads data applies its config's (``use``), and every stream carries the
 limits it was made under to its DataLoader workers (``stream.StreamSpec.limits``), so a worker
-started by spawn reads under the same ones.
+started by spawn reads under the same ones. In the process itself (``workers=0``) the limits in
+force are the entry point's, which made the stream.
 """
 
 from __future__ import annotations

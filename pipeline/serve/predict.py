@@ -317,7 +317,8 @@ def predict(model_spec: str | Path, input_spec: str, out: str | Path, *, topk: i
         raise ConfigError(f"out: must end in {' or '.join(OUT_FORMATS)}, got {out}")
     if topk < 1 or batch_size < 1:
         raise ConfigError("topk and batch_size must be >= 1")
-    use(limits or Limits())  # data.max_image_pixels, data.max_member_bytes: the built-in ones unless given
+    if limits is not None:  # data.max_image_pixels, data.max_member_bytes; else the ones in force
+        use(limits)
     clf = load_classifier(model_spec)
     items, total, unused = open_input(input_spec)
     names = clf.label_names
