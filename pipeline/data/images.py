@@ -73,8 +73,8 @@ def decode_tensor(data: bytes, mode: str) -> torch.Tensor | None:
     """8-bit PNG/JPEG bytes as a uint8 CHW tensor in ``mode`` through torchvision's decoder, or None
     for what it cannot read that way (other formats, 16-bit, empty): ``decode_image`` handles those.
 
-    Calls torchvision's decoding op itself, a private API: its public wrapper (which warns on every
-    call since torchvision 0.29) costs more than decoding a small image (bench/results/private_apis.json;
+    Calls torchvision's decoding op itself, a private API: its public wrapper warns on every call
+    since torchvision 0.29 and is slower on small images (bench/results/private_apis.json;
     tests/test_private_apis.py fails the day the op goes).
     """
     size = _png_jpeg_size(data)
