@@ -31,8 +31,8 @@ def main() -> None:
 
     import torch
 
-    from pipeline import noise
     from pipeline.config import for_round, load_config
+    from pipeline.data import noise
     from pipeline.data.dataset import Preprocessing
     from pipeline.modeling import models, precision
     from pipeline.tracking import Trackers

@@ -41,11 +41,11 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
-    from pipeline import noise
     from pipeline.config import for_round, load_config
+    from pipeline.data import noise
     from pipeline.data.dataset import Preprocessing
     from pipeline.data.images import decode_image
-    from pipeline.data.loaders import StreamSpec
+    from pipeline.data.stream import StreamSpec
     from pipeline.data.transforms import batch_augment, normalize, to_input, train_transform
     from pipeline.modeling import models, precision
     from pipeline.pseudo import pseudo_labels, selection

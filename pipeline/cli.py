@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from pipeline.config import Config, ConfigError, describe, load_config, parse_override
+from pipeline.config import COMPILE_KEYS, Config, ConfigError, describe, load_config, parse_override
 from pipeline.errors import UserError
 
 _REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # a clone or an editable install
@@ -69,7 +69,21 @@ def parse_args(argv: list[str], extras: dict[str, Callable[[str], object]] | Non
                 raise ConfigError(f"{key}: bad value {value!r} ({e})") from None
         else:
             overrides.append(arg)
-    return load_config(config_path, overrides), stage
+    cfg = load_config(config_path, overrides)
+    check_backends(cfg)
+    return cfg, stage
+
+
+def check_backends(cfg: Config) -> None:
+    """A torch.compile backend named by hand must exist: checked before any work starts (torch is
+    imported only then); the library checks it again where it compiles."""
+    for key in COMPILE_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if isinstance(value, str) and value != "inductor":
+            from pipeline.modeling.precision import check_compile
+
+            check_compile(value, key)
 
 
 def config_help(sections: tuple[str, ...], cfg: Config | None = None) -> str:

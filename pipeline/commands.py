@@ -60,7 +60,8 @@ def _train(cfg: Config, opts: dict) -> None:
 
 
 def _pseudo_label(cfg: Config, opts: dict) -> None:
-    from pipeline.rounds import pseudo_label, pseudo_label_dir
+    from pipeline.rounds import pseudo_label
+    from pipeline.training.experiment import pseudo_label_dir
 
     k = int(opts.get("round", 1))
     pseudo_label(cfg, k)
@@ -122,13 +123,15 @@ def _export(_: Config, opts: dict) -> None:
 
 
 def _predict(cfg: Config, opts: dict) -> None:
+    from pipeline.data.limits import Limits
     from pipeline.serve.predict import predict
 
     missing = [k for k in ("model", "input", "out") if k not in opts]
     if missing:
         raise ConfigError(f"{missing[0]}=... is required (model=<dir or .onnx> input=<images> out=<.csv|.parquet>)")
     s = predict(str(opts["model"]), str(opts["input"]), str(opts["out"]), topk=int(opts.get("topk", 5)),
-                batch_size=int(opts.get("batch_size", 256)), max_bad_share=cfg.data.max_bad_share)
+                batch_size=int(opts.get("batch_size", 256)), max_bad_share=cfg.data.max_bad_share,
+                progress=cfg.progress, limits=Limits.of(cfg.data))
     extra = f"; skipped {s['skipped']} bad image(s), listed in {s['skipped_file']}" if s["skipped"] else ""
     print(f"predicted {s['images']} images with {s['backend']} in {s['seconds']:.1f}s -> {s['out']}{extra}")
 
@@ -198,10 +201,7 @@ def _main_of(cmd: Command, prog: str) -> Callable[[list[str]], int | None]:
             print(help_text(cmd, prog, cfg))
             return 0
         cfg, opts = parse_args(argv, {k: o.parse for k, o in cmd.options.items()})
-        setup_logging(cfg.progress)
-        from pipeline.data import limits  # lazily, as every library import here
-
-        limits.set_limits(cfg.data.max_image_pixels, cfg.data.max_member_bytes)
+        setup_logging()
         return cmd.body(cfg, opts)
     return main
 

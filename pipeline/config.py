@@ -277,7 +277,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return _build(tp, value, key + ".")
+        return build(tp, value, key + ".")
     origin = typing.get_origin(tp)
     if _is_union(tp):
         for arg in typing.get_args(tp):
@@ -339,7 +339,8 @@ def _check_range(value: Any, meta: dict, key: str) -> None:
             raise ConfigError(f"{key}: must be <= {hi}, got {v}")
 
 
-def _build(cls: type, values: dict, prefix: str = "") -> Any:
+def build(cls: type, values: dict, prefix: str = "") -> Any:
+    """A config section of type ``cls`` from a plain dict (a card's config, a YAML file), validated."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
@@ -434,7 +435,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     for text in overrides or []:
         key, value = parse_override(text)
         _set_dotted(raw, key, value)
-    cfg = _build(Config, raw)
+    cfg = build(Config, raw)
     if not cfg.name:
         cfg.name = stem
     if cfg.budget is not None:
@@ -446,15 +447,6 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         if "/" in value or "\\" in value or value.startswith(".") or not value.strip():
             raise ConfigError(f"{key}: '{value}' must be a plain directory name (no '/', no leading '.')")
     _check_launcher_precision(cfg)
-    for key in COMPILE_KEYS:
-        section, field_name = key.split(".")
-        value = getattr(getattr(cfg, section), field_name)
-        if isinstance(value, str) and value != "inductor":
-            from pipeline.modeling.precision import (
-                check_compile,  # imports torch: only for a backend named by hand
-            )
-
-            check_compile(value, key)
     return cfg
 
 
@@ -485,9 +477,14 @@ def per_round(value, round_index: int):
     return value
 
 
-def for_round(cfg: TrainConfig, round_index: int) -> TrainConfig:
-    """A copy of ``cfg`` with every per-round list resolved to round ``round_index``'s value."""
-    ra = dataclasses.replace(cfg.randaugment, m=per_round(cfg.randaugment.m, round_index))
-    return dataclasses.replace(cfg, epochs=per_round(cfg.epochs, round_index), randaugment=ra,
-                               drop_rate=per_round(cfg.drop_rate, round_index),
-                               drop_path_rate=per_round(cfg.drop_path_rate, round_index))
+def for_round(cfg: Any, round_index: int) -> Any:
+    """A copy of a config section with every ``per_round`` key (its field metadata says which, nested
+    sections included) resolved to round ``round_index``'s value."""
+    changes = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            changes[f.name] = for_round(value, round_index)
+        elif f.metadata.get("per_round"):
+            changes[f.name] = per_round(value, round_index)
+    return dataclasses.replace(cfg, **changes)

@@ -4,7 +4,7 @@ phase as timm's ``train.py`` writes one.
 
 Log lines go to the ``noisy_student`` logger: INFO on the main process, WARNING on the others, so
 a multi-process run prints each line once; ``NS_LOG_LEVEL`` (DEBUG, INFO, WARNING) changes it.
-Bars follow the config's ``progress`` and ``TQDM_DISABLE=1``. Trackers are off unless ``log_with``
+Bars follow the config's ``progress`` (passed down to each bar) and ``TQDM_DISABLE=1``. Trackers are off unless ``log_with``
 names them: only the main process writes, under ``<run>/logs/``.
 """
 
@@ -23,7 +23,6 @@ from pipeline.artifacts import main_process, write_bytes_atomic
 from pipeline.errors import ConfigError
 
 log = logging.getLogger("noisy_student")
-_SETTINGS = {"progress": True}
 
 
 class _BarSafeHandler(logging.Handler):
@@ -36,14 +35,13 @@ class _BarSafeHandler(logging.Handler):
             self.handleError(record)
 
 
-def setup_logging(progress: bool = True) -> None:
+def setup_logging() -> None:
     """The package logger: INFO on the main process (``RANK`` 0), WARNING elsewhere,
-    ``NS_LOG_LEVEL`` to change it; and the config's ``progress`` switch for every bar."""
+    ``NS_LOG_LEVEL`` to change it."""
     level = os.environ.get("NS_LOG_LEVEL", "INFO").strip().upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"NS_LOG_LEVEL: expected DEBUG, INFO, WARNING or ERROR, got {level!r}")
     log.setLevel(level if main_process() else max(logging.WARNING, logging.getLevelName(level)))
-    _SETTINGS["progress"] = progress
 
 
 # the package's lines reach stderr also when it is used as a library (a caller may add handlers or
@@ -55,15 +53,10 @@ log.propagate = False
 log.setLevel(logging.INFO)
 
 
-def bars_off(progress: bool = True) -> bool:
-    """Whether bars are off: asked by the caller, by the config's ``progress`` or by ``TQDM_DISABLE``."""
-    return (not progress or not _SETTINGS["progress"]
-            or os.environ.get("TQDM_DISABLE", "").strip().lower() in ("1", "true", "yes"))
-
-
 def bar(progress: bool = True, **kwargs) -> tqdm:
-    """A tqdm bar that honours ``progress`` and ``TQDM_DISABLE``."""
-    return tqdm(disable=bars_off(progress), **kwargs)
+    """A tqdm bar, off when ``progress`` (the config's, passed down) is or ``TQDM_DISABLE`` says so."""
+    off = not progress or os.environ.get("TQDM_DISABLE", "").strip().lower() in ("1", "true", "yes")
+    return tqdm(disable=off, **kwargs)
 
 
 class Trackers:

@@ -189,7 +189,7 @@ def test_every_input_is_used_skipped_or_counted_as_unused_whatever_the_layout(tm
 def test_an_oversized_member_is_passed_over_without_being_held_in_memory(tmp_path):
     """A gzip shard of ~100 KB holding a 96 MB member: read in 1 MiB pieces, never whole."""
     from pipeline.data.bad_samples import Skip
-    from pipeline.data.limits import set_limits
+    from pipeline.data.limits import Limits, use
     from pipeline.data.shards import read_shard
 
     raw = io.BytesIO()
@@ -203,14 +203,14 @@ def test_an_oversized_member_is_passed_over_without_being_held_in_memory(tmp_pat
     shard.write_bytes(gzip.compress(raw.getvalue(), compresslevel=1))
     del raw
     assert shard.stat().st_size < 2**20
-    set_limits(max_member_bytes=8 * 2**20)
+    use(Limits(max_member_bytes=8 * 2**20))
     try:
         tracemalloc.start()
         out = list(read_shard(shard))
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     finally:
-        set_limits(max_member_bytes=256 * 2**20)
+        use(Limits())
     assert [s["__key__"] for s in out if not isinstance(s, Skip)] == ["a", "c"]
     (skip,) = [s for s in out if isinstance(s, Skip)]
     assert skip.key == "bomb" and "100663296 bytes is over data.max_member_bytes (8388608)" in skip.reason
@@ -219,7 +219,7 @@ def test_an_oversized_member_is_passed_over_without_being_held_in_memory(tmp_pat
 
 def test_a_sample_of_many_members_each_under_the_limit_is_not_held_whole(tmp_path):
     from pipeline.data.bad_samples import Skip
-    from pipeline.data.limits import set_limits
+    from pipeline.data.limits import Limits, use
     from pipeline.data.shards import read_shard
 
     raw = io.BytesIO()
@@ -230,11 +230,11 @@ def test_a_sample_of_many_members_each_under_the_limit_is_not_held_whole(tmp_pat
         _member(tf, "j.png", _png(make_image(1, np.random.default_rng(1))))
     shard = tmp_path / "many.tar.gz"
     shard.write_bytes(gzip.compress(raw.getvalue()))
-    set_limits(max_member_bytes=8000)
+    use(Limits(max_member_bytes=8000))
     try:
         out = list(read_shard(shard))
     finally:
-        set_limits(max_member_bytes=256 * 2**20)
+        use(Limits())
     assert [s["__key__"] for s in out if not isinstance(s, Skip)] == ["j"]
     (skip,) = [s for s in out if isinstance(s, Skip)]
     assert skip.key == "k" and skip.reason.startswith("its members together: ") and "8000" in skip.reason

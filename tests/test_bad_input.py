@@ -22,8 +22,8 @@ from pipeline.config import ConfigError, PseudoLabelConfig
 from pipeline.data.bad_samples import Skip, SkipLog
 from pipeline.data.dataset import Preprocessing
 from pipeline.data.images import BadImage, decode_image
-from pipeline.data.loaders import StreamSpec, epoch_batches, eval_batches
 from pipeline.data.shards import ShardError, iter_samples, write_shard
+from pipeline.data.stream import StreamSpec, epoch_batches, eval_batches
 from pipeline.data.transforms import eval_transform
 from pipeline.errors import DataError
 from pipeline.pseudo import labeling

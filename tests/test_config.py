@@ -131,3 +131,26 @@ def test_runtime_and_per_round_keys_come_from_field_metadata():
                                                  "max_member_bytes"}
     assert data_identity(DataConfig(root="/a", download=False)) == data_identity(DataConfig(root="/b"))
     assert data_identity(DataConfig(seed=1)) != data_identity(DataConfig(seed=2))
+
+
+def test_for_round_resolves_every_key_its_metadata_calls_per_round():
+    import dataclasses
+
+    from pipeline.config import StudentConfig, for_round
+
+    def lists(section):  # every per-round key of the section (nested too) as a two-round list
+        changes = {}
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if dataclasses.is_dataclass(value):
+                changes[f.name] = lists(value)
+            elif f.metadata.get("per_round"):
+                changes[f.name] = [value, value * 2]
+        return dataclasses.replace(section, **changes)
+
+    cfg = lists(StudentConfig())
+    one, two = for_round(cfg, 1), for_round(cfg, 2)
+    assert one.epochs * 2 == two.epochs and one.randaugment.m * 2 == two.randaugment.m
+    assert (one.drop_rate * 2, one.drop_path_rate * 2) == (two.drop_rate, two.drop_path_rate)
+    assert for_round(cfg, 5) == two  # the last value repeats
+    assert cfg.lr == one.lr and isinstance(one.epochs, int)

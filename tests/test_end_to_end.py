@@ -1,7 +1,6 @@
 """The whole loop through the real stage scripts on a tiny generated dataset."""
 
 import json
-import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -98,7 +97,7 @@ def test_pseudo_labels_of_every_round_read_as_one_dataset(experiment):
 
 def test_an_older_runs_pseudo_label_layout_is_refused_in_one_line(experiment, tmp_path):
     from pipeline.config import ConfigError, load_config
-    from pipeline.rounds import pseudo_label_dir
+    from pipeline.training.experiment import pseudo_label_dir
 
     cfg = load_config(None, [f"runs_dir={tmp_path}", "name=old"])
     (tmp_path / "old" / "round-1" / "pseudo_labels").mkdir(parents=True)
@@ -121,11 +120,9 @@ def test_local_dir_reload_gives_same_outputs(experiment):
 def test_rerun_does_no_work(experiment):
     exp = experiment["exp"]
     before = {p: p.stat().st_mtime_ns for p in exp.rglob("*") if p.is_file()}
-    t0 = time.time()
     r = stage("iterate.py", "round=2", *experiment["ov"])
     assert "| 2 |" in r.stdout
     assert {p: p.stat().st_mtime_ns for p in exp.rglob("*") if p.is_file()} == before
-    assert time.time() - t0 < 60
 
 
 def test_changed_override_is_refused_unless_new_name(experiment):
@@ -236,10 +233,8 @@ def test_evaluate_again_reads_its_cache(experiment):
     exp = experiment["exp"]
     _evaluate(experiment)
     results = {p: p.stat().st_mtime_ns for p in exp.glob("round-*/eval/*")}
-    t0 = time.time()
     _evaluate(experiment)
     assert results and {p: p.stat().st_mtime_ns for p in exp.glob("round-*/eval/*")} == results
-    assert time.time() - t0 < 60
 
 
 def test_evaluate_given_models_and_test_set(experiment, tiny_data, tmp_path):

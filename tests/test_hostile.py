@@ -18,9 +18,9 @@ import pytest
 from conftest import ROOT, make_image, stage
 
 from pipeline.config import ConfigError
-from pipeline.data.loaders import StreamSpec, eval_batches
 from pipeline.data.remote import fetch_command
 from pipeline.data.shards import ShardError, iter_samples, write_shard
+from pipeline.data.stream import StreamSpec, eval_batches
 from pipeline.data.transforms import eval_transform
 
 

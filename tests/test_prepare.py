@@ -28,7 +28,7 @@ def _all_samples(paths):
 
 def test_split_is_stratified_and_keys_unique(tiny_data, tmp_path):
     cfg = _cfg(tiny_data, tmp_path, "data.val_per_class=5")
-    out = prepare(cfg, progress=False)
+    out = prepare(cfg)
     m = load_manifest(out, verify="sha256")
     assert m["splits"]["labeled"]["per_class"] == [10, 10, 10, 10]
     assert m["splits"]["val"]["per_class"] == [5, 5, 5, 5]
@@ -54,7 +54,7 @@ def test_split_is_stratified_and_keys_unique(tiny_data, tmp_path):
 def test_original_bytes_kept_for_encoded_sources(tiny_data, tmp_path):
     src = make_folder(tmp_path / "jpgs", 12, 3, ext="jpg")
     cfg = _cfg(tiny_data, tmp_path, f"data.source={src}", "data.labeled_per_class=2")
-    out = prepare(cfg, progress=False)
+    out = prepare(cfg)
     m = load_manifest(out)
     originals = {p.read_bytes() for p in src.rglob("*.jpg")}
     samples = _all_samples(PreparedData(out, m).shards("labeled") + PreparedData(out, m).shards("unlabeled"))
@@ -63,26 +63,26 @@ def test_original_bytes_kept_for_encoded_sources(tiny_data, tmp_path):
 
 def test_same_config_does_no_work_and_other_config_other_dir(tiny_data, tmp_path):
     cfg = _cfg(tiny_data, tmp_path)
-    out = prepare(cfg, progress=False)
+    out = prepare(cfg)
     mtimes = {p: p.stat().st_mtime_ns for p in out.iterdir()}
-    assert prepare(cfg, progress=False) == out
+    assert prepare(cfg) == out
     assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
     other = _cfg(tiny_data, tmp_path, "data.seed=1")
     assert data_dir(other) != out
     # same seed, same split: byte-identical shards
     again = _cfg(tiny_data, tmp_path / "again")
-    out2 = prepare(again, progress=False)
+    out2 = prepare(again)
     assert load_manifest(out2)["splits"]["labeled"]["shards"] == load_manifest(out)["splits"]["labeled"]["shards"]
 
 
 def test_interrupted_prepare_resumes(tiny_data, tmp_path):
     cfg = _cfg(tiny_data, tmp_path)
-    out = prepare(cfg, progress=False)
+    out = prepare(cfg)
     full = load_manifest(out)
     (out / "manifest.json").unlink()
     (out / "unlabeled-000003.tar").unlink()
     (out / ".tmp-unlabeled-000003.tar.xyz").write_bytes(b"half")
-    prepare(cfg, progress=False)
+    prepare(cfg)
     assert load_manifest(out, verify="sha256")["splits"] == full["splits"]
     assert not list(out.glob(".tmp-*"))
 
@@ -100,7 +100,7 @@ def test_archive_source_reads_members_without_extracting(tiny_data, tmp_path):
         link.linkname = "/etc/passwd"
         tf.addfile(link)
     cfg = _cfg(tiny_data, tmp_path, f"data.source={arc}")
-    out = prepare(cfg, progress=False)
+    out = prepare(cfg)
     m = load_manifest(out)
     assert m["class_names"] == ["class_0", "class_1", "class_2", "class_3"]
     assert m["splits"]["labeled"]["count"] + m["splits"]["unlabeled"]["count"] == 240
@@ -114,7 +114,7 @@ def test_unlabeled_directory_any_layout(tiny_data, tmp_path):
     for i in range(7):
         Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(pool / f"{i}.png")
     cfg = _cfg(tiny_data, tmp_path, f"data.unlabeled={tmp_path / 'pool'}")
-    out = prepare(cfg, progress=False)
+    out = prepare(cfg)
     m = load_manifest(out)
     samples = _all_samples(PreparedData(out, m).shards("unlabeled"))
     assert len(samples) == 7 and all("cls" not in s for s in samples)
@@ -124,10 +124,10 @@ def test_unlabeled_directory_any_layout(tiny_data, tmp_path):
 
 
 def test_unlabeled_from_existing_shards(tiny_data, tmp_path):
-    first = prepare(_cfg(tiny_data, tmp_path), progress=False)
+    first = prepare(_cfg(tiny_data, tmp_path))
     pattern = str(first / "unlabeled-{000000..000003}.tar")
     cfg = _cfg(tiny_data, tmp_path, f"data.unlabeled={pattern}", "data.seed=5")
-    out = prepare(cfg, progress=False)
+    out = prepare(cfg)
     assert load_manifest(out)["splits"]["unlabeled"]["count"] == 200
 
 
@@ -136,7 +136,7 @@ def test_missing_dataset_says_where_it_looked(tmp_path, monkeypatch):
     cfg = load_config(None, ["data.source=CIFAR100", f"data.root={tmp_path / 'r'}", "data.download=false",
                              f"runs_dir={tmp_path}"])
     with pytest.raises(ConfigError) as e:
-        prepare(cfg, progress=False)
+        prepare(cfg)
     msg = str(e.value)
     assert "CIFAR100 not found" in msg and str(tmp_path / "r") in msg and "data.root" in msg
 
@@ -181,7 +181,7 @@ def test_cifar10_found_in_shared_data():
 
 
 def test_manifest_records_source_and_seed(tiny_data, tmp_path):
-    out = prepare(_cfg(tiny_data, tmp_path), progress=False)
+    out = prepare(_cfg(tiny_data, tmp_path))
     m = json.loads((out / "manifest.json").read_text())
     assert m["seed"] == 0 and m["config"]["source"].endswith("train")
     assert m["image"]["mode"] == "L" and m["image"]["size"] == [16, 16]
@@ -242,7 +242,7 @@ def test_a_pool_of_existing_shards_is_used_in_place(tiny_data, tmp_path):
     read the original keys and bytes."""
     pattern, want = _pool_tars(tmp_path / "pool")
     cfg = _cfg(tiny_data, tmp_path, f"data.unlabeled={pattern}", "data.max_bad_share=0.1")
-    out = prepare(cfg, progress=False)
+    out = prepare(cfg)
     m = load_manifest(out)
     split = m["splits"]["unlabeled"]
     assert split["in_place"] and split["count"] == 15 and m["bad_samples"]["skipped"] == 3
@@ -264,7 +264,7 @@ def test_a_damaged_pool_shard_keeps_the_samples_before_the_damage(tiny_data, tmp
     entries, skipped, usable = index_pool(pattern)
     assert 10 < usable < 15 and entries[0]["samples"] < 6
     assert any(s.reason.startswith("damaged tar") and s.where == "pool-000000.tar" for s in skipped)
-    out = prepare(_cfg(tiny_data, tmp_path, f"data.unlabeled={pattern}", "data.max_bad_share=0.5"), progress=False)
+    out = prepare(_cfg(tiny_data, tmp_path, f"data.unlabeled={pattern}", "data.max_bad_share=0.5"))
     got, skips = _pool_reads(PreparedData(out, load_manifest(out)))
     assert len(got) == usable and set(got) < set(want)
     assert not any("ends early" in s.reason for s in skips)  # the manifest's count is what can be read

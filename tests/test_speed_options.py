@@ -52,13 +52,17 @@ def test_the_accelerator_never_autocasts_on_its_own_whatever_the_environment():
     assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "no", r.stderr[-2000:]
 
 
-def test_compile_settings_are_checked_when_the_config_loads():
+def test_compile_settings_are_checked_before_a_stage_starts():
+    from pipeline.cli import parse_args
+
     cfg = load_config(None, ["student.compile=true", "pseudo_label.compile=eager", "pseudo_label.channels_last=true"])
     assert precision.compile_backend(cfg.student.compile) == "inductor"
     assert precision.compile_backend(cfg.pseudo_label.compile) == "eager"
     assert precision.compile_backend(cfg.teacher.compile) is None
     with pytest.raises(ConfigError, match="student.compile: unknown torch.compile backend 'turbo'"):
-        load_config(None, ["student.compile=turbo"])
+        parse_args(["student.compile=turbo"])
+    with pytest.raises(ConfigError, match="compile: unknown torch.compile backend 'turbo'"):
+        precision.compile_model(torch.nn.Linear(2, 2), "turbo")  # the library, called from Python
     with pytest.raises(ConfigError, match="pseudo_label.mixed_precision: expected one of"):
         load_config(None, ["pseudo_label.mixed_precision=half"])
 

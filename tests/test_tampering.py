@@ -248,19 +248,19 @@ def test_an_image_over_the_pixel_limit_is_a_counted_skip_and_one_odd_image_does_
     from PIL import Image
 
     from pipeline.data.images import BadImage, decode_image, decode_tensor
-    from pipeline.data.limits import set_limits
+    from pipeline.data.limits import Limits, use
     from pipeline.data.prepare import load_manifest, prepare
 
     with pytest.raises(BadImage, match="20000 x 20000 pixels is over data.max_image_pixels"):
         decode_tensor(_huge_png_header(), "L")
     try:
-        set_limits(max_image_pixels=100)
+        use(Limits(max_image_pixels=100))
         with pytest.raises(BadImage, match="16 x 16 pixels is over data.max_image_pixels \\(100\\)"):
             buf = __import__("io").BytesIO()
             Image.new("RGB", (16, 16)).save(buf, format="BMP")  # the PIL path
             decode_image(buf.getvalue(), "L")
     finally:
-        set_limits(max_image_pixels=100_000_000)
+        use(Limits())
     train, test = make_folder(tmp_path / "train", 30, 0), make_folder(tmp_path / "test", 5, 1)
     (train / "class_0" / "bomb.png").write_bytes(_huge_png_header())
     Image.new("RGB", (64, 64), (200, 10, 10)).save(train / "class_1" / "odd.png")
@@ -268,7 +268,7 @@ def test_an_image_over_the_pixel_limit_is_a_counted_skip_and_one_odd_image_does_
         cfg = load_config(None, [f"runs_dir={tmp_path / 'runs'}", f"data.source={train}", f"data.test_source={test}",
                                  "data.labeled_per_class=10", "data.shard_size=50", f"data.seed={seed}",
                                  "data.max_bad_share=0.1"])
-        m = load_manifest(prepare(cfg, progress=False))
+        m = load_manifest(prepare(cfg))
         assert m["image"]["mode"] == "L" and m["image"]["size"] == [16, 16]
         reasons = [e["reason"] for e in m["bad_samples"]["examples"]]
         assert any("20000 x 20000 pixels is over data.max_image_pixels" in r for r in reasons), reasons

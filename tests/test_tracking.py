@@ -15,16 +15,10 @@ from pipeline.config import ConfigError, load_config
 
 def test_bars_follow_tqdm_disable_and_the_config(monkeypatch):
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
-    tracking.setup_logging(progress=True)
     assert not tracking.bar(total=3).disable and tracking.bar(False, total=3).disable
+    assert tracking.bar(load_config(None, ["progress=false"]).progress, total=3).disable  # passed down
     monkeypatch.setenv("TQDM_DISABLE", "1")
     assert tracking.bar(total=3).disable
-    monkeypatch.delenv("TQDM_DISABLE")
-    try:
-        tracking.setup_logging(progress=load_config(None, ["progress=false"]).progress)
-        assert tracking.bar(total=3).disable
-    finally:
-        tracking.setup_logging(progress=True)
 
 
 def test_log_levels_and_ranks(monkeypatch):

@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
 
-from pipeline import noise
 from pipeline.artifacts import clean_tmp, main_process, sha256_file
 from pipeline.config import (
     RUNTIME_KEYS,
@@ -36,16 +35,17 @@ from pipeline.config import (
     per_round,
     to_dict,
 )
+from pipeline.data import limits, noise
 from pipeline.data.dataset import PreparedData, Preprocessing
-from pipeline.data.loaders import StreamSpec
+from pipeline.data.stream import StreamSpec
 from pipeline.data.transforms import train_transform
 from pipeline.evaluate import evaluation
+from pipeline.evaluate.finish import Trained, finish
 from pipeline.modeling import finite, models
 from pipeline.pseudo import labeling, pseudo_labels
-from pipeline.rounds import check_same_data, round_dir
 from pipeline.runtime import make_accelerator
 from pipeline.tracking import log
-from pipeline.training.finish import card, finish
+from pipeline.training.experiment import card, check_same_data, round_dir
 from pipeline.training.objectives import Batch, Objective
 from pipeline.training.trainer import Job, train
 
@@ -135,20 +135,18 @@ def default_teacher(cfg: Config) -> Path:
 
 def _offline_targets(cfg: Config, out: Path, teacher: torch.nn.Module, teacher_sha: str, shards: list[Path],
                      rows: dict[str, int], names: list[str], prep: Preprocessing, data: PreparedData, accelerator,
-                     progress: bool, model_name: str) -> Path:
+                     model_name: str) -> Path:
     """The teacher's probabilities for every labeled and unlabeled sample (cached, resumable per shard)."""
     tdir = out / "targets"
-    try:
-        pseudo_labels.check(tdir, rows, teacher_sha, names)
+    why = pseudo_labels.problem(tdir, rows, teacher_sha, names)
+    if why is None:
         return tdir
-    except ConfigError as e:
-        if (tdir / pseudo_labels.MANIFEST).is_file():
-            raise  # made for another teacher or other classes: never mixed in silently
-        del e
+    if (tdir / pseudo_labels.MANIFEST).is_file():
+        raise ConfigError(why)  # made for another teacher or other classes: never mixed in silently
     labeling.label_shards(teacher, shards, tdir, shard_rows=rows, teacher_sha256=teacher_sha,
                                class_names=names, prep=prep, opts=PseudoLabelConfig(
                                    batch_size=cfg.pseudo_label.batch_size, workers=cfg.pseudo_label.workers),
-                               accelerator=accelerator, progress=progress, max_bad_share=cfg.data.max_bad_share,
+                               accelerator=accelerator, progress=cfg.progress, max_bad_share=cfg.data.max_bad_share,
                                model_name=model_name)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -167,15 +165,14 @@ def _relevant(dcfg: DistillConfig) -> dict:
 
 
 def _train_and_save(out: Path, student: torch.nn.Module, job: Job, arch: str, card_fields: dict, ctx: _Context,
-                    cfg: Config, progress: bool) -> dict:
+                    cfg: Config) -> dict:
     """Train (resumable), then write the model directory, its test score and its card (``finish``)."""
-    stats = [train(student, job, out / "state", progress)]
+    stats = [train(student, job, out / "state", cfg.progress)]
     metrics = {"test_top1": None, "model": arch, "params": models.num_params(student),
                "train_seconds": stats[0]["seconds"], "train_img_s": stats[0]["img_s"]}
-    return finish(out, student, ctx.names, ctx.prep, {"test": evaluation.test_set(ctx.data)},
-                  cfg.evaluate, ctx.accelerator, metrics, {"role": "distilled", "arch": arch, "train": stats,
-                                                           **card_fields}, progress, cfg.data.max_bad_share,
-                  license=cfg.model.license)
+    done = Trained(out, student, ctx.names, ctx.prep, metrics, {"role": "distilled", "arch": arch, "train": stats,
+                                                              **card_fields})
+    return finish(done, {"test": evaluation.test_set(ctx.data)}, cfg, ctx.accelerator)
 
 
 def _student(dcfg: DistillConfig, num_classes: int, in_chans: int) -> torch.nn.Module:
@@ -206,9 +203,10 @@ class _Context:
                 "data_manifest_sha256": self.data.manifest_sha256}
 
 
-def distill(cfg: Config, progress: bool = True) -> dict:
+def distill(cfg: Config) -> dict:
     """Train ``distill.arch`` from the teacher into ``<experiment>/distilled/<name>/`` (resumable);
     with ``distill.labels_only`` also the same architecture on the labels alone, same budget."""
+    limits.use(limits.Limits.of(cfg.data))
     dcfg = cfg.distill
     teacher_dir = Path(dcfg.teacher) if dcfg.teacher else default_teacher(cfg)
     if card(teacher_dir) is None and not (teacher_dir / models.WEIGHTS).is_file():
@@ -230,9 +228,9 @@ def distill(cfg: Config, progress: bool = True) -> dict:
                           f"{data.class_names[:4]}...")
     models.check_arch(dcfg.arch, "distill.arch")
     if "student" not in results:
-        results["student"] = _distill_student(cfg, ctx, out, progress)
+        results["student"] = _distill_student(cfg, ctx, out)
     if dcfg.labels_only:
-        results["labels_only"] = _labels_only(cfg, ctx, progress)
+        results["labels_only"] = _labels_only(cfg, ctx)
     results["teacher_dir"] = str(teacher_dir)
     return results
 
@@ -250,7 +248,7 @@ def _finished(out: Path, dcfg: DistillConfig, teacher_sha: str) -> dict | None:
     return done
 
 
-def _distill_student(cfg: Config, ctx: _Context, out: Path, progress: bool) -> dict:
+def _distill_student(cfg: Config, ctx: _Context, out: Path) -> dict:
     """The student on labeled + unlabeled images against the teacher (online or from cached targets)."""
 
     dcfg, acc, data = cfg.distill, ctx.accelerator, ctx.data
@@ -267,7 +265,7 @@ def _distill_student(cfg: Config, ctx: _Context, out: Path, progress: bool) -> d
         teacher = teacher.to(memory_format=torch.channels_last)
     if dcfg.mode == "offline":
         tdir = _offline_targets(cfg, out, teacher, ctx.teacher_sha, shards, rows, ctx.names, ctx.prep, data, acc,
-                                progress, str(ctx.teacher_dir))
+                                str(ctx.teacher_dir))
         objective, targets = OfflineKD(dcfg.temperature, dcfg.alpha), TeacherTargets(tdir)
     else:
         objective, targets = OnlineKD(teacher, dcfg.temperature, dcfg.alpha, dcfg.mixup, str(ctx.teacher_dir)), None
@@ -282,10 +280,10 @@ def _distill_student(cfg: Config, ctx: _Context, out: Path, progress: bool) -> d
               f"({models.num_params(student)} params), {dcfg.mode}, T={dcfg.temperature}, "
               f"alpha={dcfg.alpha}, {epochs} epochs over {total} images")
     return _train_and_save(out, student, job, dcfg.arch, {"parents": ctx.parents, "distill": _relevant(dcfg),
-                                                          "mode": dcfg.mode}, ctx, cfg, progress)
+                                                          "mode": dcfg.mode}, ctx, cfg)
 
 
-def _labels_only(cfg: Config, ctx: _Context, progress: bool) -> dict:
+def _labels_only(cfg: Config, ctx: _Context) -> dict:
     """The same architecture, optimizer and number of steps x batch size, on the labeled images alone."""
 
     dcfg, acc, data = cfg.distill, ctx.accelerator, ctx.data
@@ -310,4 +308,4 @@ def _labels_only(cfg: Config, ctx: _Context, progress: bool) -> dict:
               f"(~{steps} steps, the distillation's budget)")
     parents = {"data_manifest_sha256": ctx.parents["data_manifest_sha256"]}
     return _train_and_save(lo_out, student, job, dcfg.arch, {"parents": parents, "distill": _relevant(dcfg),
-                                                             "mode": "labels-only"}, ctx, cfg, progress)
+                                                             "mode": "labels-only"}, ctx, cfg)

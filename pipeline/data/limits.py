@@ -3,25 +3,46 @@
 Data from outside can be hostile or broken in ways that take a machine down: a 380 KB PNG that
 claims 20,000 x 20,000 pixels, a 3 MB gzip shard that holds one 3 GB member. Every reader asks
 here first; what is over a limit is a counted skip (``bad_samples``) naming the limit, like any
-other bad sample. The stage commands set the limits from ``data.max_image_pixels`` and
-``data.max_member_bytes`` before any data is read.
+other bad sample.
+
+The limits come from the config (``data.max_image_pixels``, ``data.max_member_bytes``): each
+library entry point that reads data applies its config's (``use``), and every stream carries the
+limits it was made under to its DataLoader workers (``stream.StreamSpec.limits``), so a worker
+started by spawn reads under the same ones. In the process itself (``workers=0``) the limits in
+force are the entry point's, which made the stream.
 """
 
 from __future__ import annotations
 
-LIMITS = {"max_image_pixels": 100_000_000, "max_member_bytes": 256 * 2**20}
+from dataclasses import dataclass
 
 
-def set_limits(max_image_pixels: int | None = None, max_member_bytes: int | None = None) -> None:
-    if max_image_pixels is not None:
-        LIMITS["max_image_pixels"] = int(max_image_pixels)
-    if max_member_bytes is not None:
-        LIMITS["max_member_bytes"] = int(max_member_bytes)
+@dataclass(frozen=True)
+class Limits:
+    max_image_pixels: int = 100_000_000
+    max_member_bytes: int = 256 * 2**20
+
+    @classmethod
+    def of(cls, data) -> Limits:
+        """The limits a ``DataConfig`` sets."""
+        return cls(int(data.max_image_pixels), int(data.max_member_bytes))
+
+
+_in_force = [Limits()]  # the limits of the work in hand (one process reads under one config at a time)
+
+
+def use(limits: Limits) -> None:
+    """Read under ``limits`` from now on (an entry point with its config; a worker with its stream's)."""
+    _in_force[0] = limits
+
+
+def current() -> Limits:
+    return _in_force[0]
 
 
 def member_problem(size: int) -> str | None:
     """Why an archive member, shard member or file of ``size`` bytes (decompressed) is not read, or None."""
-    limit = LIMITS["max_member_bytes"]
+    limit = _in_force[0].max_member_bytes
     if size > limit:
         return f"{size} bytes is over data.max_member_bytes ({limit})"
     return None
@@ -29,7 +50,7 @@ def member_problem(size: int) -> str | None:
 
 def pixel_problem(width: int, height: int) -> str | None:
     """Why an image of ``width`` x ``height`` is not decoded, or None."""
-    limit = LIMITS["max_image_pixels"]
+    limit = _in_force[0].max_image_pixels
     if width * height > limit:
         return f"{width} x {height} pixels is over data.max_image_pixels ({limit})"
     return None

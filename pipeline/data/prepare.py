@@ -33,6 +33,7 @@ from pipeline.artifacts import (
     write_json_atomic,
 )
 from pipeline.config import Config, ConfigError
+from pipeline.data import limits
 from pipeline.data.bad_samples import Skip, SkipLog, Tally
 from pipeline.data.dataset import MANIFEST, ORIGINS, TRUTH, data_dir, data_identity, shard_matches
 from pipeline.data.image_folder import CLASS_RULE
@@ -243,8 +244,9 @@ def _channel_stats(source: Source, indices: np.ndarray, mode: str, limit: int = 
     return [round(float(v), 4) for v in mean], [round(float(v), 4) for v in std]
 
 
-def prepare(cfg: Config, progress: bool = True) -> Path:
+def prepare(cfg: Config) -> Path:
     """Write the shards and manifest for ``cfg.data`` unless a matching manifest already exists."""
+    limits.use(limits.Limits.of(cfg.data))
     out = data_dir(cfg)
     clean_tmp(out)  # what a killed run left, finished or not
     if load_manifest(out, verify="sha256") is not None:
@@ -257,19 +259,19 @@ def prepare(cfg: Config, progress: bool = True) -> Path:
                 if "url" not in shard and p.is_file() and not shard_matches(out, shard, "sha256"):
                     p.unlink()
     shutil.rmtree(out / f"{TMP_PREFIX}pool", ignore_errors=True)  # copies made by earlier versions
-    return _prepare(cfg, out, progress, time.time())
+    return _prepare(cfg, out, time.time())
 
 
-def _prepare(cfg: Config, out: Path, progress: bool, t0: float) -> Path:
+def _prepare(cfg: Config, out: Path, t0: float) -> Path:
     plan, train, unused = _plan(cfg)
     try:
-        return _write(cfg, out, plan, train, unused, progress, t0)
+        return _write(cfg, out, plan, train, unused, t0)
     finally:
         for source, _, _ in plan.values():
             source.close()
 
 
-def _write(cfg: Config, out: Path, plan: dict, train: Source, unused: Tally, progress: bool, t0: float) -> Path:
+def _write(cfg: Config, out: Path, plan: dict, train: Source, unused: Tally, t0: float) -> Path:
     mode, image_size = _probe_mode(train, plan["labeled"][1])
     sources = {id(src): src for src, _, _ in plan.values()}.values()
     total = sum(len(ix) for _, ix, _ in plan.values())
@@ -283,7 +285,7 @@ def _write(cfg: Config, out: Path, plan: dict, train: Source, unused: Tally, pro
     size = cfg.data.shard_size
     has_truth = "unlabeled" in plan and plan["unlabeled"][0].labels is not None  # the pool's labels, kept aside
     with ExitStack() as stack:  # origins and truth tables written a shard at a time, renamed at the end
-        shown = stack.enter_context(bar(progress, total=total, desc=f"prepare {out.name}", unit="img"))
+        shown = stack.enter_context(bar(cfg.progress, total=total, desc=f"prepare {out.name}", unit="img"))
         origins = _table_writer(stack, out / ORIGINS, _ORIGINS_SCHEMA)
         truth = _table_writer(stack, out / TRUTH, _TRUTH_SCHEMA) if has_truth else None
         for split, (source, indices, prefix) in plan.items():

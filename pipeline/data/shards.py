@@ -374,7 +374,7 @@ def read_shard(url: str | Path, expected: int | None = None, mod: int = 1, rem: 
     thing that is not (a sample without an image member, the lost tail of a damaged tar, a shard
     that ends before the ``expected`` count its manifest promised, an empty shard).
 
-    ``mod``/``rem``: this consumer's share when several read one shard (``loaders.assign``); a lost tail
+    ``mod``/``rem``: this consumer's share when several read one shard (``stream.assign``); a lost tail
     is counted within that share. ``unused``: where members of no sample are counted.
     """
     name = Path(url).name

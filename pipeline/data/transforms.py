@@ -15,7 +15,7 @@ from torchvision import transforms as T
 
 from pipeline.config import TrainConfig
 from pipeline.data.images import decode_image, decode_tensor
-from pipeline.noise import erasing, randaugment
+from pipeline.data.noise import erasing, randaugment
 
 
 class EvalTransform:

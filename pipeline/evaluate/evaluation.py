@@ -23,10 +23,8 @@ from pipeline.artifacts import read_json, sha256_file, short_hash, write_json_at
 from pipeline.config import ConfigError, EvaluateConfig
 from pipeline.data.bad_samples import Skip, SkipLog
 from pipeline.data.dataset import PreparedData, Preprocessing
-from pipeline.data.images import BadImage
-from pipeline.data.loaders import eval_batches
-from pipeline.data.shards import image_bytes, read_shard, sample_label
-from pipeline.data.transforms import eval_transform, normalize, to_input
+from pipeline.data.stream import StreamSpec, decode_or_skip, eval_batches, samples
+from pipeline.data.transforms import eval_transform, normalize
 from pipeline.evaluate import calibration, corruptions, perturbations
 from pipeline.modeling import finite, models
 from pipeline.tracking import bar
@@ -167,31 +165,30 @@ def clean(m: LoadedModel, test: TestSet, ecfg: EvaluateConfig, accelerator, prog
 
 
 def load_subset(test: TestSet, prep: Preprocessing, n: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A seeded subset of ``n`` test images (all when None) as uint8 NCHW at the model's size."""
+    """A seeded subset of ``n`` test images (all when None) as uint8 NCHW at the model's size; a bad
+    sample keeps its place in the count and is left out (the clean pass counts and names it)."""
     total = sum(test.rows)
     chosen = np.arange(total) if n is None or n >= total else np.sort(
         np.random.default_rng(seed).choice(total, n, replace=False))
-    want = set(chosen.tolist())
-    tf = eval_transform(prep.size)
-    images, labels, pos = [], [], 0
-    for shard, rows in zip(test.shards, test.rows, strict=True):
-        for sample in read_shard(shard, rows):
-            if isinstance(sample, Skip):  # the clean pass over the same test set counts and names it
-                pos += sample.count
-                continue
-            if pos in want:
-                label = sample_label(sample)
-                try:
-                    if label is None:
-                        raise BadImage("no label")
-                    images.append(to_input(image_bytes(sample), prep.mode, tf))
-                    labels.append(label)
-                except (BadImage, ValueError):
-                    pass
-            pos += 1
-    if not images:
+    spec = StreamSpec(shards=[str(s) for s in test.shards], mode=prep.mode, transform=eval_transform(prep.size),
+                      shuffle=False, rows={Path(s).name: r for s, r in zip(test.shards, test.rows, strict=True)})
+    picked = [item for item in decode_or_skip(_at(samples(spec, spec.shards), set(chosen.tolist())), spec.mode,
+                                              spec.transform) if not isinstance(item, Skip)]
+    if not picked:
         raise ConfigError(f"no usable image in the robustness subset of {test.name}")
-    return torch.stack(images), torch.tensor(labels, dtype=torch.long)
+    return torch.stack([p[0] for p in picked]), torch.tensor([p[1] for p in picked], dtype=torch.long)
+
+
+def _at(items, positions: set[int]):
+    """The samples at ``positions`` of a stream, counting a skip's lost samples."""
+    pos = 0
+    for item in items:
+        if isinstance(item, Skip):
+            pos += item.count
+            continue
+        if pos in positions:
+            yield item
+        pos += 1
 
 
 def _units(n: int, chunk: int, accelerator) -> list[tuple[int, slice]]:

@@ -21,13 +21,14 @@ from pipeline.artifacts import (
     write_json_atomic,
 )
 from pipeline.config import Config, ConfigError, to_dict
+from pipeline.data import limits
 from pipeline.data.dataset import PreparedData
 from pipeline.data.prepare import prepare_test
 from pipeline.evaluate import evaluation, health, plots, robustness
 from pipeline.evaluate.document import Document, fmt, human
 from pipeline.modeling import models
-from pipeline.rounds import card, pseudo_label_dir, round_dir
 from pipeline.runtime import make_accelerator
+from pipeline.training.experiment import card, pseudo_label_dir, round_dir
 
 
 @dataclass
@@ -68,7 +69,7 @@ def experiment_models(cfg: Config) -> list[tuple[str, Path, int | None]]:
 
 
 def evaluate_models(cfg: Config, targets: list[tuple[str, Path, int | None]], test: evaluation.TestSet,
-                    robust: bool, accelerator, progress: bool = True) -> list[Entry]:
+                    robust: bool, accelerator) -> list[Entry]:
     """Clean metrics for every model; corruptions, perturbations and mCE/mFR when ``robust``."""
     ecfg = cfg.evaluate
     entries = []
@@ -79,11 +80,11 @@ def evaluate_models(cfg: Config, targets: list[tuple[str, Path, int | None]], te
         cfg_json = read_json(directory / models.TIMM_CONFIG)
         e = Entry(label, directory, k, arch=(m.card or {}).get("arch") or cfg_json.get("architecture", ""), params=models.num_params(m.model),
                   macs=evaluation.macs(m.model, m.model.default_cfg["input_size"][0], m.prep.size), card=m.card)
-        e.clean = evaluation.clean(m, test, ecfg, accelerator, progress, cfg.data.max_bad_share)
+        e.clean = evaluation.clean(m, test, ecfg, accelerator, cfg.progress, cfg.data.max_bad_share)
         if robust:
             subset = evaluation.load_subset(test, m.prep, ecfg.subset, ecfg.seed)
-            e.corruptions = evaluation.corruption(m, test, ecfg, accelerator, progress, subset)
-            e.perturbations = evaluation.perturbation(m, test, ecfg, accelerator, progress, subset)
+            e.corruptions = evaluation.corruption(m, test, ecfg, accelerator, cfg.progress, subset)
+            e.perturbations = evaluation.perturbation(m, test, ecfg, accelerator, cfg.progress, subset)
         if k is not None and k >= 1 and accelerator.is_main_process:
             e.health = health.pseudo_label_health(cfg, k, directory, pseudo_label_dir(cfg, k),
                                                   pseudo_label_dir(cfg, k - 1) if k >= 2 else None)
@@ -95,8 +96,8 @@ def evaluate_models(cfg: Config, targets: list[tuple[str, Path, int | None]], te
             m = evaluation.load(ref_dir)
             subset = evaluation.load_subset(test, m.prep, ecfg.subset, ecfg.seed)
             reference = Entry("reference", ref_dir, corruptions=evaluation.corruption(
-                m, test, ecfg, accelerator, progress, subset), perturbations=evaluation.perturbation(
-                m, test, ecfg, accelerator, progress, subset))
+                m, test, ecfg, accelerator, cfg.progress, subset), perturbations=evaluation.perturbation(
+                m, test, ecfg, accelerator, cfg.progress, subset))
         for e in entries:
             e.mce, e.relative_mce, e.mfr, e.left_out = robustness.normalised(
                 e.corruptions["errors"], e.corruptions["clean_error"], e.perturbations["flip_rate"],
@@ -231,10 +232,10 @@ def _health(doc: Document, plot_dir: Path, healthy: list[Entry], names: list[str
 
 
 def evaluate(cfg: Config, model_dirs: list[str] | None = None, test_spec: str | None = None,
-             out_dir: str | None = None, progress: bool = True) -> tuple[list[dict], Path | None]:
+             out_dir: str | None = None) -> tuple[list[dict], Path | None]:
     """The evaluate stage: the experiment's models (or ``model_dirs``) on its test set (or ``test_spec``);
     returns the summary rows and the report's path (main process only)."""
-
+    limits.use(limits.Limits.of(cfg.data))
     accelerator = make_accelerator()
     if model_dirs:
         targets = []
@@ -257,13 +258,13 @@ def evaluate(cfg: Config, model_dirs: list[str] | None = None, test_spec: str | 
     accelerator.wait_for_everyone()
     if test_spec:
         if accelerator.is_main_process:
-            prepare_test(test_spec, cfg, progress)
+            prepare_test(test_spec, cfg, cfg.progress)
         accelerator.wait_for_everyone()
         data = PreparedData(*prepare_test(test_spec, cfg, progress=False))
     else:
         data = PreparedData.open(cfg)
     test = evaluation.test_set(data)
-    entries = evaluate_models(cfg, targets, test, cfg.evaluate.robustness, accelerator, progress)
+    entries = evaluate_models(cfg, targets, test, cfg.evaluate.robustness, accelerator)
     path = None
     if accelerator.is_main_process:
         out = Path(out_dir) if out_dir else (cfg.run_dir if not model_dirs else None)

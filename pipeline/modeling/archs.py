@@ -2,16 +2,9 @@
 name (``timm.create_model("local-dir:...")`` after ``import pipeline.modeling.archs``).
 
 ``noisy_student_cnn32_*`` exist only here (the prefix says so; each model directory's config.json
-and README.md name the package and version that provide them). ``resnet18t``/``resnet34t`` are
-timm's resnet10t with more blocks: ``models.create_model`` builds them as ``resnet10t`` with
-``layers`` in ``model_args``, so their model directories load with timm alone; the registrations
-below, like the old ``cnn32_*`` names, only keep directories written by earlier versions loading.
-
-``resnet18t`` and ``resnet34t`` are resnet10t made deeper: the same tiered 3-conv stem, average-pool
-downsampling and stage widths, with (2, 2, 2, 2) and (3, 4, 6, 3) basic blocks. Because every
-layer of resnet10t exists in them with the same shape, and timm zero-initialises each residual
-block's last BatchNorm, a resnet10t's weights loaded into one of them give the same function
-(``models.grow_from``): a larger Noisy Student student that starts where its teacher ended.
+and README.md name the package and version that provide them). ``resnet18t``/``resnet34t`` are not
+registered: ``models.create_model`` builds them as timm's ``resnet10t`` with ``layers`` in
+``model_args`` (``models.AS_TIMM``), so their model directories load with timm alone.
 """
 
 from __future__ import annotations
@@ -23,32 +16,8 @@ from timm.models import (
     build_model_with_cfg,
     generate_default_cfgs,
     register_model,
-    register_model_deprecations,
 )
-from timm.models.resnet import BasicBlock, ResNet, _create_resnet
 from torch import nn
-
-# no pretrained weights exist: the default config only names the input the family expects
-default_cfgs = generate_default_cfgs({
-    name: {"num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.95,
-           "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-           "first_conv": "conv1.0", "classifier": "fc"}
-    for name in ("resnet18t", "resnet34t")})
-
-_TIERED = {"block": BasicBlock, "stem_width": 32, "stem_type": "deep_tiered", "avg_down": True}
-
-
-@register_model
-def resnet18t(pretrained: bool = False, **kwargs) -> ResNet:
-    """resnet10t's stem and widths with 2 basic blocks per stage."""
-    return _create_resnet("resnet18t", pretrained, **{**_TIERED, "layers": (2, 2, 2, 2), **kwargs})
-
-
-@register_model
-def resnet34t(pretrained: bool = False, **kwargs) -> ResNet:
-    """resnet10t's stem and widths with (3, 4, 6, 3) basic blocks."""
-    return _create_resnet("resnet34t", pretrained, **{**_TIERED, "layers": (3, 4, 6, 3), **kwargs})
-
 
 # ---------------------------------------------------------------- cnn32: a backbone made for 32 px
 
@@ -136,11 +105,11 @@ PREFIX = "noisy_student_"
 _CNN32 = {f"{PREFIX}cnn32_s": ((32, 128, 128), 2), f"{PREFIX}cnn32_s3": ((32, 128, 128), 3),
           f"{PREFIX}cnn32_m": ((48, 192, 192), 2), f"{PREFIX}cnn32_l": ((64, 256, 256), 2)}
 
-default_cfgs.update(generate_default_cfgs({
+default_cfgs = generate_default_cfgs({
     name: {"num_classes": 10, "input_size": (3, 32, 32), "pool_size": (3, 3), "crop_pct": 1.0,
            "interpolation": "bilinear", "mean": (0.4914, 0.4822, 0.4465), "std": (0.247, 0.243, 0.261),
            "first_conv": "stem.0", "classifier": "fc"}
-    for name in _CNN32}))
+    for name in _CNN32})
 
 
 def _cnn32(name: str, pretrained: bool, **kwargs) -> Cnn32:
@@ -175,7 +144,4 @@ def noisy_student_cnn32_l(pretrained: bool = False, **kwargs) -> Cnn32:
     """widths (64, 256, 256): 2.0M parameters at depth 2."""
     return _cnn32(f"{PREFIX}cnn32_l", pretrained, **kwargs)
 
-
-# the names of earlier versions: their model directories keep loading (timm warns and maps them)
-register_model_deprecations(__name__, {f"cnn32_{v}": f"{PREFIX}cnn32_{v}" for v in ("s", "s3", "m", "l")})
 OURS = frozenset(_CNN32)  # architectures only this package provides

@@ -25,7 +25,10 @@ from pipeline.modeling import (
 )
 
 # Ours that are a timm architecture plus arguments: built (and so saved) as that, so their model
-# directories load with timm alone
+# directories load with timm alone. resnet18t/34t are resnet10t made deeper (its tiered stem,
+# average-pool downsampling and widths): every resnet10t layer exists in them with its shape and timm
+# zero-initialises each block's last BatchNorm, so a resnet10t's weights give the same function
+# (``grow_from``): a larger student that starts where its teacher ended.
 AS_TIMM: dict[str, tuple[str, dict]] = {"resnet18t": ("resnet10t", {"layers": [2, 2, 2, 2]}),
                                         "resnet34t": ("resnet10t", {"layers": [3, 4, 6, 3]})}
 # pretrained_cfg fields that describe timm's published ImageNet weights, not weights trained here
@@ -48,7 +51,7 @@ CARD = "card.json"
 
 
 def check_arch(name: str, key: str = "model.arch") -> str:
-    if not timm.is_model(name):
+    if name not in AS_TIMM and not timm.is_model(name):
         raise ConfigError(f"{key}: '{name}' is not a timm model name (see timm.list_models())")
     return name
 

@@ -119,6 +119,8 @@ def compile_model(model: torch.nn.Module, value: bool | str) -> torch.nn.Module:
     The first batches are slow while it compiles; later shapes (a short last batch) compile again.
     """
     backend = compile_backend(value)
-    if backend is not None and getattr(model, "_compiled_call_impl", None) is None:  # once: no recompiles
+    if backend is not None and getattr(model, "compiled_by_noisy_student", None) is None:  # once: no recompiles
+        check_compile(value, "compile")
         model.compile(backend=backend)
+        model.compiled_by_noisy_student = backend
     return model

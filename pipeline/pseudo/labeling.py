@@ -9,66 +9,50 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset
 
 from pipeline import failpoints, tracking
 from pipeline.artifacts import clean_tmp
 from pipeline.config import PseudoLabelConfig
 from pipeline.data.bad_samples import Skip, SkipLog
 from pipeline.data.dataset import Preprocessing
-from pipeline.data.images import BadImage
-from pipeline.data.shards import image_bytes, read_shard
-from pipeline.data.transforms import eval_transform, normalize, to_input
+from pipeline.data.stream import Batch, StreamSpec, decode_or_skip, samples, split
+from pipeline.data.transforms import eval_transform, normalize
 from pipeline.modeling import finite, precision
 from pipeline.pseudo.pseudo_labels import listed_sha256, parquet_name, validates, write_parquet
 from pipeline.tracking import bar
 
 
 class _ShardBatches(IterableDataset):
-    """Batches of one shard at a time, tagged (shard index, keys, images, is last batch, skips).
+    """This worker's shards, one at a time, as (shard, ``stream.Batch``) and then (shard, None) at its
+    end: the labels of a shard are written together, skips included. A batch is ``batch_size``
+    samples read, less those that do not decode, so a shard's batches do not depend on which decode."""
 
-    A bad sample (no image, undecodable, a damaged shard's lost tail) is not labeled; it travels
-    as a ``Skip`` with the batch so the writer can record it in the shard's file and count it.
-    """
-
-    def __init__(self, shards: list[str], mode: str, transform, batch_size: int, rows: dict[str, int]):
-        self.shards, self.mode, self.transform, self.batch_size = shards, mode, transform, batch_size
-        self.rows = rows
+    def __init__(self, spec: StreamSpec, batch_size: int):
+        self.spec, self.batch_size = spec, batch_size
 
     def __iter__(self):
-        info = get_worker_info()
-        wid, n = (info.id, info.num_workers) if info else (0, 1)
-        indices = list(range(len(self.shards)))[wid::n]
-        for si in indices:
-            name = Path(self.shards[si]).name
-            raw: list[tuple[str, bytes]] = []
-            skips: list[Skip] = []
-            for sample in read_shard(self.shards[si], self.rows.get(name)):
-                if isinstance(sample, Skip):
-                    skips.append(sample)
+        shards, mod, _ = split(self.spec, 0, 0)
+        assert mod == 1, "a labeling worker reads whole shards (no more workers than shards)"
+        for shard in shards:
+            window, skips = [], []
+            for item in samples(self.spec, [shard]):
+                if isinstance(item, Skip):
+                    skips.append(item)
                     continue
-                raw.append((sample["__key__"], image_bytes(sample)))
-                if len(raw) == self.batch_size:
-                    keys, imgs = self._decode(raw, name, skips)
-                    if keys:
-                        yield si, keys, torch.stack(imgs), False, skips
-                        skips = []
-                    raw = []
-            keys, imgs = self._decode(raw, name, skips)
-            yield si, keys, torch.stack(imgs) if imgs else torch.zeros(0, dtype=torch.uint8), True, skips
+                window.append(item)
+                if len(window) == self.batch_size:
+                    yield shard, self._decoded(window, skips)
+                    window, skips = [], []
+            yield shard, self._decoded(window, skips)
+            yield shard, None
 
-    def _decode(self, raw: list[tuple[str, bytes]], name: str, skips: list[Skip]) -> tuple[list[str], list]:
-        """Decode a batch read beforehand: reading and decoding in separate loops is faster than
-        alternating them (each keeps its code and data in cache)."""
-        keys, imgs = [], []
-        for key, data in raw:
-            try:
-                imgs.append(to_input(data, self.mode, self.transform))
-            except (BadImage, OSError, ValueError) as e:
-                skips.append(Skip(name, key, str(e)))
-                continue
-            keys.append(key)
-        return keys, imgs
+    def _decoded(self, window: list, skips: list[Skip]) -> Batch:
+        good = []
+        for item in decode_or_skip(window, self.spec.mode, self.spec.transform):
+            (skips if isinstance(item, Skip) else good).append(item)
+        x = torch.stack([g[0] for g in good]) if good else None
+        return Batch(x, None, [g[2] for g in good], skips)
 
 
 def label_shards(model: torch.nn.Module, shards: list[Path], out_dir: Path, *, shard_rows: dict[str, int],
@@ -100,28 +84,30 @@ def label_shards(model: torch.nn.Module, shards: list[Path], out_dir: Path, *, s
     teacher = _Teacher(model, prep, opts, accelerator.device, model_name or f"teacher {teacher_sha256[:12]}")
     done, t0 = 0, time.time()
     if todo:
-        ds = _ShardBatches(todo, prep.mode, eval_transform(prep.size), opts.batch_size, shard_rows)
-        loader = DataLoader(ds, batch_size=None, num_workers=min(opts.workers, len(todo)),
-                            pin_memory=torch.cuda.is_available())
-        pending: dict[int, tuple[list, list, list]] = {}
+        spec = StreamSpec(shards=todo, mode=prep.mode, transform=eval_transform(prep.size), shuffle=False,
+                          rows=shard_rows, labels=False)
+        loader = DataLoader(_ShardBatches(spec, opts.batch_size), batch_size=None,
+                            num_workers=min(opts.workers, len(todo)), pin_memory=torch.cuda.is_available())
+        pending: dict[str, tuple[list, list, list]] = {}
         shown = bar(progress, total=total, desc=f"pseudo-label rank {accelerator.process_index}", unit="img",
                     smoothing=0.1)
-        for si, keys, imgs, last, skips in loader:
-            keys_acc, probs_acc, skips_acc = pending.setdefault(si, ([], [], []))
-            skips_acc.extend(skips)
-            log.extend(skips)
-            if len(keys):
-                probs_acc.append(teacher.probs(imgs))
-                keys_acc.extend(keys)
-                done += len(keys)
-                log.use(len(keys))
-                shown.update(len(keys))
-                failpoints.hit("pseudo_label_batch")
-            if last:
-                keys_acc, probs_acc, skips_acc = pending.pop(si)
+        for shard, b in loader:
+            keys_acc, probs_acc, skips_acc = pending.setdefault(shard, ([], [], []))
+            if b is None:  # the shard's end
+                keys_acc, probs_acc, skips_acc = pending.pop(shard)
                 probs = np.concatenate(probs_acc) if probs_acc else np.zeros((0, len(class_names)), np.float32)
-                write_parquet(out_dir / parquet_name(todo[si]), todo[si], keys_acc, probs, teacher_sha256,
+                write_parquet(out_dir / parquet_name(shard), shard, keys_acc, probs, teacher_sha256,
                               class_names, opts.tta, skips_acc, teacher.dtype)
+                continue
+            skips_acc.extend(b.skips)
+            log.extend(b.skips)
+            if b.x is not None:
+                probs_acc.append(teacher.probs(b.x))
+                keys_acc.extend(b.keys)
+                done += len(b.keys)
+                log.use(len(b.keys))
+                shown.update(len(b.keys))
+                failpoints.hit("pseudo_label_batch")
         shown.close()
     log.check()
     return {"samples": done, "seconds": time.time() - t0, "bad_samples": log.metrics(), "precision": teacher.dtype}

@@ -258,7 +258,24 @@ def write_manifest(out_dir: Path, shards: list[Path], teacher_dir: Path, teacher
 def check(out_dir: Path, shard_rows: dict[str, int], teacher_sha256: str, class_names: list[str],
           tta: bool = False, shard_keys: Mapping[str, list[str]] | Iterable[tuple[str, list[str]]] | None = None
           ) -> dict:
-    """Raise ConfigError unless the pseudo labels match these shards, this teacher and these classes.
+    """The manifest of the pseudo labels in ``out_dir``; ConfigError (saying why) unless they match these
+    shards, this teacher and these classes (``problem``)."""
+    why = problem(out_dir, shard_rows, teacher_sha256, class_names, tta, shard_keys)
+    if why is not None:
+        raise ConfigError(why)
+    return read_json(out_dir / MANIFEST)
+
+
+def finished(out_dir: Path, shard_rows: dict[str, int], teacher_sha256: str, class_names: list[str],
+             tta: bool = False) -> dict | None:
+    """The manifest of finished pseudo labels that match (``problem``), else None: what is left to label."""
+    return None if problem(out_dir, shard_rows, teacher_sha256, class_names, tta) else read_json(out_dir / MANIFEST)
+
+
+def problem(out_dir: Path, shard_rows: dict[str, int], teacher_sha256: str, class_names: list[str],
+            tta: bool = False, shard_keys: Mapping[str, list[str]] | Iterable[tuple[str, list[str]]] | None = None
+            ) -> str | None:
+    """Why the pseudo labels in ``out_dir`` do not match these shards, this teacher and these classes, or None.
 
     Checks the manifest and every file it lists against its sha256; with ``shard_keys`` (shard ->
     its keys in order, a mapping or a stream of pairs) also that each file holds exactly that
@@ -266,45 +283,47 @@ def check(out_dir: Path, shard_rows: dict[str, int], teacher_sha256: str, class_
     """
     mpath = out_dir / MANIFEST
     if not mpath.is_file():
-        raise ConfigError(f"pseudo labels not found: {mpath} (run stages/pseudo_label.py first)")
+        return f"pseudo labels not found: {mpath} (run stages/pseudo_label.py first)"
     manifest = read_json(mpath)
     if manifest["teacher_sha256"] != teacher_sha256:
-        raise ConfigError(f"pseudo labels in {out_dir} were made by another teacher "
-                          f"(teacher_sha256 {manifest['teacher_sha256'][:12]}, expected {teacher_sha256[:12]})")
+        return (f"pseudo labels in {out_dir} were made by another teacher "
+                f"(teacher_sha256 {manifest['teacher_sha256'][:12]}, expected {teacher_sha256[:12]})")
     if len(manifest["class_names"]) != len(class_names):
-        raise ConfigError(f"pseudo labels in {out_dir} have {len(manifest['class_names'])} classes, "
-                          f"the data has {len(class_names)}")
+        return (f"pseudo labels in {out_dir} have {len(manifest['class_names'])} classes, "
+                f"the data has {len(class_names)}")
     if manifest["class_names"] != class_names:
-        raise ConfigError(f"pseudo labels in {out_dir} have classes {manifest['class_names']}, "
-                          f"the data has {class_names}")
+        return (f"pseudo labels in {out_dir} have classes {manifest['class_names']}, "
+                f"the data has {class_names}")
     if (manifest.get("tta", "none") == "hflip") != tta:
-        raise ConfigError(f"pseudo labels in {out_dir} were made with pseudo_label.tta={not tta}; this run asks "
-                          f"{tta}: delete them or give a new name=...")
+        return (f"pseudo labels in {out_dir} were made with pseudo_label.tta={not tta}; this run asks "
+                f"{tta}: delete them or give a new name=...")
     listed = {f["shard"]: f for f in manifest["files"]}
     for shard, rows in shard_rows.items():
         f = listed.get(shard)
         if f is None:
-            raise ConfigError(f"pseudo labels in {out_dir} lack shard {shard}")
+            return f"pseudo labels in {out_dir} lack shard {shard}"
         if f["rows"] + f.get("skipped", 0) != rows:
-            raise ConfigError(f"pseudo labels for {shard} have {f['rows']} rows, the shard has {rows}")
+            return f"pseudo labels for {shard} have {f['rows']} rows, the shard has {rows}"
         path = out_dir / f["file"]
         if not path.is_file() or sha256_file(path) != f["sha256"]:
-            raise ConfigError(f"pseudo-label file {path} is missing or does not match its manifest (sha256): "
-                              f"rerun stages/pseudo_label.py to label its shard again")
-        problem = content_problem(path, len(class_names))
-        if problem is not None:
-            raise ConfigError(f"pseudo-label file {path}: {problem}; rerun stages/pseudo_label.py")
+            return (f"pseudo-label file {path} is missing or does not match its manifest (sha256): "
+                    f"rerun stages/pseudo_label.py to label its shard again")
+        bad = content_problem(path, len(class_names))
+        if bad is not None:
+            return f"pseudo-label file {path}: {bad}; rerun stages/pseudo_label.py"
     extra = sorted(set(listed) - set(shard_rows))
     if extra:
-        raise ConfigError(f"pseudo labels in {out_dir} list shards the data lacks: {extra[:3]}")
+        return f"pseudo labels in {out_dir} list shards the data lacks: {extra[:3]}"
     pairs = shard_keys.items() if isinstance(shard_keys, Mapping) else shard_keys or ()
     for shard, keys in pairs:
         if shard in shard_rows:
-            _check_keys(out_dir / listed[shard]["file"], shard, keys)
-    return manifest
+            why = _keys_problem(out_dir / listed[shard]["file"], shard, keys)
+            if why is not None:
+                return why
+    return None
 
 
-def _check_keys(path: Path, shard: str, keys: list[str]) -> None:
+def _keys_problem(path: Path, shard: str, keys: list[str]) -> str | None:
     """The file's keys are the shard's keys, less the bad samples its metadata names."""
     meta = read_meta(path)
     have = pq.read_table(path, columns=["key"]).column("key").to_pylist()
@@ -313,9 +332,10 @@ def _check_keys(path: Path, shard: str, keys: list[str]) -> None:
     want, have_set = set(keys), set(have)
     extra = [k for k in have if k not in want]
     if extra:
-        raise ConfigError(f"pseudo labels for {shard} have keys the shard lacks, e.g. {extra[0]!r} "
-                          f"({len(extra)} in all): they were made for other data")
+        return (f"pseudo labels for {shard} have keys the shard lacks, e.g. {extra[0]!r} "
+                f"({len(extra)} in all): they were made for other data")
     missing = [k for k in keys if k not in have_set and k not in named]
     if len(missing) > unnamed or len(have) != len(have_set):
-        raise ConfigError(f"pseudo labels for {shard} lack keys of the shard, e.g. {missing[0]!r} "
-                          f"({len(missing)} in all)" if missing else f"pseudo labels for {shard} repeat keys")
+        return (f"pseudo labels for {shard} lack keys of the shard, e.g. {missing[0]!r} "
+                f"({len(missing)} in all)" if missing else f"pseudo labels for {shard} repeat keys")
+    return None

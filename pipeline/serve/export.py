@@ -149,6 +149,19 @@ def _up_to_date(out_dir: Path, source: dict, settings: dict) -> dict | None:
     return prev if files_match(out_dir, prev.get("files", {})) else None
 
 
+def _copy_beside(model_dir: Path, out: Path, source: dict) -> dict[str, str]:
+    """Copy the model's config and card beside the graph; their sha256 by name."""
+    files = {}
+    for name in (TIMM_CONFIG, CARD):
+        if source[name] is not None:
+            with atomic_path(out / name) as tmp:
+                shutil.copyfile(model_dir / name, tmp)
+            files[name] = sha256_file(out / name)
+        else:
+            (out / name).unlink(missing_ok=True)  # never leave a card that belongs to another model
+    return files
+
+
 def export_model_dir(model_dir: str | Path, out_dir: str | Path | None = None, *, opset: int | None = None,
                      tolerance: float = DEFAULT_TOLERANCE, exporter: str = "dynamo") -> tuple[dict, bool]:
     """Export ``model_dir`` to ONNX in ``out_dir`` (default ``<model_dir>/onnx``), check it, and
@@ -187,14 +200,7 @@ def export_model_dir(model_dir: str | Path, out_dir: str | Path | None = None, *
             raise ConfigError(f"ONNX check failed: max abs logit difference {diff:.3g} exceeds tolerance "
                               f"{tolerance:g} (nothing written; tolerance=... to accept)")
         graph = onnx.load(str(tmp), load_external_data=False)
-    files = {ONNX_FILE: sha256_file(out / ONNX_FILE)}
-    for name in (TIMM_CONFIG, CARD):
-        if source[name] is not None:
-            with atomic_path(out / name) as tmp:
-                shutil.copyfile(model_dir / name, tmp)
-            files[name] = sha256_file(out / name)
-        else:
-            (out / name).unlink(missing_ok=True)  # never leave a card that belongs to another model
+    files = {ONNX_FILE: sha256_file(out / ONNX_FILE), **_copy_beside(model_dir, out, source)}
     record = {
         "source": {"dir": str(model_dir.resolve()), "sha256": source},
         "settings": settings,

@@ -21,14 +21,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from PIL import UnidentifiedImageError
 
 from pipeline import failpoints
 from pipeline.artifacts import atomic_path, clean_tmp_of, read_json, sha256_file
 from pipeline.config import ConfigError
 from pipeline.data.archives import archive_members
-from pipeline.data.bad_samples import Tally
+from pipeline.data.bad_samples import Skip, SkipLog, Tally
 from pipeline.data.dataset import Preprocessing
+from pipeline.data.limits import Limits, use
 from pipeline.data.shards import expand_shards
 from pipeline.data.sources import (
     folder_source,
@@ -36,7 +36,8 @@ from pipeline.data.sources import (
     is_shard_pattern,
     iter_shard_images,
 )
-from pipeline.data.transforms import eval_transform, normalize, to_input
+from pipeline.data.stream import batched, decode_or_skip
+from pipeline.data.transforms import eval_transform, normalize
 from pipeline.errors import DataError
 from pipeline.modeling.finite import check_outputs
 from pipeline.modeling.models import TIMM_CONFIG, WEIGHTS, load_model_dir, preprocessing
@@ -122,21 +123,17 @@ def load_classifier(spec: str | Path) -> Classifier:
 
 # ---------------------------------------------------------------- inputs
 
-Item = tuple[str, bytes | None, str | None]  # (name, bytes, or None and why they could not be read)
+Item = tuple[str, bytes] | Skip  # (name, bytes), or why an input could not be read
 
 
 def _shard_items(pattern: str, unused: Tally) -> Iterator[Item]:
-    """Samples of shards; a sample without an image or a damaged shard's lost tail is a bad item."""
-    skipped: list = []
+    """Samples of shards; a sample without an image or a damaged shard's lost tail is a ``Skip``."""
+    skipped: list[Skip] = []
     for origin, data, _ in iter_shard_images(pattern, skipped, unused):
-        while skipped:
-            s = skipped.pop(0)
-            if s.count:  # an empty shard held no image to count
-                yield f"{s.where}/{s.key}", None, s.reason
-        yield origin, data, None
-    for s in skipped:
-        if s.count:
-            yield f"{s.where}/{s.key}", None, s.reason
+        yield from (s for s in skipped if s.count)  # an empty shard held no image to count
+        skipped.clear()
+        yield origin, data
+    yield from (s for s in skipped if s.count)
 
 
 def _folder_items(path: Path, unused: Tally) -> tuple[Iterator[Item], int]:
@@ -145,15 +142,20 @@ def _folder_items(path: Path, unused: Tally) -> tuple[Iterator[Item], int]:
 
     def items() -> Iterator[Item]:
         for s in src.skipped:  # over data.max_member_bytes: never read
-            yield str(path / s.key), None, s.reason
+            yield Skip("", str(path / s.key), s.reason)
         for i in range(len(src)):
             name = str(path / src.origin(i))
             try:
-                yield name, src.get(i)[0], None
+                yield name, src.get(i)[0]
             except OSError as e:
-                yield name, None, f"unreadable: {e.strerror or e}"
+                yield Skip("", name, f"unreadable: {e.strerror or e}")
 
     return items(), len(src) + len(src.skipped)
+
+
+def _archive_items(path: Path, unused: Tally) -> Iterator[Item]:
+    for name, data, why in archive_members(path, unused):
+        yield Skip("", name, why) if why is not None else (name, data)
 
 
 def open_input(spec: str) -> tuple[Iterator[Item], int | None, Tally]:
@@ -169,7 +171,7 @@ def open_input(spec: str) -> tuple[Iterator[Item], int | None, Tally]:
     if is_archive(path):
         if not path.is_file():
             raise ConfigError(f"input: archive not found: {path}")
-        return archive_members(path, unused), None, unused
+        return _archive_items(path, unused), None, unused
     if path.is_dir():
         return (*_folder_items(path, unused), unused)
     raise ConfigError(f"input: '{spec}' is not an image directory, a .tar/.tar.gz archive or a shard pattern")
@@ -230,33 +232,53 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=1, keepdims=True)
 
 
-def _reason(e: Exception) -> str:
-    if isinstance(e, UnidentifiedImageError):
-        return "not a recognised image format"
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
-
-
 def _batches(items: Iterator[Item], prep: Preprocessing, batch_size: int,
-             on_bad: Callable[[str, str], None]) -> Iterator[tuple[list[str], torch.Tensor]]:
-    """(names, uint8 NCHW batch) of the decodable images; the others go to ``on_bad(name, reason)``."""
-    transform = eval_transform(prep.size)
-    names: list[str] = []
-    imgs: list[torch.Tensor] = []
-    for name, data, err in items:
-        if err is None:
-            try:
-                imgs.append(to_input(data or b"", prep.mode, transform))
-                names.append(name)
-            except Exception as e:  # noqa: BLE001 - any decoder failure means this one image is bad
-                err = _reason(e)
-        if err is not None:
-            on_bad(name, err)
-        if len(imgs) == batch_size:
-            yield names, torch.stack(imgs)
-            names, imgs = [], []
-    if imgs:
-        yield names, torch.stack(imgs)
+             on_bad: Callable[[Skip], None]) -> Iterator[tuple[list[str], torch.Tensor]]:
+    """(names, uint8 NCHW batch) of the decodable images, through the stream's decode-or-skip and
+    batch stages; every input that is not goes to ``on_bad``."""
+    raw = (item if isinstance(item, Skip) else (item[1] or b"", item[0], item[0], "") for item in items)
+    for b in batched(decode_or_skip(raw, prep.mode, eval_transform(prep.size)), batch_size, drop_last=False):
+        for skip in b.skips:
+            on_bad(skip)
+        if b.x is not None:
+            yield b.keys, b.x
+
+
+class _BadInputs:
+    """Predict's bad inputs: counted as every stage counts them (``SkipLog``), named in a capped
+    number of warning lines, and listed for ``<out>.skipped.csv``."""
+
+    def __init__(self, max_bad_share: float, max_warnings: int, shown):
+        self.rows: list[tuple[str, str]] = []
+        self.log = SkipLog("predict", max_bad_share, quiet=True)
+        self.max_warnings, self.shown = max_warnings, shown
+
+    def __call__(self, skip: Skip) -> None:
+        name = f"{skip.where}/{skip.key}" if skip.where else skip.key
+        self.rows.append((name, skip.reason))
+        self.log.skip(skip)
+        self.shown.update(skip.count)
+        if len(self.rows) <= self.max_warnings:
+            log.warning(f"warning: skipped bad image {name}: {skip.reason}")
+
+    def check(self, out: Path) -> None:
+        """Past the limit: list this run's bad images beside the output and stop with one line."""
+        if self.rows and self.log.share > self.log.limit:
+            side = _write_skipped(out, self.rows, FAILED_SUFFIX)
+            total = self.log.used + self.log.skipped
+            raise DataError(f"predict: {self.log.skipped} of {total} images are bad (limit data.max_bad_share="
+                            f"{self.log.limit}); first: {self.rows[0][0]}: {self.rows[0][1]}; all listed in {side}")
+
+    def finish(self, out: Path) -> Path | None:
+        """The list of a finished run (none when nothing was bad), and what the warnings left out."""
+        side = _write_skipped(out, self.rows)
+        out.with_name(out.name + FAILED_SUFFIX).unlink(missing_ok=True)  # a stopped earlier run's
+        if len(self.rows) > self.max_warnings:
+            log.warning(f"warning: {len(self.rows) - self.max_warnings} more bad images not shown")
+        if self.rows:
+            total = self.log.used + self.log.skipped
+            log.warning(f"warning: skipped {self.log.skipped} bad image(s) of {total}; listed in {side}")
+        return side if self.rows else None
 
 
 def _write_skipped(out: Path, bad: list[tuple[str, str]], suffix: str = SKIPPED_SUFFIX) -> Path:
@@ -281,7 +303,8 @@ def _write_rows(writer, paths: list[str], probs: np.ndarray, names: list[str], k
 
 
 def predict(model_spec: str | Path, input_spec: str, out: str | Path, *, topk: int = 5, batch_size: int = 256,
-            max_warnings: int = MAX_WARNINGS, max_bad_share: float = 1.0) -> dict:
+            max_warnings: int = MAX_WARNINGS, max_bad_share: float = 1.0, progress: bool = True,
+            limits: Limits | None = None) -> dict:
     """Classify every image of ``input_spec`` into ``out`` (.csv or .parquet); return a summary.
 
     The output is written under a temporary name and renamed when complete; bad images are listed
@@ -294,51 +317,39 @@ def predict(model_spec: str | Path, input_spec: str, out: str | Path, *, topk: i
         raise ConfigError(f"out: must end in {' or '.join(OUT_FORMATS)}, got {out}")
     if topk < 1 or batch_size < 1:
         raise ConfigError("topk and batch_size must be >= 1")
+    if limits is not None:  # data.max_image_pixels, data.max_member_bytes; else the ones in force
+        use(limits)
     clf = load_classifier(model_spec)
     items, total, unused = open_input(input_spec)
     names = clf.label_names
     k = min(topk, len(names))
     mean, std = torch.tensor(clf.prep.mean), torch.tensor(clf.prep.std)
-    bad: list[tuple[str, str]] = []
     done, t0 = 0, time.time()
-    shown = bar(total=total, desc=f"predict ({clf.backend})", unit="img")
-
-    def on_bad(name: str, why: str) -> None:
-        bad.append((name, why))
-        shown.update(1)
-        if len(bad) <= max_warnings:
-            log.warning(f"warning: skipped bad image {name}: {why}")
-
+    shown = bar(progress, total=total, desc=f"predict ({clf.backend})", unit="img")
+    bad = _BadInputs(max_bad_share, max_warnings, shown)
     clean_tmp_of(out)  # a killed earlier run's partial file
     with atomic_path(out) as tmp:
         meta = {b"model": clf.source.encode(), b"model_sha256": clf.sha256.encode(),
                 b"backend": clf.backend.encode(), b"label_names": json.dumps(names).encode()}
         writer = _CsvRows(tmp) if out.suffix.lower() == ".csv" else _ParquetRows(tmp, meta)
         try:
-            for paths, x in _batches(items, clf.prep, batch_size, on_bad):
+            for paths, x in _batches(items, clf.prep, batch_size, bad):
                 logits = clf.logits(normalize(x, mean, std))
                 check_outputs(logits, clf.source, "logits")
                 _write_rows(writer, paths, _softmax(logits), names, k)
                 done += len(paths)
+                bad.log.use(len(paths))
                 shown.update(len(paths))
                 failpoints.hit("predict_batch", out)
-            if not done and not bad:
+            if not done and not bad.rows:
                 raise ConfigError(f"input: no images in {input_spec}")
-            if bad and len(bad) > max_bad_share * (done + len(bad)):  # an earlier run's output stays as it was
-                side = _write_skipped(out, bad, FAILED_SUFFIX)
-                raise DataError(f"predict: {len(bad)} of {done + len(bad)} images are bad (limit "
-                                f"data.max_bad_share={max_bad_share}); first: {bad[0][0]}: {bad[0][1]}; all listed "
-                                f"in {side}")
+            bad.check(out)  # past the limit an earlier run's output stays as it was
         finally:
             writer.close()
             shown.close()
-    side = _write_skipped(out, bad)
-    out.with_name(out.name + FAILED_SUFFIX).unlink(missing_ok=True)  # a stopped earlier run's: this one finished
-    if len(bad) > max_warnings:
-        log.warning(f"warning: {len(bad) - max_warnings} more bad images not shown")
-    if bad:
-        log.warning(f"warning: skipped {len(bad)} bad image(s) of {done + len(bad)}; listed in {side}")
+    side = bad.finish(out)
     if unused.count:
         log.info(f"predict: {unused.count} inputs not used ({unused.summary()})")
-    return {"images": done, "skipped": len(bad), "out": str(out), "skipped_file": str(side) if bad else None,
+    return {"images": done, "skipped": bad.log.skipped, "bad_samples": bad.log.metrics(), "out": str(out),
+            "skipped_file": str(side) if side else None,
             "unused": dict(unused.reasons), "backend": clf.backend, "seconds": round(time.time() - t0, 2)}

@@ -1,1 +1,1 @@
-"""Training: objectives, student noise, the one training loop, time budgets, the end of a job."""
+"""Training: objectives, the one training loop, its guard, time budgets, a run's paths and cards."""

@@ -31,7 +31,7 @@ from pipeline.artifacts import TMP_PREFIX, read_json, write_json_atomic
 from pipeline.config import TrainConfig, flatten, to_dict
 from pipeline.data.bad_samples import SkipLog
 from pipeline.data.dataset import Preprocessing
-from pipeline.data.loaders import StreamSpec, endless_batches, epoch_batches
+from pipeline.data.stream import StreamSpec, endless_batches, epoch_batches
 from pipeline.data.transforms import batch_augment, normalize
 from pipeline.errors import ConfigError
 from pipeline.modeling import precision

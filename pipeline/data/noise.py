@@ -10,7 +10,9 @@ from pipeline.config import TrainConfig
 
 
 class _RandAugment(T.RandAugment):
-    """torchvision's RandAugment with its per-call table of op magnitudes cached (same ops, faster)."""
+    """torchvision's RandAugment with its per-call table of op magnitudes cached (same ops, faster:
+    bench/results/private_apis.json). ``_augmentation_space`` is private; tests/test_private_apis.py
+    fails the day it goes."""
 
     _cache: dict
 

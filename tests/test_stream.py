@@ -6,9 +6,9 @@ from conftest import tiny_overrides
 
 from pipeline.config import load_config
 from pipeline.data.dataset import PreparedData
-from pipeline.data.loaders import ShardStream, StreamSpec, assign, epoch_batches
 from pipeline.data.prepare import load_manifest, prepare
 from pipeline.data.shards import write_shard
+from pipeline.data.stream import ShardStream, StreamSpec, assign, epoch_batches
 from pipeline.data.transforms import eval_transform
 
 
@@ -28,7 +28,7 @@ def test_assign_covers_everything_once():
 def prepared(tiny_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("loaders")
     cfg = load_config(None, tiny_overrides(tiny_data, tmp / "runs"))
-    out = prepare(cfg, progress=False)
+    out = prepare(cfg)
     return out, load_manifest(out)
 
 
@@ -37,7 +37,7 @@ def _keys(spec, epoch, world=1):
     for rank in range(world):
         spec.rank, spec.world = rank, world
         stream = ShardStream(spec, epoch, batch_size=3, drop_last=False)
-        out.append([int(y) for _, ys, _ in stream for y in ys])
+        out.append([int(y) for b in stream if b.x is not None for y in b.y])
     return out
 
 
