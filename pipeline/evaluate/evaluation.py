@@ -210,27 +210,43 @@ def robustness_identity(m: LoadedModel, test: TestSet, ecfg: EvaluateConfig, kin
     return ident
 
 
-def _start(m: LoadedModel, test: TestSet, ecfg: EvaluateConfig, kind: str) -> tuple[Path, dict, dict | None]:
-    """(result path, identity, the cached result or None) of a robustness evaluation."""
+@dataclass
+class _Robustness:
+    """A robustness evaluation under way: where its result goes, and what it scores with."""
+
+    path: Path
+    identity: dict
+    images: torch.Tensor
+    labels: torch.Tensor
+    fwd: _Forward
+    units: list
+    t0: float
+
+
+def _start(m: LoadedModel, test: TestSet, ecfg: EvaluateConfig, kind: str, accelerator,
+           subset: tuple[torch.Tensor, torch.Tensor] | None) -> _Robustness | dict:
+    """The cached result of a robustness evaluation, else the evaluation to run."""
     _check_classes(m, test)
     identity = robustness_identity(m, test, ecfg, kind)
     path, done = _cached(m, kind, identity)
-    return path, identity, done
+    if done is not None:
+        return done
+    t0 = time.time()
+    images, labels = subset if subset is not None else load_subset(test, m.prep, ecfg.subset, ecfg.seed)
+    return _Robustness(path, identity, images, labels, _Forward(m, accelerator.device),
+                       _units(len(images), ecfg.chunk, accelerator), t0)
 
 
 def corruption(m: LoadedModel, test: TestSet, ecfg: EvaluateConfig, accelerator, progress: bool = True,
                subset: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
     """Top-1 error (percent) per corruption and severity on the seeded subset."""
-    path, identity, done = _start(m, test, ecfg, "corruptions")
-    if done is not None:
-        return done
-    t0 = time.time()
-    images, labels = subset if subset is not None else load_subset(test, m.prep, ecfg.subset, ecfg.seed)
-    fwd = _Forward(m, accelerator.device)
+    run = _start(m, test, ecfg, "corruptions", accelerator, subset)
+    if isinstance(run, dict):
+        return run
+    images, labels, fwd, units = run.images, run.labels, run.fwd, run.units
     names = list(corruptions.CORRUPTIONS)
     correct = torch.zeros(len(names), 5, dtype=torch.long)
     clean_correct = torch.zeros((), dtype=torch.long)
-    units = _units(len(images), ecfg.chunk, accelerator)
     for _, sl in units:
         clean_correct += (fwd.probs(images[sl], ecfg.batch_size).argmax(1) == labels[sl]).sum()
     pairs = [(ci, name, s) for ci, name in enumerate(names) for s in range(1, 6)]
@@ -244,24 +260,21 @@ def corruption(m: LoadedModel, test: TestSet, ecfg: EvaluateConfig, accelerator,
     n = len(images)
     errors = {name: [round(100.0 * (1 - correct[ci, s].item() / n), 3) for s in range(5)]
               for ci, name in enumerate(names)}
-    result = {"kind": "corruptions", "identity": identity, "model_dir": str(m.directory), "test_set": test.name,
+    result = {"kind": "corruptions", "identity": run.identity, "model_dir": str(m.directory), "test_set": test.name,
               "samples": n, "clean_error": round(100.0 * (1 - clean_correct.item() / n), 3), "errors": errors,
-              "groups": corruptions.GROUPS, "seconds": round(time.time() - t0, 1)}
-    return _save(accelerator, path, result)
+              "groups": corruptions.GROUPS, "seconds": round(time.time() - run.t0, 1)}
+    return _save(accelerator, run.path, result)
 
 
 def perturbation(m: LoadedModel, test: TestSet, ecfg: EvaluateConfig, accelerator, progress: bool = True,
                  subset: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
     """Flip rate per perturbation: the share of consecutive frames whose top-1 changes."""
-    path, identity, done = _start(m, test, ecfg, "perturbations")
-    if done is not None:
-        return done
-    t0 = time.time()
-    images, _ = subset if subset is not None else load_subset(test, m.prep, ecfg.subset, ecfg.seed)
-    fwd = _Forward(m, accelerator.device)
+    run = _start(m, test, ecfg, "perturbations", accelerator, subset)
+    if isinstance(run, dict):
+        return run
+    images, fwd, units = run.images, run.fwd, run.units
     names = list(perturbations.PERTURBATIONS)
     flips = torch.zeros(len(names), dtype=torch.long)
-    units = _units(len(images), ecfg.chunk, accelerator)
     for pi, name in enumerate(bar(progress, iterable=names, desc=f"perturbations {m.directory.name}",
                                   unit="kind", leave=False)):
         for j, sl in units:
@@ -271,11 +284,11 @@ def perturbation(m: LoadedModel, test: TestSet, ecfg: EvaluateConfig, accelerato
             flips[pi] += (preds[:, 1:] != preds[:, :-1]).sum()
     flips = accelerator.reduce(flips.to(accelerator.device), "sum").cpu()
     pairs = len(images) * (ecfg.frames - 1)
-    result = {"kind": "perturbations", "identity": identity, "model_dir": str(m.directory),
+    result = {"kind": "perturbations", "identity": run.identity, "model_dir": str(m.directory),
               "test_set": test.name, "samples": len(images), "frames": ecfg.frames,
               "flip_rate": {name: round(flips[i].item() / pairs, 6) for i, name in enumerate(names)},
-              "seconds": round(time.time() - t0, 1)}
-    return _save(accelerator, path, result)
+              "seconds": round(time.time() - run.t0, 1)}
+    return _save(accelerator, run.path, result)
 
 
 def macs(model: torch.nn.Module, in_chans: int, size: int) -> int:
