@@ -102,10 +102,21 @@ def cifar10_budget_curve() -> str:
         ns, lo = p["noisy_student"], p["labels_only"]
         rows.append([p["budget"], _pct(ns["test_top1"]), _pct(lo["test_top1"]), f"{p['gain_top1']:+.2f}",
                      f"{ns['images_trained'] / 1e6:.2f}M / {lo['images_trained'] / 1e6:.2f}M",
-                     f"{_minutes(ns['wall_seconds'])} / {_minutes(lo['wall_seconds'])}"])
+                     f"{_minutes(ns['wall_seconds'])} / {_minutes(lo['wall_seconds'])}",
+                     f"{_cpu(p['machine'])}, `{p['code_version']}`"])
     head = ["budget", "Noisy Student, round 2 (%)", "labels only (%)", "gain", "images trained",
-            "wall time (NS / labels only)"]
-    return _rows(head, rows) + f"\n`{curve['command']}` on {_cpu(curve['machine'])}; test top-1.\n"
+            "wall time (NS / labels only)", "CPU, code"]
+    return _rows(head, rows) + f"\n`{curve['command']}`; test top-1; a point and its twin share a machine and code.\n"
+
+
+@table("cifar10-seed1")
+def cifar10_seed1() -> str:
+    """The final recipe on a second labeled split (``data.seed=1``), per round."""
+    run = _load("cifar10_iterate_seed1.json")
+    rows = [[_round_name(r["round"]), _pct(r["test_top1"]), _pct(r.get("val_top1")), _pct(r["pseudo_label_acc"]),
+             f"{r['seconds']:.0f}"] for r in run["rounds"]]
+    out = _rows(["round", "test top-1 (%)", "val top-1 (%)", "pseudo-label acc. (%)", "seconds"], rows)
+    return out + f"\n`{run['command']}` in {_minutes(run['wall_seconds'])} on {_cpu(run['machine'])}.\n"
 
 
 @table("distill")
