@@ -63,8 +63,8 @@ def summary(exp: Path, last_round: int, command: str, wall_s: float | None) -> d
         rounds.append({"round": k, "val_top1": m["val_top1"], "test_top1": m["test_top1"],
                        "epochs": card["train"][0]["epochs"], "precision": card["train"][0]["precision"],
                        "seconds": m["seconds"]})
-    data_dir = ROOT / json.loads((exp / "round-0" / "card.json").read_text())["parents"]["data_dir"]
-    data = json.loads((data_dir / "manifest.json").read_text())
+    data_name = Path(json.loads((exp / "round-0" / "card.json").read_text())["parents"]["data_dir"]).name
+    data = json.loads((exp.parent / "data" / data_name / "manifest.json").read_text())  # where the run's tree is now
     plan = exp / "budget.json"
     return {"command": command, "test_top1": rounds[-1]["test_top1"], "images_trained": images_trained(exp, last_round),
             "wall_seconds": wall_s, "seconds": round(sum(r["seconds"] for r in rounds) + (data.get("seconds") or 0), 1),
