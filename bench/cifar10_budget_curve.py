@@ -97,9 +97,7 @@ def main() -> None:
     from pipeline.config import parse_duration
 
     code = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    previous = json.loads(OUT.read_text()) if OUT.is_file() else {"points": []}
-    old = {p["budget"]: {"machine": previous.get("machine"), "code_version": previous.get("code_version"), **p}
-           for p in previous["points"]}
+    old = {p["budget"]: p for p in json.loads(OUT.read_text())["points"]} if OUT.is_file() else {}
     given = {name: float(s) for name, s in (w.split("=", 1) for w in args.wall)}
     points = []
     for budget in args.budgets:
@@ -117,9 +115,9 @@ def main() -> None:
         wall = point["noisy_student"]["wall_seconds"]
         point["noisy_student"]["under_budget_s"] = None if wall is None else round(point["budget_s"] - wall, 1)
         point["gain_top1"] = round(point["noisy_student"]["test_top1"] - point["labels_only"]["test_top1"], 2)
-        made_now = any(w is not None for w in walls.values())  # else the point was made earlier: keep its record
-        point["machine"] = machine() if made_now or "machine" not in prev else prev["machine"]
-        point["code_version"] = code if made_now or "code_version" not in prev else prev["code_version"]
+        earlier = prev if all(w is None for w in walls.values()) else {}  # a point made before keeps its record
+        point["machine"] = earlier.get("machine") or machine()
+        point["code_version"] = earlier.get("code_version") or code
         points.append(point)
     out = {"what": __doc__.split("\n\n")[0], "command": "python bench/cifar10_budget_curve.py --budgets "
            + " ".join(args.budgets), "points": points}
