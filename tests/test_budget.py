@@ -7,7 +7,8 @@ import torch
 from conftest import stage, tiny_overrides
 
 from pipeline.config import ConfigError, load_config, parse_duration
-from pipeline.training.budget import BudgetPlan, Phase, plan_epochs
+from pipeline.training import budget
+from pipeline.training.budget import START_SHARE, BudgetPlan, Phase, other_seconds, plan_epochs
 
 
 def test_durations_parse_and_bad_ones_name_the_key():
@@ -24,15 +25,16 @@ def test_durations_parse_and_bad_ones_name_the_key():
 def _run(budget_s: float, rates: list[float], prepare_s: float = 30.0,
          teacher_share: float | None = None) -> tuple[list[dict], float]:
     """Plan three phases one after another, each at its own measured rate, and 'run' each as planned."""
-    teacher = Phase(0, 80, 4000, inference_images=51000)
-    students = [Phase(1, 6, 54000, inference_images=51000), Phase(2, 6, 54000, inference_images=10000)]
+    teacher = Phase(0, 80, 4000, label_images=41000, eval_images=10000)
+    students = [Phase(1, 6, 54000, label_images=41000, eval_images=10000), Phase(2, 6, 54000, eval_images=10000)]
     phases = [teacher, *students]
     spent, plans = prepare_s, []
     for i, (phase, rate) in enumerate(zip(phases, rates, strict=True)):
         plan = plan_epochs(budget_s, spent, phase, phases[i + 1:], rate, teacher_share)
         plans.append(plan)
-        spent += plan["epochs"] * phase.images_per_epoch / rate + phase.inference_images * 0.35 / rate
-    return plans, spent
+        spent += (plan["epochs"] * phase.images_per_epoch + phase.label_images * budget.INFERENCE_COST
+                  + phase.eval_images * budget.EVAL_COST) / rate
+    return plans, spent + START_SHARE * budget_s  # the start-up no phase clocks
 
 
 @pytest.mark.parametrize("rate", [200.0, 800.0, 3000.0])
@@ -78,6 +80,22 @@ def test_a_teacher_share_gives_the_teacher_that_share_of_the_training_time(share
     assert other[0]["epochs"] > plans[0]["epochs"] and other[1]["epochs"] < plans[1]["epochs"]
     with pytest.raises(ConfigError, match="budget_teacher_share"):
         load_config(None, ["budget_teacher_share=1.5"])
+
+
+def test_the_last_phase_keeps_what_the_last_round_measured_besides_training(tmp_path):
+    """A round's probe, scoring and writes took more than an estimate from the training rate: the
+    next plan reserves what the last finished round measured, with a margin for a slowing machine."""
+    assert other_seconds(tmp_path, 2) is None
+    (tmp_path / "round-1").mkdir()
+    (tmp_path / "round-1" / "metrics.json").write_text(json.dumps(
+        {"seconds": 1300.0, "train_seconds": 1220.0, "pseudo_label_seconds": 45.0}))
+    measured = other_seconds(tmp_path, 2)
+    assert measured == pytest.approx(35.0) and other_seconds(tmp_path, 1) is None
+    last = Phase(2, 14, 54000, eval_images=30000)
+    estimated = plan_epochs(3600, 1800, last, [], 1200.0)
+    kept = plan_epochs(3600, 1800, last, [], 1200.0, other_s=measured)
+    assert kept["reserved_s"] > START_SHARE * 3600 + measured > estimated["reserved_s"]
+    assert kept["share_s"] + kept["reserved_s"] == pytest.approx(1800, abs=0.2) and kept["share_s"] < estimated["share_s"]
 
 
 def test_an_exhausted_budget_still_trains_one_epoch():

@@ -3,8 +3,8 @@ measured in its own first steps, so the whole run ends within the budget on what
 it (CPUs differ several-fold per training step: README, "A time budget").
 
 The budget is shared out in proportion to the fixed schedule's work (images trained per round),
-after setting aside what is not training (pseudo-labeling, evaluation, estimated from the same
-rate), unless ``budget_teacher_share`` gives the teacher its own share (labels alone plateau, so a
+after setting aside what is not training (pseudo-labeling, estimated from the same rate; each round's
+probe, evaluation and writes, as the last finished round took them; the run's start-up), unless ``budget_teacher_share`` gives the teacher its own share (labels alone plateau, so a
 teacher's extra epochs may buy less than a student's). Either way the teacher keeps its fixed
 epochs whenever what is left covers them: a budget never makes a worse teacher than no budget.
 Each phase is planned when it starts, from what is really left, so a slow phase shortens the
@@ -24,8 +24,15 @@ from pipeline.tracking import log
 from pipeline.training.trainer import images_per_step, steps_per_epoch, train
 
 PLAN_FILE = "budget.json"
-# an inference image (pseudo-labeling, evaluation) costs about this share of a training image
+# a pseudo-labeled image costs about this share of a training image
 INFERENCE_COST = 0.35
+# a scored image (validation, test) before any round has measured it: scoring also writes metrics,
+# and the round's probe and model writes come with it
+EVAL_COST = 1.0
+# the round's other seconds as the last round measured them, times this: the machine's pace drifts
+EVAL_MARGIN = 1.5
+# the share of the budget no phase's clock counts: process start-up and imports, the hand-over between rounds
+START_SHARE = 0.01
 
 
 @dataclass
@@ -35,7 +42,8 @@ class Phase:
     round: int
     epochs: int  # the config's epochs
     images_per_epoch: int  # training images per epoch (labeled + pseudo-labeled)
-    inference_images: int = 0  # images it labels or scores besides training (pseudo-labeling, evaluation)
+    label_images: int = 0  # pool images it pseudo-labels for the next round
+    eval_images: int = 0  # validation and test images it scores
 
     @property
     def work(self) -> float:
@@ -52,17 +60,20 @@ def _weights(phases: list[Phase], teacher_share: float | None) -> list[float]:
 
 
 def plan_epochs(budget_s: float, spent_s: float, phase: Phase, later: list[Phase], img_s: float,
-                teacher_share: float | None = None) -> dict:
+                teacher_share: float | None = None, other_s: float | None = None) -> dict:
     """Epochs for ``phase`` so that it and the ``later`` phases fit in what is left of the budget.
 
-    What is left, less the inference of this and the later phases at ``INFERENCE_COST`` of the
-    measured training rate ``img_s``, is shared by the phases' weights (``_weights``); this phase
-    gets its share's worth of epochs at ``img_s`` (at least 1). The teacher gets at least its
-    fixed epochs when they fit with one epoch of every later phase."""
+    What is left, less ``START_SHARE`` of the budget and each phase's seconds besides training (labelling at
+    ``INFERENCE_COST`` of the measured training rate ``img_s``; ``other_s``, the last finished
+    round's probe, evaluation and writes, times ``EVAL_MARGIN``, else its scoring at ``EVAL_COST``),
+    is shared by the phases' weights (``_weights``); this phase gets its share's worth of epochs at
+    ``img_s`` (at least 1). The teacher gets at least its fixed epochs when they fit with one epoch
+    of every later phase."""
     if img_s <= 0:
         raise ValueError("img_s must be positive")
     phases = [phase, *later]
-    inference_s = sum(p.inference_images for p in phases) * INFERENCE_COST / img_s
+    inference_s = START_SHARE * budget_s + sum(p.label_images * INFERENCE_COST / img_s + (
+        EVAL_MARGIN * other_s if other_s is not None else p.eval_images * EVAL_COST / img_s) for p in phases)
     left = max(0.0, budget_s - spent_s - inference_s)
     weights = _weights(phases, teacher_share)
     share = left * weights[0] / max(sum(weights), 1e-12)
@@ -73,7 +84,7 @@ def plan_epochs(budget_s: float, spent_s: float, phase: Phase, later: list[Phase
     epochs = max(1, int(share * img_s // phase.images_per_epoch))
     return {"round": phase.round, "epochs": epochs, "fixed_epochs": phase.epochs, "img_s": round(img_s, 1),
             "share_s": round(share, 1), "teacher_share": teacher_share, "spent_s": round(spent_s, 1), "planned_s": round(
-                epochs * phase.images_per_epoch / img_s, 1)}
+                epochs * phase.images_per_epoch / img_s, 1), "reserved_s": round(inference_s, 1)}
 
 
 class BudgetPlan:
@@ -115,6 +126,17 @@ def spent_seconds(run_dir: Path, data_manifest: dict, k: int, pseudo_label_s: fl
     return spent
 
 
+def other_seconds(run_dir: Path, k: int) -> float | None:
+    """Seconds the last finished round before ``k`` spent besides labelling and training (its
+    probe, evaluation and writes), or None before any round has finished."""
+    for j in range(k - 1, -1, -1):
+        metrics = Path(run_dir) / f"round-{j}" / "metrics.json"
+        if metrics.is_file():
+            m = read_json(metrics)
+            return max(0.0, float(m["seconds"]) - float(m["train_seconds"]) - float(m["pseudo_label_seconds"] or 0.0))
+    return None
+
+
 def phases(cfg, k: int, last_round: int, images_per_epoch: int, data_manifest: dict, infer_factor: int) -> tuple[
         Phase, list[Phase]]:
     """Round ``k``'s phase (its real epoch size) and the later rounds' (estimated from the pool)."""
@@ -124,13 +146,12 @@ def phases(cfg, k: int, last_round: int, images_per_epoch: int, data_manifest: d
     scored = splits.get("val", {}).get("count", 0) + (splits.get("test", {}).get("count", 0) if cfg.evaluate.test else 0)
     labelling = pool * infer_factor * (2 if cfg.pseudo_label.tta else 1)
 
-    def inference(j: int) -> int:
-        return scored * infer_factor + (labelling if j < last_round else 0)
+    def phase(j: int, epochs, images_per_epoch: int) -> Phase:
+        return Phase(j, int(epochs), images_per_epoch, labelling if j < last_round else 0, scored * infer_factor)
 
-    epochs = per_round(cfg.teacher.epochs, 1) if k == 0 else per_round(cfg.student.epochs, k)
-    this = Phase(k, int(epochs), images_per_epoch, inference(k))
+    this = phase(k, per_round(cfg.teacher.epochs, 1) if k == 0 else per_round(cfg.student.epochs, k), images_per_epoch)
     student_epoch = int(pool * (1 + 1 / cfg.student.unlabeled_ratio))
-    later = [Phase(j, int(per_round(cfg.student.epochs, j)), student_epoch, inference(j))
+    later = [phase(j, per_round(cfg.student.epochs, j), student_epoch)
              for j in range(k + 1, last_round + 1)]
     return this, later
 
@@ -151,7 +172,7 @@ def round_epochs(cfg, k: int, job, model, state_root: Path, accelerator, data_ma
             this, later = phases(cfg, k, max(k, plan.data.get("last_round", k)), per_epoch,
                                  data_manifest, 2 if getattr(model, "flip_tta", False) else 1)
             entry = plan_epochs(budget_s, spent_seconds(cfg.run_dir, data_manifest, k, pseudo_label_s), this, later,
-                                img_s * world, cfg.budget_teacher_share)
+                                img_s * world, cfg.budget_teacher_share, other_seconds(cfg.run_dir, k))
             plan.record(k, entry)
             log.info(f"budget: round {k} gets {entry['share_s']:.0f} s of the {budget_s:.0f} s budget "
                               f"({entry['spent_s']:.0f} s spent): {entry['epochs']} epochs at {entry['img_s']:.0f} img/s "
