@@ -96,6 +96,8 @@ def test_the_last_phase_keeps_what_the_last_round_measured_besides_training(tmp_
     kept = plan_epochs(3600, 1800, last, [], 1200.0, other_s=measured)
     assert kept["reserved_s"] > START_SHARE * 3600 + measured > estimated["reserved_s"]
     assert kept["share_s"] + kept["reserved_s"] == pytest.approx(1800, abs=0.2) and kept["share_s"] < estimated["share_s"]
+    # a resumed round reads low (its training seconds include the killed process's): never below the estimate
+    assert plan_epochs(3600, 1800, last, [], 1200.0, other_s=0.0)["reserved_s"] == estimated["reserved_s"]
 
 
 def test_an_exhausted_budget_still_trains_one_epoch():
@@ -125,6 +127,8 @@ def test_budgeted_iterate_plans_records_and_resumes_with_its_plan(tiny_data, tmp
         cut = card["train"][0]["deadline_cut"]  # fewer epochs when the machine ran slower than planned
         assert card["train"][0]["epochs"] == (cut["epochs"] if cut else plan["phases"][str(k)]["epochs"]) >= 1
     assert not (exp / "round-0" / "state").exists()
+    # round 1's plan keeps at least what round 0 took besides training (its probe, scoring, writes)
+    assert plan["phases"]["1"]["reserved_s"] >= round(budget.EVAL_MARGIN * other_seconds(exp, 1), 1) > 0
     # a rerun does no work and keeps the plan; a different budget is refused
     r = stage("iterate.py", "round=1", "budget=8s", *ov)
     assert json.loads((exp / "budget.json").read_text()) == plan

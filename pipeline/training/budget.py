@@ -3,9 +3,10 @@ measured in its own first steps, so the whole run ends within the budget on what
 it (CPUs differ several-fold per training step: README, "A time budget").
 
 The budget is shared out in proportion to the fixed schedule's work (images trained per round),
-after setting aside what is not training (pseudo-labeling, estimated from the same rate; each round's
-probe, evaluation and writes, as the last finished round took them; the run's start-up), unless ``budget_teacher_share`` gives the teacher its own share (labels alone plateau, so a
-teacher's extra epochs may buy less than a student's). Either way the teacher keeps its fixed
+after setting aside what is not training: pseudo-labeling, estimated from the same rate; each
+round's probe, scoring and writes, at least as long as the last finished round took them; the
+run's start-up. ``budget_teacher_share`` can give the teacher its own share instead (labels alone
+plateau, so a teacher's extra epochs may buy less than a student's). Either way the teacher keeps its fixed
 epochs whenever what is left covers them: a budget never makes a worse teacher than no budget.
 Each phase is planned when it starts, from what is really left, so a slow phase shortens the
 later ones. The plan is written to ``<run dir>/budget.json``; a resumed run keeps the plan
@@ -26,8 +27,7 @@ from pipeline.training.trainer import images_per_step, steps_per_epoch, train
 PLAN_FILE = "budget.json"
 # a pseudo-labeled image costs about this share of a training image
 INFERENCE_COST = 0.35
-# a scored image (validation, test) before any round has measured it: scoring also writes metrics,
-# and the round's probe and model writes come with it
+# a scored image (validation, test), the round's probe and writes included
 EVAL_COST = 1.0
 # the round's other seconds as the last round measured them, times this: the machine's pace drifts
 EVAL_MARGIN = 1.5
@@ -63,17 +63,17 @@ def plan_epochs(budget_s: float, spent_s: float, phase: Phase, later: list[Phase
                 teacher_share: float | None = None, other_s: float | None = None) -> dict:
     """Epochs for ``phase`` so that it and the ``later`` phases fit in what is left of the budget.
 
-    What is left, less ``START_SHARE`` of the budget and each phase's seconds besides training (labelling at
-    ``INFERENCE_COST`` of the measured training rate ``img_s``; ``other_s``, the last finished
-    round's probe, evaluation and writes, times ``EVAL_MARGIN``, else its scoring at ``EVAL_COST``),
-    is shared by the phases' weights (``_weights``); this phase gets its share's worth of epochs at
+    What is left, less ``START_SHARE`` of the budget and each phase's seconds besides training
+    (labelling at ``INFERENCE_COST`` of the measured training rate ``img_s``; its scoring at
+    ``EVAL_COST``, or ``EVAL_MARGIN`` times ``other_s``, what the last finished round took besides
+    training, where that is more), is shared by the phases' weights (``_weights``); this phase gets its share's worth of epochs at
     ``img_s`` (at least 1). The teacher gets at least its fixed epochs when they fit with one epoch
     of every later phase."""
     if img_s <= 0:
         raise ValueError("img_s must be positive")
     phases = [phase, *later]
-    inference_s = START_SHARE * budget_s + sum(p.label_images * INFERENCE_COST / img_s + (
-        EVAL_MARGIN * other_s if other_s is not None else p.eval_images * EVAL_COST / img_s) for p in phases)
+    inference_s = START_SHARE * budget_s + sum(p.label_images * INFERENCE_COST / img_s + max(
+        EVAL_MARGIN * (other_s or 0.0), p.eval_images * EVAL_COST / img_s) for p in phases)
     left = max(0.0, budget_s - spent_s - inference_s)
     weights = _weights(phases, teacher_share)
     share = left * weights[0] / max(sum(weights), 1e-12)
@@ -128,12 +128,13 @@ def spent_seconds(run_dir: Path, data_manifest: dict, k: int, pseudo_label_s: fl
 
 def other_seconds(run_dir: Path, k: int) -> float | None:
     """Seconds the last finished round before ``k`` spent besides labelling and training (its
-    probe, evaluation and writes), or None before any round has finished."""
+    probe, scoring and writes), or None before any round has finished. A resumed round's training
+    seconds include the killed process's, so it can read low: ``plan_epochs`` keeps the estimate then."""
     for j in range(k - 1, -1, -1):
         metrics = Path(run_dir) / f"round-{j}" / "metrics.json"
         if metrics.is_file():
             m = read_json(metrics)
-            return max(0.0, float(m["seconds"]) - float(m["train_seconds"]) - float(m["pseudo_label_seconds"] or 0.0))
+            return max(0.0, m["seconds"] - m["train_seconds"] - (m.get("pseudo_label_seconds") or 0.0))
     return None
 
 
