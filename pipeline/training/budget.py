@@ -6,8 +6,9 @@ The budget is shared out in proportion to the fixed schedule's work (images trai
 after setting aside what is not training: pseudo-labeling, estimated from the same rate; each
 round's probe, scoring and writes, at least as long as the last finished round took them; the
 run's start-up. ``budget_teacher_share`` can give the teacher its own share instead (labels alone
-plateau, so a teacher's extra epochs may buy less than a student's). Either way the teacher keeps its fixed
-epochs whenever what is left covers them: a budget never makes a worse teacher than no budget.
+plateau, so a teacher's extra epochs may buy less than a student's). Either way the teacher keeps
+its fixed epochs whenever what is left covers them: a budget never makes a worse teacher than no
+budget.
 Each phase is planned when it starts, from what is really left, so a slow phase shortens the
 later ones. The plan is written to ``<run dir>/budget.json``; a resumed run keeps the plan
 of every phase already planned (same epochs, same learning-rate schedule).
@@ -66,9 +67,9 @@ def plan_epochs(budget_s: float, spent_s: float, phase: Phase, later: list[Phase
     What is left, less ``START_SHARE`` of the budget and each phase's seconds besides training
     (labelling at ``INFERENCE_COST`` of the measured training rate ``img_s``; its scoring at
     ``EVAL_COST``, or ``EVAL_MARGIN`` times ``other_s``, what the last finished round took besides
-    training, where that is more), is shared by the phases' weights (``_weights``); this phase gets its share's worth of epochs at
-    ``img_s`` (at least 1). The teacher gets at least its fixed epochs when they fit with one epoch
-    of every later phase."""
+    training, where that is more), is shared by the phases' weights (``_weights``); this phase gets
+    its share's worth of epochs at ``img_s`` (at least 1). The teacher gets at least its fixed
+    epochs when they fit with one epoch of every later phase."""
     if img_s <= 0:
         raise ValueError("img_s must be positive")
     phases = [phase, *later]
@@ -129,7 +130,8 @@ def spent_seconds(run_dir: Path, data_manifest: dict, k: int, pseudo_label_s: fl
 def other_seconds(run_dir: Path, k: int) -> float | None:
     """Seconds the last finished round before ``k`` spent besides labelling and training (its
     probe, scoring and writes), or None before any round has finished. A resumed round's training
-    seconds include the killed process's, so it can read low: ``plan_epochs`` keeps the estimate then."""
+    seconds include the killed process's, so it can read low: ``plan_epochs`` keeps the estimate
+    then."""
     for j in range(k - 1, -1, -1):
         metrics = Path(run_dir) / f"round-{j}" / "metrics.json"
         if metrics.is_file():
